@@ -1,0 +1,176 @@
+"""Pure parsing at the edge: MQTT topic and payload in, readings and reason-coded rejections out.
+
+Nothing here does I/O, logs or raises on bad input: every input yields a ``Decoded`` whose
+``readings`` are valid and whose ``errors`` say, item by item, why the rest was refused.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import orjson
+
+from pilotlab.contracts import Reading, Reason
+from pilotlab.metrics import METRICS
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# epoch milliseconds below this are before 1973-03: almost surely epoch *seconds*
+_SECONDS_NOT_MS_BELOW = 100_000_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_payload_bytes: int = 256 * 1024
+    max_batch: int = 500
+    max_age_ms: int = 7 * 86400 * 1000
+    max_future_ms: int = 300 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    reason: Reason
+    detail: str
+    item_index: int | None = None
+
+
+@dataclass(slots=True)
+class Decoded:
+    readings: list[Reading] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicAddress:
+    experiment_id: str
+    device_id: str
+
+
+def parse_topic(topic: str) -> TopicAddress | ItemError:
+    """``pilots/{experiment_id}/{device_id}/telemetry`` → its address, or why not."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != "pilots" or parts[3] != "telemetry":
+        return ItemError(Reason.BAD_TOPIC, "publish to pilots/{experiment_id}/{device_id}/telemetry")
+    for what, value in (("experiment id", parts[1]), ("device id", parts[2])):
+        if not _ID.match(value):
+            return ItemError(
+                Reason.BAD_TOPIC, f"{what} {value[:64]!r} must match [a-z0-9][a-z0-9_-]{{0,62}}"
+            )
+    return TopicAddress(parts[1], parts[2])
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _parse_ts(raw: object, now_ms: int, limits: Limits) -> int | ItemError:
+    if isinstance(raw, str):
+        try:
+            dt = datetime.fromisoformat(raw)
+        except ValueError:
+            return ItemError(Reason.WRONG_TYPE, f"ts {raw[:40]!r} is not an ISO-8601 time")
+        if dt.tzinfo is None:
+            return ItemError(Reason.WRONG_TYPE, "ts needs a UTC offset, e.g. 2026-03-01T08:00:00Z")
+        ts_ms = int(dt.timestamp() * 1000)
+    elif _is_number(raw):
+        if not math.isfinite(raw):
+            return ItemError(Reason.NON_FINITE, "ts is not a finite number")
+        if isinstance(raw, float) and not raw.is_integer():
+            return ItemError(Reason.WRONG_TYPE, "ts in epoch milliseconds must be a whole number")
+        ts_ms = int(raw)
+        if 0 < ts_ms < _SECONDS_NOT_MS_BELOW:
+            return ItemError(
+                Reason.TIMESTAMP_TOO_OLD, f"ts {ts_ms} looks like epoch seconds; send milliseconds"
+            )
+    else:
+        return ItemError(Reason.WRONG_TYPE, "ts must be an ISO-8601 string or epoch milliseconds")
+    if ts_ms > now_ms + limits.max_future_ms:
+        return ItemError(
+            Reason.TIMESTAMP_IN_FUTURE,
+            f"ts is {(ts_ms - now_ms) / 1000:.0f} s ahead of the server clock "
+            f"(allowed {limits.max_future_ms / 1000:.0f} s); check the device clock",
+        )
+    if ts_ms < now_ms - limits.max_age_ms:
+        return ItemError(
+            Reason.TIMESTAMP_TOO_OLD,
+            f"ts is {(now_ms - ts_ms) / 86_400_000:.1f} days old "
+            f"(allowed {limits.max_age_ms / 86_400_000:.1f} days)",
+        )
+    return ts_ms
+
+
+def decode_item(item: object, index: int | None, now_ms: int, limits: Limits) -> Reading | ItemError:
+    """One JSON object ``{"seq": int, "ts": ..., "metrics": {name: number}}``."""
+    if not isinstance(item, dict):
+        return ItemError(Reason.NOT_AN_OBJECT, "each reading is a JSON object", index)
+    for name in ("seq", "ts", "metrics"):
+        if name not in item:
+            return ItemError(Reason.MISSING_FIELD, f"field {name!r} is required", index)
+    seq = item["seq"]
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or seq >= 2**63:
+        return ItemError(Reason.WRONG_TYPE, "seq must be a non-negative integer below 2^63", index)
+    ts = _parse_ts(item["ts"], now_ms, limits)
+    if isinstance(ts, ItemError):
+        return ItemError(ts.reason, ts.detail, index)
+    metrics = item["metrics"]
+    if not isinstance(metrics, dict):
+        return ItemError(Reason.WRONG_TYPE, "metrics must be an object of name: number", index)
+    if not metrics:
+        return ItemError(Reason.MISSING_FIELD, "metrics is empty", index)
+    clean: dict[str, float] = {}
+    for name, value in metrics.items():
+        metric = METRICS.get(name)
+        if metric is None:
+            return ItemError(Reason.UNKNOWN_METRIC, f"metric {name[:40]!r} is not in the metric table", index)
+        if not _is_number(value):
+            return ItemError(Reason.WRONG_TYPE, f"metric {name!r} must be a number", index)
+        value = float(value)
+        if not math.isfinite(value):
+            return ItemError(Reason.NON_FINITE, f"metric {name!r} is not finite", index)
+        if not metric.low <= value <= metric.high:
+            return ItemError(
+                Reason.VALUE_OUT_OF_RANGE,
+                f"{name}={value:g} outside [{metric.low:g}, {metric.high:g}] {metric.unit}",
+                index,
+            )
+        clean[name] = value
+    return Reading(seq=seq, ts_ms=ts, metrics=clean)
+
+
+def decode(payload: bytes, now_ms: int, limits: Limits = Limits()) -> Decoded:
+    """A payload (one object, or a JSON array of objects) → valid readings and item errors."""
+    out = Decoded()
+    if len(payload) > limits.max_payload_bytes:
+        out.errors.append(
+            ItemError(
+                Reason.PAYLOAD_TOO_LARGE,
+                f"{len(payload)} bytes; the limit is {limits.max_payload_bytes}",
+            )
+        )
+        return out
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        out.errors.append(ItemError(Reason.MALFORMED_JSON, str(exc)[:200]))
+        return out
+    if isinstance(doc, list):
+        if not doc:
+            out.errors.append(ItemError(Reason.MISSING_FIELD, "empty batch"))
+            return out
+        if len(doc) > limits.max_batch:
+            out.errors.append(
+                ItemError(Reason.BATCH_TOO_LARGE, f"{len(doc)} items; the limit is {limits.max_batch}")
+            )
+            return out
+        items: list[tuple[int | None, object]] = list(enumerate(doc))
+    else:
+        items = [(None, doc)]
+    for index, item in items:
+        result = decode_item(item, index, now_ms, limits)
+        if isinstance(result, ItemError):
+            out.errors.append(result)
+        else:
+            out.readings.append(result)
+    return out

@@ -1,0 +1,225 @@
+"""The contracts every service shares: topic names, the reading, the rejection, the KPI value.
+
+Records travel through Kafka as compact JSON (orjson). Times inside Kafka are epoch
+milliseconds (UTC); in Python they are timezone-aware ``datetime`` objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import orjson
+
+# --- MQTT topics -------------------------------------------------------------------------
+
+TELEMETRY_TOPIC = "pilots/{experiment_id}/{device_id}/telemetry"
+FEEDBACK_TOPIC = "pilots/{experiment_id}/{device_id}/feedback"
+TELEMETRY_SUBSCRIPTION = "pilots/+/+/telemetry"
+
+
+def telemetry_topic(experiment_id: str, device_id: str) -> str:
+    return TELEMETRY_TOPIC.format(experiment_id=experiment_id, device_id=device_id)
+
+
+def feedback_topic(experiment_id: str, device_id: str) -> str:
+    return FEEDBACK_TOPIC.format(experiment_id=experiment_id, device_id=device_id)
+
+
+# --- Kafka topics ------------------------------------------------------------------------
+
+
+class KafkaTopics:
+    """Kafka topic names. Readings are keyed by experiment id (see README, partitioning)."""
+
+    READINGS = "pilotlab.readings"
+    KPIS = "pilotlab.kpis"
+    REJECTIONS = "pilotlab.rejections"
+    REGISTRY = "pilotlab.registry"
+
+    ALL = (READINGS, KPIS, REJECTIONS, REGISTRY)
+    COMPACTED = (REGISTRY,)
+
+
+# --- reason codes --------------------------------------------------------------------------
+
+
+class Reason(enum.StrEnum):
+    """Why a message (or one item of a batch) was refused. Stable: startups code against them."""
+
+    BAD_TOPIC = "bad_topic"
+    MALFORMED_JSON = "malformed_json"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    BATCH_TOO_LARGE = "batch_too_large"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    NON_FINITE = "non_finite"
+    VALUE_OUT_OF_RANGE = "value_out_of_range"
+    TIMESTAMP_IN_FUTURE = "timestamp_in_future"
+    TIMESTAMP_TOO_OLD = "timestamp_too_old"
+    UNKNOWN_EXPERIMENT = "unknown_experiment"
+    UNKNOWN_DEVICE = "unknown_device"
+    DEVICE_NOT_IN_EXPERIMENT = "device_not_in_experiment"
+    UNKNOWN_METRIC = "unknown_metric"
+    # raised by the sink when the database refuses a row
+    STORAGE_REFUSED = "storage_refused"
+
+
+# --- records -----------------------------------------------------------------------------
+
+
+def to_ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One validated sample: a device's metrics at one instant."""
+
+    seq: int
+    ts_ms: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingBatch:
+    """The Kafka value on ``pilotlab.readings``: the valid readings of one MQTT message."""
+
+    experiment_id: str
+    device_id: str
+    group: str
+    received_ms: int
+    readings: tuple[Reading, ...]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "experiment_id": self.experiment_id,
+                "device_id": self.device_id,
+                "group": self.group,
+                "received_ms": self.received_ms,
+                "readings": [[r.seq, r.ts_ms, r.metrics] for r in self.readings],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ReadingBatch:
+        d = orjson.loads(raw)
+        return cls(
+            experiment_id=d["experiment_id"],
+            device_id=d["device_id"],
+            group=d["group"],
+            received_ms=d["received_ms"],
+            readings=tuple(Reading(seq, ts, metrics) for seq, ts, metrics in d["readings"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A refused message or batch item, with a reason code a startup can act on."""
+
+    reason: Reason
+    detail: str
+    topic: str
+    received_ms: int
+    experiment_id: str | None = None
+    device_id: str | None = None
+    item_index: int | None = None
+    excerpt: str = ""
+    rejection_id: str = field(default="")
+
+    EXCERPT_BYTES = 256
+
+    @staticmethod
+    def make_id(topic: str, payload: bytes, item_index: int | None, reason: str) -> str:
+        """Deterministic id: a redelivered message yields the same id, so it is stored once."""
+        h = hashlib.blake2b(digest_size=16)
+        for part in (topic.encode(), payload, str(item_index).encode(), reason.encode()):
+            h.update(len(part).to_bytes(8, "big"))
+            h.update(part)
+        return h.hexdigest()
+
+    def to_dict(self) -> dict:
+        return {
+            "rejection_id": self.rejection_id,
+            "reason": str(self.reason),
+            "detail": self.detail,
+            "topic": self.topic,
+            "received_ms": self.received_ms,
+            "experiment_id": self.experiment_id,
+            "device_id": self.device_id,
+            "item_index": self.item_index,
+            "excerpt": self.excerpt,
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Rejection:
+        d = orjson.loads(raw)
+        d["reason"] = Reason(d["reason"])
+        return cls(**d)
+
+
+def excerpt(payload: bytes, limit: int = Rejection.EXCERPT_BYTES) -> str:
+    """A bounded, printable excerpt of a payload (never raises, never carries NUL bytes)."""
+    text = payload[:limit].decode("utf-8", errors="replace").replace("\x00", "\\0")
+    return text + ("…" if len(payload) > limit else "")
+
+
+@dataclass(frozen=True, slots=True)
+class KpiValue:
+    """One KPI of one experiment group over one event-time window; ``revision`` grows as
+    more data for the window arrives, and storage keeps the highest revision."""
+
+    experiment_id: str
+    kpi: str
+    metric: str
+    kind: str
+    device_group: str
+    window_size_s: int
+    window_start_ms: int
+    value: float | None
+    sample_count: int
+    revision: int
+
+    def key(self) -> tuple:
+        return (self.experiment_id, self.kpi, self.device_group, self.window_size_s, self.window_start_ms)
+
+    def to_dict(self) -> dict:
+        return {
+            "experiment_id": self.experiment_id,
+            "kpi": self.kpi,
+            "metric": self.metric,
+            "kind": self.kind,
+            "device_group": self.device_group,
+            "window_size_s": self.window_size_s,
+            "window_start_ms": self.window_start_ms,
+            "value": self.value,
+            "sample_count": self.sample_count,
+            "revision": self.revision,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KpiValue:
+        return cls(**d)
+
+
+def encode_kpis(values: list[KpiValue]) -> bytes:
+    return orjson.dumps([v.to_dict() for v in values])
+
+
+def decode_kpis(raw: bytes) -> list[KpiValue]:
+    return [KpiValue.from_dict(d) for d in orjson.loads(raw)]

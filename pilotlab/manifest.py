@@ -1,0 +1,214 @@
+"""Experiment manifests: the YAML a city lab writes for each pilot.
+
+A manifest names the devices (with their group, treatment or control), the baseline and
+intervention periods, and the KPIs that decide whether the pilot worked. Errors name the
+file and the field.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+import orjson
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from pilotlab.metrics import METRICS
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+def parse_duration(value: object) -> int:
+    """``"15m"`` → 900. Whole seconds only; an int is taken as seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string such as '15m'")
+    if isinstance(value, int):
+        seconds = value
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration such as '30s', '15m', '1h' or '1d'")
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+def _aware_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("give the time zone, e.g. 2026-03-01T00:00:00Z")
+    return value.astimezone(UTC)
+
+
+Seconds = Annotated[int, BeforeValidator(parse_duration)]
+UtcTime = Annotated[datetime, AfterValidator(_aware_utc)]
+Identifier = Annotated[str, Field(pattern=_ID)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Location(_Model):
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+
+
+class Period(_Model):
+    start: UtcTime
+    end: UtcTime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Period:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+    def contains(self, ts: datetime) -> bool:
+        return self.start <= ts < self.end
+
+
+class Periods(_Model):
+    baseline: Period
+    intervention: Period
+
+    @model_validator(mode="after")
+    def _not_overlapping(self) -> Periods:
+        if self.intervention.start < self.baseline.end:
+            raise ValueError("the intervention must start after the baseline ends")
+        return self
+
+
+DeviceKind = Literal[
+    "air_quality", "traffic_counter", "parking", "noise", "street_light", "e_mobility", "waste_bin"
+]
+
+
+class Device(_Model):
+    id: Identifier
+    kind: DeviceKind
+    group: Literal["treatment", "control"] = "treatment"
+    location: Location | None = None
+    interval: Seconds = Field(description="expected sampling interval")
+
+
+KpiKind = Literal["count", "sum", "mean", "min", "max"]
+
+
+class Kpi(_Model):
+    name: Identifier
+    metric: str
+    kind: KpiKind
+    window: Seconds = 60
+    # the desired direction of change, for reading the impact: lower energy is better
+    better: Literal["lower", "higher"] = "lower"
+
+    @model_validator(mode="after")
+    def _known_metric(self) -> Kpi:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; known: {', '.join(sorted(METRICS))}")
+        return self
+
+
+class Simulation(_Model):
+    """For simulated pilots only: the truth the pipeline should recover."""
+
+    true_effects: dict[str, float] = Field(
+        default_factory=dict, description="metric → relative change on treatment devices, e.g. -0.3"
+    )
+    bad_message_rate: float = Field(default=0.0, ge=0, le=1)
+
+
+class Experiment(_Model):
+    id: Identifier
+    title: str
+    startup: str
+    district: str
+    location: Location
+    periods: Periods
+    devices: tuple[Device, ...] = Field(min_length=1)
+    kpis: tuple[Kpi, ...] = Field(min_length=1)
+    simulation: Simulation | None = None
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Experiment:
+        for what, ids in (("device", [d.id for d in self.devices]), ("kpi", [k.name for k in self.kpis])):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {what} ids: {', '.join(dupes)}")
+        return self
+
+    def device(self, device_id: str) -> Device | None:
+        return next((d for d in self.devices if d.id == device_id), None)
+
+    def shifted(self, delta: timedelta) -> Experiment:
+        """The same experiment with both periods moved by ``delta`` (the demo anchors them to now)."""
+        periods = Periods(
+            baseline=Period(start=self.periods.baseline.start + delta, end=self.periods.baseline.end + delta),
+            intervention=Period(
+                start=self.periods.intervention.start + delta, end=self.periods.intervention.end + delta
+            ),
+        )
+        return self.model_copy(update={"periods": periods})
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Experiment:
+        return cls.model_validate(orjson.loads(raw))
+
+
+class ManifestError(ValueError):
+    """A manifest file that cannot be used; the message names the file and the field."""
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid experiment manifest"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_manifest(path: Path) -> Experiment:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: an experiment manifest is a YAML mapping")
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(_format_errors(path, exc)) from exc
+
+
+def load_manifests(path: Path) -> list[Experiment]:
+    """One file, or every ``*.yaml``/``*.yml`` in a directory (sorted)."""
+    if path.is_dir():
+        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+        if not files:
+            raise ManifestError(f"{path}: no *.yaml manifests in this directory")
+    else:
+        files = [path]
+    experiments = [load_manifest(f) for f in files]
+    ids = [e.id for e in experiments]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ManifestError(f"{path}: experiment ids used twice: {', '.join(dupes)}")
+    return experiments

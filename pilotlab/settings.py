@@ -1,0 +1,79 @@
+"""One typed, frozen settings object per service, read from ``PILOTLAB_*`` environment
+variables and validated at start-up. Services receive their settings object; nothing reads
+``os.environ`` deeper down. Invalid or missing values stop the service with a message that
+names the variable.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PILOTLAB_", frozen=True, extra="ignore")
+
+
+class KafkaSettings(_Settings):
+    kafka_bootstrap: str = Field(description="Kafka bootstrap servers, host:port[,host:port]")
+    kafka_partitions: int = Field(default=4, ge=1, le=256)
+    # tansu makes the first group join wait about half the session timeout: keep it short
+    kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
+
+
+class IngestSettings(KafkaSettings):
+    mqtt_url: str = Field(description="mqtt://host:port of the broker devices publish to")
+    ingest_client_id: str = "pilotlab-ingest"
+    ingest_share_group: str = Field(default="pilotlab-ingest", pattern=r"^[A-Za-z0-9_-]+$")
+    ingest_max_payload_bytes: int = Field(default=256 * 1024, ge=64)
+    ingest_max_batch: int = Field(default=500, ge=1)
+    ingest_max_age_s: int = Field(default=7 * 86400, ge=60, description="older readings are refused")
+    ingest_max_future_s: int = Field(default=300, ge=0, description="allowed device clock lead")
+    ingest_max_inflight: int = Field(default=1000, ge=1, le=65535)
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_scheme(cls, v: str) -> str:
+        if not v.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("must look like mqtt://host:port")
+        return v
+
+
+class StreamsSettings(KafkaSettings):
+    streams_app_id: str = "pilotlab-streams"
+    streams_data_dir: str = ".pilotlab/streams"
+    streams_web_port: int = Field(default=0, ge=0, le=65535, description="0: no web server")
+
+
+class SinkSettings(KafkaSettings):
+    database_url: str = Field(description="postgresql://user@host:port/db")
+    sink_group: str = "pilotlab-sink"
+    sink_batch_size: int = Field(default=5000, ge=1)
+    sink_batch_wait_ms: int = Field(default=200, ge=0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _pg_scheme(cls, v: str) -> str:
+        if not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must look like postgresql://user@host:port/dbname")
+        return v
+
+
+T = TypeVar("T", bound=BaseSettings)
+
+
+class SettingsError(SystemExit):
+    """Raised at start-up when the environment does not describe a valid configuration."""
+
+
+def load(cls: type[T]) -> T:
+    try:
+        return cls()
+    except ValidationError as exc:
+        lines = [f"invalid configuration for {cls.__name__}:"]
+        for e in exc.errors():
+            var = "PILOTLAB_" + str(e["loc"][0]).upper() if e["loc"] else "?"
+            lines.append(f"  {var}: {e['msg']}")
+        raise SettingsError("\n".join(lines)) from None

