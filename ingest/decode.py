@@ -13,7 +13,7 @@ from datetime import datetime
 
 import orjson
 
-from pilotlab.contracts import Reading, Reason
+from pilotlab.contracts import Reading, Reason, to_ms
 from pilotlab.metrics import METRICS
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -73,7 +73,7 @@ def _parse_ts(raw: object, now_ms: int, limits: Limits) -> int | ItemError:
             return ItemError(Reason.WRONG_TYPE, f"ts {raw[:40]!r} is not an ISO-8601 time")
         if dt.tzinfo is None:
             return ItemError(Reason.WRONG_TYPE, "ts needs a UTC offset, e.g. 2026-03-01T08:00:00Z")
-        ts_ms = int(dt.timestamp() * 1000)
+        ts_ms = to_ms(dt)
     elif _is_number(raw):
         if not math.isfinite(raw):
             return ItemError(Reason.NON_FINITE, "ts is not a finite number")

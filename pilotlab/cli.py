@@ -1,2 +1,212 @@
-def main():
-    pass
+"""The ``pilotlab`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pilotlab import settings as cfg
+from pilotlab.stack import DEFAULT_DATA_DIR, Stack, StackError
+
+app = typer.Typer(help="pilotlab: telemetry pipeline for city-scale technology pilots.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local embedded stack (Mosquitto, tansu Kafka, PostgreSQL).", no_args_is_help=True)
+run_app = typer.Typer(help="Run one pipeline service (configured by PILOTLAB_* variables).", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+kafka_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+exp_app = typer.Typer(help="Experiment manifests.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(run_app, name="run")
+app.add_typer(db_app, name="db")
+app.add_typer(kafka_app, name="kafka")
+app.add_typer(exp_app, name="experiments")
+
+DataDir = Annotated[Path, typer.Option("--data-dir", help="Where the stack keeps its state and data.")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- stack --------------------------------------------------------------------------------
+
+
+@stack_app.command("up")
+def stack_up(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    mqtt_port: Annotated[int, typer.Option(help="Pin the MQTT port (0: any free port).")] = 0,
+    kafka_port: Annotated[int, typer.Option(help="Pin the Kafka port.")] = 0,
+    postgres_port: Annotated[int, typer.Option(help="Pin the PostgreSQL port.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Start the embedded stack (idempotent) and print its endpoints."""
+    try:
+        Stack(data_dir).up(ports={"mqtt": mqtt_port, "kafka": kafka_port, "postgres": postgres_port})
+    except StackError as exc:
+        _fail(str(exc))
+    _print_status(Stack(data_dir).status(), json_out)
+
+
+@stack_app.command("down")
+def stack_down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Stop exactly the processes ``stack up`` started."""
+    stopped = Stack(data_dir).down()
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack_app.command("status")
+def stack_status(
+    data_dir: DataDir = DEFAULT_DATA_DIR, json_out: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Endpoints and what is running."""
+    status = Stack(data_dir).status()
+    _print_status(status, json_out)
+    if not status["up"]:
+        raise typer.Exit(3)
+
+
+@stack_app.command("env")
+def stack_env(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Print ``export`` lines that point the services at the running stack."""
+    status = Stack(data_dir).status()
+    if not status["up"]:
+        _fail("the stack is not running: pilotlab stack up")
+    for k, v in status["endpoints"].items():
+        typer.echo(f"export {k}={v}")
+
+
+def _print_status(status: dict, json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    typer.echo(f"stack in {status['data_dir']}: {'up' if status['up'] else 'not fully up'}")
+    for name, svc in status["services"].items():
+        state = "running" if svc["running"] else "stopped"
+        typer.echo(f"  {name:9} {state:8} pid {svc['pid']:<7} {svc['url']}")
+    if status.get("database_mode"):
+        typer.echo(f"  database mode: {status['database_mode']}")
+
+
+# --- topics, schema, manifests ---------------------------------------------------------------
+
+
+@kafka_app.command("topics")
+def kafka_topics() -> None:
+    """Create the pipeline's Kafka topics if missing."""
+    from pilotlab.kafka_admin import ensure_topics  # noqa: PLC0415
+
+    s = cfg.load(cfg.KafkaSettings)
+    created = ensure_topics(s.kafka_bootstrap, s.kafka_partitions)
+    typer.echo(f"created: {', '.join(created)}" if created else "all topics exist")
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending schema migrations (idempotent)."""
+    from storage.migrate import migrate  # noqa: PLC0415
+
+    s = cfg.load(cfg.SinkSettings)
+    applied = migrate(s.database_url)
+    typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@exp_app.command("apply")
+def experiments_apply(path: Path) -> None:
+    """Validate manifests (a file or a directory) and register them; running services pick
+    them up without a restart."""
+    from pilotlab import registry  # noqa: PLC0415
+    from pilotlab.manifest import ManifestError, load_manifests  # noqa: PLC0415
+
+    s = cfg.load(cfg.KafkaSettings)
+    try:
+        experiments = load_manifests(path)
+    except ManifestError as exc:
+        _fail(str(exc))
+    current = registry.read_all(s.kafka_bootstrap)
+    for exp in experiments:
+        if clash := registry.conflicting_devices(current, exp):
+            _fail(f"{exp.id}: devices already registered to another experiment: {', '.join(clash)}")
+    registry.publish(s.kafka_bootstrap, experiments)
+    for exp in experiments:
+        typer.echo(f"applied {exp.id}: {len(exp.devices)} devices, {len(exp.kpis)} KPIs")
+
+
+@exp_app.command("validate")
+def experiments_validate(path: Path) -> None:
+    """Check manifests without registering them."""
+    from pilotlab.manifest import ManifestError, load_manifests  # noqa: PLC0415
+
+    try:
+        for exp in load_manifests(path):
+            typer.echo(f"ok {exp.id}")
+    except ManifestError as exc:
+        _fail(str(exc))
+
+
+# --- services --------------------------------------------------------------------------------
+
+
+@run_app.command("ingest")
+def run_ingest() -> None:
+    """MQTT → Kafka: validate, authorise, forward; reason-coded rejections."""
+    from ingest.service import main  # noqa: PLC0415
+
+    _logging()
+    raise typer.Exit(main(cfg.load(cfg.IngestSettings)))
+
+
+@run_app.command("streams")
+def run_streams() -> None:
+    """The Faust worker computing KPIs per experiment in event time."""
+    from streams.app import main  # noqa: PLC0415
+
+    settings = cfg.load(cfg.StreamsSettings)
+    sys.argv = [sys.argv[0]]  # the Faust worker parses argv itself
+    main(settings)
+
+
+@run_app.command("sink")
+def run_sink() -> None:
+    """Kafka → PostgreSQL/TimescaleDB, idempotent, offsets committed after the database."""
+    from storage.sink import main  # noqa: PLC0415
+
+    _logging()
+    main(cfg.load(cfg.SinkSettings))
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    duration: Annotated[float, typer.Option(help="Wall-clock seconds for the simulated weeks.")] = 60.0,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    seed: Annotated[int, typer.Option(help="Simulation seed.")] = 7,
+) -> None:
+    """Bring up the embedded stack, run three simulated pilots through the whole pipeline,
+    print their KPIs and impact, and stop everything it started."""
+    from pilotlab.demo import render, run_demo  # noqa: PLC0415
+
+    _logging(logging.WARNING if json_out else logging.INFO)
+    try:
+        result = run_demo(data_dir=data_dir, duration_s=duration, seed=seed)
+    except StackError as exc:
+        _fail(str(exc))
+    if json_out:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        render(result)
+
+
+def main() -> None:
+    app()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 
@@ -71,12 +71,16 @@ class Reason(enum.StrEnum):
 # --- records -----------------------------------------------------------------------------
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def to_ms(ts: datetime) -> int:
-    return int(ts.timestamp() * 1000)
+    """Exact epoch milliseconds (no float rounding) of an aware datetime."""
+    return (ts - _EPOCH) // timedelta(milliseconds=1)
 
 
 def from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return _EPOCH + timedelta(milliseconds=ms)
 
 
 def utcnow() -> datetime:

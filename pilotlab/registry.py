@@ -37,22 +37,28 @@ class Registry:
     def with_experiment(self, exp: Experiment) -> Registry:
         return Registry.of([*(e for e in self.experiments.values() if e.id != exp.id), exp])
 
-    def authorise(self, experiment_id: str, device_id: str) -> tuple[Experiment, Device] | tuple[Reason, str]:
-        """May this device write into this experiment? Returns it, or a reason code and detail."""
+    def authorise(self, experiment_id: str, device_id: str) -> Device | Refusal:
+        """May this device write into this experiment? The device, or why not."""
         exp = self.experiments.get(experiment_id)
         owner = self.device_owner.get(device_id)
         if exp is None:
-            return Reason.UNKNOWN_EXPERIMENT, f"experiment {experiment_id!r} is not registered"
+            return Refusal(Reason.UNKNOWN_EXPERIMENT, f"experiment {experiment_id!r} is not registered")
         if owner is None:
-            return Reason.UNKNOWN_DEVICE, f"device {device_id!r} is not registered in any experiment"
+            return Refusal(Reason.UNKNOWN_DEVICE, f"device {device_id!r} is not registered in any experiment")
         if owner != experiment_id:
-            return (
+            return Refusal(
                 Reason.DEVICE_NOT_IN_EXPERIMENT,
                 f"device {device_id!r} belongs to another experiment, not {experiment_id!r}",
             )
         device = exp.device(device_id)
         assert device is not None
-        return exp, device
+        return device
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: Reason
+    detail: str
 
 
 def conflicting_devices(current: Registry, incoming: Experiment) -> list[str]:

@@ -32,6 +32,7 @@ class IngestSettings(KafkaSettings):
     ingest_max_age_s: int = Field(default=7 * 86400, ge=60, description="older readings are refused")
     ingest_max_future_s: int = Field(default=300, ge=0, description="allowed device clock lead")
     ingest_max_inflight: int = Field(default=1000, ge=1, le=65535)
+    ingest_metrics_port: int = Field(default=9108, ge=0, le=65535, description="Prometheus; 0: off")
 
     @field_validator("mqtt_url")
     @classmethod

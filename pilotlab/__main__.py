@@ -1,0 +1,3 @@
+from pilotlab.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""``pilotlab demo``: three simulated pilots through the whole real pipeline, in accelerated time.
+
+Steps: stack up → schema and topics → manifests applied (periods moved so the intervention
+ends now) → ingest, streams, sink started → four weeks of sensor traffic published over MQTT
+in about ``duration_s`` seconds → wait until everything is stored → KPIs per period read
+back from the database → everything this command started is stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+
+from pilotlab import registry
+from pilotlab.contracts import utcnow
+from pilotlab.kafka_admin import ensure_topics
+from pilotlab.manifest import Experiment, load_manifests
+from pilotlab.services import Services
+from pilotlab.stack import Stack
+from simulators.publisher import publish
+from storage.migrate import migrate
+from storage.queries import PeriodValue, kpi_period_summary, rejections_by_reason, table_counts
+
+log = logging.getLogger("pilotlab.demo")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "experiments"
+
+
+def anchored(experiments: list[Experiment]) -> list[Experiment]:
+    """Move each experiment so that its intervention ends at the last full hour."""
+    now = utcnow().replace(minute=0, second=0, microsecond=0)
+    return [e.shifted(now - e.periods.intervention.end) for e in experiments]
+
+
+def _rel(after: float | None, before: float | None) -> float | None:
+    if after is None or before is None or before == 0:
+        return None
+    return after / before - 1
+
+
+def summarise(experiment: Experiment, values: list[PeriodValue], rejections: dict[str, int],
+              stored_readings: int) -> dict:
+    """Per KPI: baseline and intervention values per group; for means, the impact: relative
+    difference-in-differences against the control group, or the before/after change when the
+    experiment has no control group."""
+    by_kpi: dict[str, dict] = {}
+    for v in values:
+        k = by_kpi.setdefault(v.kpi, {"kpi": v.kpi, "metric": v.metric, "kind": v.kind, "groups": {}})
+        k["groups"].setdefault(v.device_group, {})[v.period] = v.value
+    true_effects = experiment.simulation.true_effects if experiment.simulation else {}
+    kpis = []
+    for kpi in experiment.kpis:
+        k = by_kpi.get(kpi.name, {"kpi": kpi.name, "metric": kpi.metric, "kind": kpi.kind, "groups": {}})
+        k["window_s"] = kpi.window
+        if kpi.kind == "mean":
+            t = k["groups"].get("treatment", {})
+            c = k["groups"].get("control")
+            t_change = _rel(t.get("intervention"), t.get("baseline"))
+            if c is not None:
+                c_change = _rel(c.get("intervention"), c.get("baseline"))
+                estimate = None if t_change is None or c_change is None else (1 + t_change) / (1 + c_change) - 1
+                method = "difference-in-differences vs control (relative)"
+            else:
+                estimate, method = t_change, "intervention vs baseline (no control group)"
+            k["impact"] = {"estimate": estimate, "method": method, "true_effect": true_effects.get(kpi.metric)}
+        kpis.append(k)
+    return {
+        "id": experiment.id,
+        "title": experiment.title,
+        "startup": experiment.startup,
+        "district": experiment.district,
+        "baseline": [experiment.periods.baseline.start.isoformat(), experiment.periods.baseline.end.isoformat()],
+        "intervention": [
+            experiment.periods.intervention.start.isoformat(), experiment.periods.intervention.end.isoformat()
+        ],
+        "devices": len(experiment.devices),
+        "readings_stored": stored_readings,
+        "rejections": rejections,
+        "kpis": kpis,
+    }
+
+
+def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXAMPLES) -> dict:
+    t0 = time.monotonic()
+    stack = Stack(data_dir)
+    was_up = stack.status()["up"]
+    state = stack.up()
+    timings: dict[str, float] = {"stack_up_s": time.monotonic() - t0}
+    try:
+        experiments = anchored(load_manifests(manifests))
+        span = max(e.periods.intervention.end - e.periods.baseline.start for e in experiments)
+        migrate(state.database_url)
+        ensure_topics(state.kafka_bootstrap, partitions=4)
+        registry.publish(state.kafka_bootstrap, experiments)
+        env = {"PILOTLAB_INGEST_MAX_AGE_S": str(int((span + timedelta(days=2)).total_seconds()))}
+        with Services(state, stack.logs / "services", env).start() as services:
+            t1 = time.monotonic()
+            services.wait_ingest_ready()
+            log.info("services ready in %.1f s; publishing %s of simulated traffic", time.monotonic() - t1, span)
+            t2 = time.monotonic()
+            truth = publish(state.mqtt_url, experiments, seed=seed, duration_s=duration_s, batch=4)
+            timings["publish_s"] = time.monotonic() - t2
+            log.info("published %d messages; waiting for the pipeline to drain", truth.messages)
+            timings["drain_s"] = services.wait_drained(len(truth.accepted), sum(truth.rejected.values()))
+        with psycopg.connect(state.database_url) as conn:
+            results = []
+            for exp in experiments:
+                stored = conn.execute(
+                    "SELECT count(*) FROM readings WHERE experiment_id = %s", (exp.id,)
+                ).fetchone()[0]
+                results.append(
+                    summarise(exp, kpi_period_summary(conn, exp.id), rejections_by_reason(conn, exp.id), stored)
+                )
+            counts = table_counts(conn)
+        timings["total_s"] = time.monotonic() - t0
+        return {
+            "seed": seed,
+            "simulated_span_days": span.total_seconds() / 86400,
+            "messages_published": truth.messages,
+            "datapoints_accepted_expected": len(truth.accepted),
+            "rejections_expected": {str(k): v for k, v in sorted(truth.rejected.items())},
+            "tables": counts,
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+            "experiments": results,
+        }
+    finally:
+        if not was_up:
+            stack.down()
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "—"
+    return f"{v * 100:+.1f}%" if pct else f"{v:.4g}"
+
+
+def render(result: dict) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    console = Console()
+    for exp in result["experiments"]:
+        table = Table(
+            title=f"{exp['title']} — {exp['startup']}, {exp['district']} ({exp['id']})",
+            title_justify="left",
+        )
+        for col in ("KPI", "window", "group", "baseline", "intervention", "change"):
+            table.add_column(col, justify="left" if col in ("KPI", "group") else "right")
+        for k in exp["kpis"]:
+            for group, periods in sorted(k["groups"].items(), key=lambda g: g[0] != "treatment"):
+                change = _rel(periods.get("intervention"), periods.get("baseline")) if k["kind"] == "mean" else None
+                table.add_row(
+                    k["kpi"], f"{k['window_s']}s", group, _fmt(periods.get("baseline")),
+                    _fmt(periods.get("intervention")), _fmt(change, pct=True),
+                )
+        console.print(table)
+        for k in exp["kpis"]:
+            if "impact" in k:
+                imp = k["impact"]
+                truth = f" (true effect {_fmt(imp['true_effect'], pct=True)})" if imp["true_effect"] is not None else ""
+                console.print(f"  impact on {k['kpi']}: [bold]{_fmt(imp['estimate'], pct=True)}[/bold]{truth} — {imp['method']}")
+        rej = ", ".join(f"{r}: {n}" for r, n in exp["rejections"].items()) or "none"
+        console.print(f"  readings stored: {exp['readings_stored']}; rejections: {rej}\n")
+    t = result["timings"]
+    console.print(
+        f"{result['messages_published']} MQTT messages, {result['datapoints_accepted_expected']} datapoints, "
+        f"{result['simulated_span_days']:.0f} simulated days; stack {t['stack_up_s']}s, publish {t['publish_s']}s, "
+        f"drain {t['drain_s']}s, total {t['total_s']}s"
+    )

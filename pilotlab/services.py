@@ -1,0 +1,122 @@
+"""Run the pipeline's services (ingest, streams, sink) as child processes against a stack,
+wait until they are ready, and until they have drained. Used by the demo and the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+
+from pilotlab.contracts import KafkaTopics
+from pilotlab.kafka_admin import group_lag
+from pilotlab.stack import StackState, free_port
+from storage.sink import TOPICS as SINK_TOPICS
+
+SERVICE_NAMES = ("ingest", "streams", "sink")
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+class Services:
+    """The three pipeline services as subprocesses; a context manager that always stops them."""
+
+    def __init__(self, state: StackState, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.state = state
+        self.log_dir = log_dir
+        self.metrics_port = free_port()
+        self.env = {
+            **os.environ,
+            **state.env(),
+            "PILOTLAB_INGEST_METRICS_PORT": str(self.metrics_port),
+            "PILOTLAB_STREAMS_DATA_DIR": str(log_dir.parent / "streams"),
+            **(env or {}),
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, *names: str) -> Services:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for name in names or SERVICE_NAMES:
+            log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+            try:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "pilotlab", "run", name],
+                    env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                )
+            finally:
+                log.close()
+        return self
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise ServiceError(
+                    f"{name} exited with code {proc.returncode}; see {self.log_dir / (name + '.log')}"
+                )
+
+    def wait_ingest_ready(self, timeout: float = 60.0) -> None:
+        """Ingest is ready once the broker has acknowledged its telemetry subscription."""
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(OSError):
+                body = urllib.request.urlopen(url, timeout=1).read().decode()  # noqa: S310 - loopback
+                if "pilotlab_ingest_subscribed 1.0" in body:
+                    return
+            time.sleep(0.2)
+        raise ServiceError(f"ingest did not subscribe within {timeout:.0f} s; see {self.log_dir / 'ingest.log'}")
+
+    def wait_drained(self, expected_readings: int, expected_rejections: int, timeout: float = 180.0) -> float:
+        """Until every expected row is stored and no consumer lags; returns the seconds waited."""
+        start = time.monotonic()
+        bootstrap = self.state.kafka_bootstrap
+        while True:
+            self.check_alive()
+            with psycopg.connect(self.state.database_url) as conn:
+                readings = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+                rejections = conn.execute("SELECT count(*) FROM rejections").fetchone()[0]
+            if readings >= expected_readings and rejections >= expected_rejections:
+                streams_lag = group_lag(bootstrap, "pilotlab-streams", (KafkaTopics.READINGS,))
+                sink_lag = group_lag(bootstrap, "pilotlab-sink", SINK_TOPICS)
+                if streams_lag == 0 and sink_lag == 0:
+                    return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise ServiceError(
+                    f"pipeline not drained after {timeout:.0f} s: readings {readings}/{expected_readings}, "
+                    f"rejections {rejections}/{expected_rejections}; see logs in {self.log_dir}"
+                )
+            time.sleep(0.5)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service (for crash tests)."""
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> Services:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

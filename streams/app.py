@@ -1,0 +1,87 @@
+"""The Faust worker: thin agents around the pure KPI engine.
+
+``compute_kpis`` decodes a reading batch, finds its experiment in the registry, folds the
+batch into the window table (``streams.engine``), and emits the updated KPIs. Window states
+live in a Faust table whose changelog restores them after a crash. Faust is at-least-once
+(tansu has no transactions), so the table also records, per source partition, the next
+offset to apply: a message replayed after recovery is recognised and skipped, so nothing is
+counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import faust
+
+from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
+from pilotlab.registry import RegistryFollower
+from pilotlab.settings import StreamsSettings
+from streams.engine import apply_batch
+
+log = logging.getLogger("pilotlab.streams")
+
+
+def create_app(settings: StreamsSettings) -> faust.App:
+    app = faust.App(
+        settings.streams_app_id,
+        broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap.split(",")],
+        store="memory://",
+        datadir=settings.streams_data_dir,
+        topic_partitions=settings.kafka_partitions,
+        topic_replication_factor=1,
+        broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
+        broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_ms / 6000),
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_enabled=settings.streams_web_port > 0,
+        web_port=settings.streams_web_port or 6066,
+        table_cleanup_interval=3600,
+    )
+    registry = RegistryFollower(settings.kafka_bootstrap)
+
+    readings = app.topic(KafkaTopics.READINGS, key_type=bytes, value_type=bytes,
+                         key_serializer="raw", value_serializer="raw")
+    kpis = app.topic(KafkaTopics.KPIS, key_type=bytes, value_type=bytes,
+                     key_serializer="raw", value_serializer="raw")
+    windows = app.Table("kpi-windows", default=None, partitions=settings.kafka_partitions)
+    applied = app.Table("applied-offsets", default=None, partitions=settings.kafka_partitions)
+
+    @app.task
+    async def _follow_registry() -> None:  # noqa: RUF029 - Faust runs tasks once at start-up
+        registry.start()  # a daemon thread; it ends with the worker process
+
+    async def experiment_for(experiment_id: str):
+        waited = 0.0
+        while (exp := registry.registry.experiments.get(experiment_id)) is None:
+            if waited % 10 == 0:
+                log.warning("waiting for experiment %r to appear in the registry", experiment_id)
+            await asyncio.sleep(0.5)
+            waited += 0.5
+        return exp
+
+    @app.agent(readings)
+    async def compute_kpis(stream):
+        async for event in stream.events():
+            partition, offset = event.message.partition, event.message.offset
+            mark = f"{KafkaTopics.READINGS}:{partition}"
+            done = applied.get(mark)
+            if done is not None and offset < done:
+                continue  # applied before a crash; its effect is already in the table
+            batch = ReadingBatch.from_json(event.value)
+            experiment = await experiment_for(batch.experiment_id)
+            updates = apply_batch(batch, experiment, windows.get, windows.__setitem__)
+            applied[mark] = offset + 1
+            if updates:
+                await kpis.send(key=batch.experiment_id.encode(), value=encode_kpis(updates))
+
+    app.pilotlab_registry = registry  # for tests
+    return app
+
+
+def main(settings: StreamsSettings) -> None:
+    from faust.worker import Worker  # noqa: PLC0415 - only the worker process needs it
+
+    app = create_app(settings)
+    Worker(app, loglevel="INFO", quiet=True).execute_from_commandline()

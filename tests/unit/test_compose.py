@@ -1,0 +1,140 @@
+"""Checks on the Docker deployment files (docker-compose.yml, deploy/): no Docker engine needed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DATASOURCE_FILE = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "pilotlab.yaml"
+DASHBOARD_PROVIDER_FILE = ROOT / "deploy" / "grafana" / "provisioning" / "dashboards" / "pilotlab.yaml"
+
+PILOTLAB_IMAGE = "pilotlab:local"
+PILOTLAB_ENV = {
+    "PILOTLAB_MQTT_URL": "mqtt://mosquitto:1883",
+    "PILOTLAB_KAFKA_BOOTSTRAP": "kafka:9092",
+    "PILOTLAB_DATABASE_URL": "postgresql://pilotlab:pilotlab@timescaledb:5432/pilotlab",
+}
+DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # KEY=VALUE form
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _depends_on(service: dict) -> dict[str, dict]:
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):  # short form: plain list of names
+        return {name: {} for name in deps}
+    return deps
+
+
+def _pilotlab_services(compose: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in compose["services"].items() if svc.get("image") == PILOTLAB_IMAGE}
+
+
+def test_docker_compose_config_is_valid() -> None:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not on PATH; cannot run `docker-compose config -q`")
+    proc = subprocess.run(
+        [exe, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        print(proc.stderr)
+    assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
+
+
+def test_compose_structure(compose: dict) -> None:
+    services = compose["services"]
+    for required in ("kafka", "mosquitto", "timescaledb", "grafana"):
+        assert required in services, f"missing infrastructure service {required}"
+
+    pilotlab = _pilotlab_services(compose)
+    assert set(pilotlab) >= {"migrate", "topics", "ingest", "streams", "sink"}
+    for name, svc in pilotlab.items():
+        assert "build" in svc, f"{name}: pilotlab services are built from the repo Dockerfile"
+        env = _env(svc)
+        for var, value in PILOTLAB_ENV.items():
+            assert env.get(var) == value, f"{name}: {var} is {env.get(var)!r}, expected {value!r}"
+
+    # every depends_on target exists, with a condition compose understands
+    for name, svc in services.items():
+        for target, spec in _depends_on(svc).items():
+            assert target in services, f"{name} depends on unknown service {target}"
+            assert target != name
+            if "condition" in spec:
+                assert spec["condition"] in DEPENDS_CONDITIONS, f"{name} -> {target}: {spec['condition']}"
+
+    # every healthcheck says what to run
+    for name, svc in services.items():
+        if "healthcheck" in svc:
+            assert svc["healthcheck"].get("test"), f"{name}: healthcheck without test"
+
+    # start-up order that matters: set-up jobs finish before the services that need them
+    def condition(service: str, target: str) -> str | None:
+        return _depends_on(services[service]).get(target, {}).get("condition")
+
+    assert condition("migrate", "timescaledb") == "service_healthy"
+    assert condition("topics", "kafka") == "service_healthy"
+    assert condition("sink", "migrate") == "service_completed_successfully"
+    for svc in ("ingest", "streams", "sink"):
+        assert condition(svc, "topics") == "service_completed_successfully"
+        assert services[svc].get("restart") == "unless-stopped"
+    for oneshot in ("migrate", "topics"):
+        assert services[oneshot].get("restart", "no") == "no", f"{oneshot} is a one-shot job"
+
+    # named volumes that services use are declared
+    declared = set(compose.get("volumes") or {})
+    for name, svc in services.items():
+        for vol in svc.get("volumes") or []:
+            source = vol.split(":", 1)[0] if isinstance(vol, str) else vol.get("source", "")
+            if source and not source.startswith((".", "/", "~")):
+                assert source in declared, f"{name}: volume {source} is not declared"
+
+    # files bind-mounted from the repo exist
+    for name, svc in services.items():
+        for vol in svc.get("volumes") or []:
+            if isinstance(vol, str) and vol.startswith("./"):
+                assert (ROOT / vol.split(":", 1)[0]).exists(), f"{name}: {vol} does not exist"
+
+
+def test_grafana_provisioning(compose: dict) -> None:
+    ds_doc = yaml.safe_load(DATASOURCE_FILE.read_text())
+    assert ds_doc["apiVersion"] == 1
+    (ds,) = ds_doc["datasources"]
+    assert ds["uid"] == "pilotlab-db"
+    assert ds["user"] == "grafana_reader"
+    assert ds["type"] == "grafana-postgresql-datasource"
+    assert ds["url"] == "timescaledb:5432"
+    assert ds["jsonData"]["database"] == "pilotlab"
+    assert ds["jsonData"]["timescaledb"] is True
+
+    providers = yaml.safe_load(DASHBOARD_PROVIDER_FILE.read_text())["providers"]
+    assert providers and all(p["type"] == "file" for p in providers)
+    # the provider reads dashboards where compose mounts deploy/grafana/dashboards
+    mounts = {
+        vol.split(":")[1]
+        for vol in compose["services"]["grafana"]["volumes"]
+        if vol.startswith("./deploy/grafana/dashboards")
+    }
+    for p in providers:
+        assert p["options"]["path"] in mounts, f"dashboard path {p['options']['path']} is not mounted"
