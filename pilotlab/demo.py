@@ -135,7 +135,9 @@ def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXA
 def _fmt(v: float | None, pct: bool = False) -> str:
     if v is None:
         return "—"
-    return f"{v * 100:+.1f}%" if pct else f"{v:.4g}"
+    if pct:
+        return f"{v * 100:+.1f}%"
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:.4g}"
 
 
 def render(result: dict) -> None:

@@ -64,15 +64,18 @@ def _item(s: Sample, iso: bool) -> dict:
     return {"seq": s.seq, "ts": _iso(s.ts_ms) if iso else s.ts_ms, "metrics": s.metrics}
 
 
+def _tagged(exp: Experiment, seed: int) -> Iterator[tuple[int, str, Sample]]:
+    for s in simulate_experiment(exp, seed):
+        yield s.ts_ms, exp.id, s
+
+
 def plan_messages(
     experiments: Iterable[Experiment], seed: int, batch: int = 1
 ) -> Iterator[tuple[int, str, bytes, Reason | None, list[Sample]]]:
     """The messages to send, in simulated-time order: (ts_ms, topic, payload, expected
     rejection or None, samples carried). Deterministic for a seed."""
-    streams = []
-    for exp in experiments:
-        owner = exp.id
-        streams.append(((s.ts_ms, owner, s) for s in simulate_experiment(exp, seed)))
+    experiments = list(experiments)
+    streams = [_tagged(exp, seed) for exp in experiments]
     rates = {e.id: (e.simulation.bad_message_rate if e.simulation else 0.0) for e in experiments}
     rng = random.Random(seed)
     buffers: dict[tuple[str, str], list[Sample]] = {}
