@@ -38,8 +38,9 @@ class KafkaTopics:
     KPIS = "pilotlab.kpis"
     REJECTIONS = "pilotlab.rejections"
     REGISTRY = "pilotlab.registry"
+    LATE = "pilotlab.late"  # readings too late to count in their KPI windows
 
-    ALL = (READINGS, KPIS, REJECTIONS, REGISTRY)
+    ALL = (READINGS, KPIS, REJECTIONS, REGISTRY, LATE)
     COMPACTED = (REGISTRY,)
 
 

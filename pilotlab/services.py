@@ -75,15 +75,29 @@ class Services:
             time.sleep(0.2)
         raise ServiceError(f"ingest did not subscribe within {timeout:.0f} s; see {self.log_dir / 'ingest.log'}")
 
-    def wait_drained(self, expected_readings: int, expected_rejections: int, timeout: float = 180.0) -> float:
-        """Until every expected row is stored and no consumer lags; returns the seconds waited."""
+    def wait_drained(
+        self,
+        expected_readings: int,
+        expected_rejections: int,
+        experiment_ids: list[str] | None = None,
+        timeout: float = 180.0,
+    ) -> float:
+        """Until every expected row is stored (of these experiments, or all) and no consumer
+        lags; returns the seconds waited."""
         start = time.monotonic()
         bootstrap = self.state.kafka_bootstrap
         while True:
             self.check_alive()
             with psycopg.connect(self.state.database_url) as conn:
-                readings = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
-                rejections = conn.execute("SELECT count(*) FROM rejections").fetchone()[0]
+                args = {"ids": experiment_ids}
+                readings = conn.execute(
+                    "SELECT count(*) FROM readings WHERE %(ids)s::text[] IS NULL OR experiment_id = ANY(%(ids)s)",
+                    args,
+                ).fetchone()[0]
+                rejections = conn.execute(
+                    "SELECT count(*) FROM rejections WHERE %(ids)s::text[] IS NULL OR experiment_id = ANY(%(ids)s)",
+                    args,
+                ).fetchone()[0]
             if readings >= expected_readings and rejections >= expected_rejections:
                 streams_lag = group_lag(bootstrap, "pilotlab-streams", (KafkaTopics.READINGS,))
                 sink_lag = group_lag(bootstrap, "pilotlab-sink", SINK_TOPICS)

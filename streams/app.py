@@ -5,7 +5,8 @@ batch into the window table (``streams.engine``), and emits the updated KPIs. Wi
 live in a Faust table whose changelog restores them after a crash. Faust is at-least-once
 (tansu has no transactions), so the table also records, per source partition, the next
 offset to apply: a message replayed after recovery is recognised and skipped, so nothing is
-counted twice.
+counted twice. Readings delivered twice (an MQTT redelivery after an ingest crash) are
+screened out per device on the same natural key storage uses (device, metric, ts).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import faust
 from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
-from streams.engine import apply_batch
+from streams.engine import apply_batch, screen
 
 log = logging.getLogger("pilotlab.streams")
 
@@ -45,7 +46,11 @@ def create_app(settings: StreamsSettings) -> faust.App:
                          key_serializer="raw", value_serializer="raw")
     kpis = app.topic(KafkaTopics.KPIS, key_type=bytes, value_type=bytes,
                      key_serializer="raw", value_serializer="raw")
+    late = app.topic(KafkaTopics.LATE, key_type=bytes, value_type=bytes,
+                     key_serializer="raw", value_serializer="raw")
     windows = app.Table("kpi-windows", default=None, partitions=settings.kafka_partitions)
+    seen = app.Table("device-seen", default=None, partitions=settings.kafka_partitions)
+    horizon_ms = settings.streams_dedup_horizon_s * 1000
     applied = app.Table("applied-offsets", default=None, partitions=settings.kafka_partitions)
 
     @app.task
@@ -71,10 +76,16 @@ def create_app(settings: StreamsSettings) -> faust.App:
                 continue  # applied before a crash; its effect is already in the table
             batch = ReadingBatch.from_json(event.value)
             experiment = await experiment_for(batch.experiment_id)
-            updates = apply_batch(batch, experiment, windows.get, windows.__setitem__)
+            screened, seen[batch.device_id] = screen(batch, seen.get(batch.device_id), horizon_ms)
+            updates = apply_batch(screened.fresh, experiment, windows.get, windows.__setitem__)
             applied[mark] = offset + 1
+            key = batch.experiment_id.encode()
             if updates:
-                await kpis.send(key=batch.experiment_id.encode(), value=encode_kpis(updates))
+                await kpis.send(key=key, value=encode_kpis(updates))
+            if screened.too_late:
+                held = ReadingBatch(batch.experiment_id, batch.device_id, batch.group, batch.received_ms,
+                                    screened.too_late)
+                await late.send(key=key, value=held.to_json())
 
     app.pilotlab_registry = registry  # for tests
     return app

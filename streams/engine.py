@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pilotlab.contracts import KpiValue, ReadingBatch
+from pilotlab.contracts import KpiValue, Reading, ReadingBatch
 from pilotlab.manifest import Experiment
 from streams.aggregators import AGGREGATORS
 
@@ -79,3 +79,49 @@ def apply_batch(
             )
         )
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """A batch after de-duplication: what to count, and what was held back and why."""
+
+    fresh: ReadingBatch
+    duplicates: int
+    too_late: tuple[Reading, ...]
+
+
+def screen(
+    batch: ReadingBatch, seen: dict | None, horizon_ms: int
+) -> tuple[Screened, dict]:
+    """Drop readings already counted (same device, metric and ``ts``: the natural key storage
+    uses too) and hold back readings older than the device's newest ``ts`` minus the horizon,
+    which can no longer be told apart from a duplicate. ``seen`` is the device's state:
+    ``{"hwm": newest ts, "seen": {ts: [metrics]}}``, pruned to the horizon so it stays small."""
+    state = seen or {"hwm": None, "seen": {}}
+    hwm = state["hwm"]
+    known: dict[str, list[str]] = dict(state["seen"])
+    fresh: list[Reading] = []
+    late: list[Reading] = []
+    duplicates = 0
+    for r in batch.readings:
+        if hwm is not None and r.ts_ms <= hwm - horizon_ms:
+            late.append(r)
+            continue
+        key = str(r.ts_ms)
+        already = known.get(key, [])
+        new_metrics = {m: v for m, v in r.metrics.items() if m not in already}
+        duplicates += len(r.metrics) - len(new_metrics)
+        if not new_metrics:
+            continue
+        known[key] = [*already, *new_metrics]
+        fresh.append(Reading(r.seq, r.ts_ms, new_metrics))
+        hwm = r.ts_ms if hwm is None else max(hwm, r.ts_ms)
+    if hwm is not None:
+        floor = hwm - horizon_ms
+        known = {k: v for k, v in known.items() if int(k) > floor}
+    screened = Screened(
+        fresh=ReadingBatch(batch.experiment_id, batch.device_id, batch.group, batch.received_ms, tuple(fresh)),
+        duplicates=duplicates,
+        too_late=tuple(late),
+    )
+    return screened, {"hwm": hwm, "seen": known}
