@@ -1,0 +1,41 @@
+# pilotlab: the two commands a newcomer needs are `make demo` and `make test`.
+# Both create a virtual environment in .venv and install pilotlab into it first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+ARGS ?=
+
+.PHONY: demo test unit integration bench lint clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pilotlab needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+## the embedded default: local brokers and database, simulated pilots, KPIs and impact
+demo: $(STAMP)
+	$(BIN)/pilotlab demo $(ARGS)
+
+## unit and integration tests (integration tests start their own embedded stack)
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(ARGS)
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/python -m pip install --quiet ruff
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pilotlab .pytest_cache
