@@ -36,6 +36,9 @@ def create_app(settings: StreamsSettings) -> faust.App:
         broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_ms / 6000),
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # batch the changelog and KPI records (aiokafka sends each record alone at linger 0)
+        producer_linger_ms=10,
+        producer_max_batch_size=512 * 1024,
         web_enabled=settings.streams_web_port > 0,
         web_port=settings.streams_web_port or 6066,
         table_cleanup_interval=3600,

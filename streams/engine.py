@@ -25,59 +25,65 @@ def window_start(ts_ms: int, size_s: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class WindowKey:
+    """One stored window: every KPI of an experiment group with the same window size shares
+    it, so a batch updates one table entry per window rather than one per KPI."""
+
     experiment_id: str
-    kpi: str
     device_group: str
     window_size_s: int
     window_start_ms: int
 
     def encode(self) -> str:
-        return f"{self.experiment_id}|{self.kpi}|{self.device_group}|{self.window_size_s}|{self.window_start_ms}"
+        return f"{self.experiment_id}|{self.device_group}|{self.window_size_s}|{self.window_start_ms}"
 
 
 def apply_batch(
     batch: ReadingBatch,
     experiment: Experiment,
-    load: Callable[[str], WindowState | None],
-    store: Callable[[str, WindowState], None],
+    load: Callable[[str], dict[str, WindowState] | None],
+    store: Callable[[str, dict[str, WindowState]], None],
 ) -> list[KpiValue]:
-    """Add the batch's readings to every KPI window they fall in; return the updated KPIs."""
-    touched: dict[str, tuple[WindowKey, WindowState]] = {}
+    """Add the batch's readings to every KPI window they fall in; return the updated KPIs.
+
+    A stored window maps KPI name → ``{"s": aggregator state, "n": samples, "r": revision}``.
+    """
+    touched: dict[str, tuple[WindowKey, dict[str, WindowState], set[str]]] = {}
     for kpi in experiment.kpis:
         agg = AGGREGATORS[kpi.kind]
         for reading in batch.readings:
             value = reading.metrics.get(kpi.metric)
             if value is None:
                 continue
-            key = WindowKey(
-                batch.experiment_id, kpi.name, batch.group, kpi.window, window_start(reading.ts_ms, kpi.window)
-            )
+            key = WindowKey(batch.experiment_id, batch.group, kpi.window, window_start(reading.ts_ms, kpi.window))
             k = key.encode()
-            if k in touched:
-                state = touched[k][1]
-            else:
-                state = load(k) or {"s": agg.initialize(), "n": 0, "r": 0}
-            touched[k] = (key, {"s": agg.add(state["s"], value), "n": state["n"] + 1, "r": state["r"]})
+            if k not in touched:
+                touched[k] = (key, dict(load(k) or {}), set())
+            _, window, changed = touched[k]
+            state = window.get(kpi.name) or {"s": agg.initialize(), "n": 0, "r": 0}
+            window[kpi.name] = {"s": agg.add(state["s"], value), "n": state["n"] + 1, "r": state["r"]}
+            changed.add(kpi.name)
     kpis = {k.name: k for k in experiment.kpis}
     out = []
-    for k, (key, state) in touched.items():
-        state["r"] += 1
-        store(k, state)
-        kpi = kpis[key.kpi]
-        out.append(
-            KpiValue(
-                experiment_id=key.experiment_id,
-                kpi=kpi.name,
-                metric=kpi.metric,
-                kind=kpi.kind,
-                device_group=key.device_group,
-                window_size_s=key.window_size_s,
-                window_start_ms=key.window_start_ms,
-                value=AGGREGATORS[kpi.kind].result(state["s"]),
-                sample_count=state["n"],
-                revision=state["r"],
+    for k, (key, window, changed) in touched.items():
+        for name in sorted(changed):
+            state = window[name]
+            state["r"] += 1
+            kpi = kpis[name]
+            out.append(
+                KpiValue(
+                    experiment_id=key.experiment_id,
+                    kpi=name,
+                    metric=kpi.metric,
+                    kind=kpi.kind,
+                    device_group=key.device_group,
+                    window_size_s=key.window_size_s,
+                    window_start_ms=key.window_start_ms,
+                    value=AGGREGATORS[kpi.kind].result(state["s"]),
+                    sample_count=state["n"],
+                    revision=state["r"],
+                )
             )
-        )
+        store(k, window)
     return out
 
 
