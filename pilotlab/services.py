@@ -98,6 +98,7 @@ class Services:
                     "SELECT count(*) FROM rejections WHERE %(ids)s::text[] IS NULL OR experiment_id = ANY(%(ids)s)",
                     args,
                 ).fetchone()[0]
+            streams_lag = sink_lag = None
             if readings >= expected_readings and rejections >= expected_rejections:
                 streams_lag = group_lag(bootstrap, "pilotlab-streams", (KafkaTopics.READINGS,))
                 sink_lag = group_lag(bootstrap, "pilotlab-sink", SINK_TOPICS)
@@ -106,7 +107,8 @@ class Services:
             if time.monotonic() - start > timeout:
                 raise ServiceError(
                     f"pipeline not drained after {timeout:.0f} s: readings {readings}/{expected_readings}, "
-                    f"rejections {rejections}/{expected_rejections}; see logs in {self.log_dir}"
+                    f"rejections {rejections}/{expected_rejections}, lag streams {streams_lag} sink {sink_lag}; "
+                    f"see logs in {self.log_dir}"
                 )
             time.sleep(0.5)
 

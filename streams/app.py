@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import faust
 
@@ -56,10 +57,6 @@ def create_app(settings: StreamsSettings) -> faust.App:
     horizon_ms = settings.streams_dedup_horizon_s * 1000
     applied = app.Table("applied-offsets", default=None, partitions=settings.kafka_partitions)
 
-    @app.task
-    async def _follow_registry() -> None:  # noqa: RUF029 - Faust runs tasks once at start-up
-        registry.start()  # a daemon thread; it ends with the worker process
-
     async def experiment_for(experiment_id: str):
         waited = 0.0
         while (exp := registry.registry.experiments.get(experiment_id)) is None:
@@ -97,5 +94,10 @@ def create_app(settings: StreamsSettings) -> faust.App:
 def main(settings: StreamsSettings) -> None:
     from faust.worker import Worker  # noqa: PLC0415 - only the worker process needs it
 
+    Path(settings.streams_data_dir).mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
+    # know every registered experiment before the first reading arrives (a daemon thread)
+    app.pilotlab_registry.start()
+    if not app.pilotlab_registry.ready.wait(60):
+        raise SystemExit(f"could not read the registry topic at {settings.kafka_bootstrap}")
     Worker(app, loglevel="INFO", quiet=True).execute_from_commandline()

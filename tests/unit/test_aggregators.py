@@ -46,7 +46,7 @@ def assert_close(kind: str, got: float | None, values: list[float]) -> None:
 
 def test_registry_of_kinds() -> None:
     assert set(AGGREGATORS) == set(KINDS)
-    assert AGGREGATORS == {"count": Count, "sum": Sum, "mean": Mean, "min": Min, "max": Max}
+    assert {"count": Count, "sum": Sum, "mean": Mean, "min": Min, "max": Max} == AGGREGATORS
     for kind, agg in AGGREGATORS.items():
         assert agg.kind == kind
 

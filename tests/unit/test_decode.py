@@ -76,7 +76,9 @@ BAD_INPUTS: list = [
     pytest.param(GOOD.replace(b'"no2"', b'"no2\xff\xfe"'), Reason.MALFORMED_JSON, id="invalid-utf8-bytes"),
     pytest.param(GOOD.replace(b'"no2"', b'"\xc0\xaf"'), Reason.MALFORMED_JSON, id="overlong-utf8"),
     pytest.param(b'"\xed\xa0\x80"', Reason.MALFORMED_JSON, id="utf8-encoded-surrogate"),
-    pytest.param(raw_item(metrics='{"no2\\u0000": 1}'), Reason.UNKNOWN_METRIC, id="escaped-nul-in-metric-name"),
+    pytest.param(
+        raw_item(metrics='{"no2\\u0000": 1}'), Reason.UNKNOWN_METRIC, id="escaped-nul-in-metric-name"
+    ),
     # nesting
     pytest.param(b"[" * 10_000 + b"]" * 10_000, Reason.MALFORMED_JSON, id="nested-arrays-10000"),
     pytest.param(b'{"a":' * 10_000 + b"1" + b"}" * 10_000, Reason.MALFORMED_JSON, id="nested-objects-10000"),
@@ -86,7 +88,9 @@ BAD_INPUTS: list = [
         id="nested-metric-value-10000",
     ),
     pytest.param(
-        raw_item(metrics='{"no2": ' + "[" * 100 + "]" * 100 + "}"), Reason.WRONG_TYPE, id="nested-metric-value-100"
+        raw_item(metrics='{"no2": ' + "[" * 100 + "]" * 100 + "}"),
+        Reason.WRONG_TYPE,
+        id="nested-metric-value-100",
     ),
     pytest.param(js([[item()]]), Reason.NOT_AN_OBJECT, id="array-in-array"),
     # duplicate keys: orjson keeps the last one
@@ -95,12 +99,18 @@ BAD_INPUTS: list = [
         Reason.WRONG_TYPE,
         id="duplicate-seq-last-bad",
     ),
-    pytest.param(raw_item(metrics='{"no2": 40, "no2": 5000}'), Reason.VALUE_OUT_OF_RANGE, id="duplicate-metric-last-bad"),
+    pytest.param(
+        raw_item(metrics='{"no2": 40, "no2": 5000}'),
+        Reason.VALUE_OUT_OF_RANGE,
+        id="duplicate-metric-last-bad",
+    ),
     # integers of thousands of digits: not representable, refused by the parser
     pytest.param(raw_item(seq=HUGE_DIGITS), Reason.MALFORMED_JSON, id="seq-3000-digits"),
     pytest.param(raw_item(ts=HUGE_DIGITS), Reason.MALFORMED_JSON, id="ts-3000-digits"),
     pytest.param(raw_item(ts="-" + HUGE_DIGITS), Reason.MALFORMED_JSON, id="ts-negative-3000-digits"),
-    pytest.param(raw_item(metrics='{"no2": %s}' % HUGE_DIGITS), Reason.MALFORMED_JSON, id="metric-3000-digits"),
+    pytest.param(
+        raw_item(metrics=f'{{"no2": {HUGE_DIGITS}}}'), Reason.MALFORMED_JSON, id="metric-3000-digits"
+    ),
     # big but parseable integers
     pytest.param(raw_item(seq=str(2**63)), Reason.WRONG_TYPE, id="seq-2^63"),
     pytest.param(raw_item(seq=str(2**64 - 1)), Reason.WRONG_TYPE, id="seq-u64-max"),
@@ -109,7 +119,7 @@ BAD_INPUTS: list = [
     pytest.param(raw_item(ts=str(2**64 - 1)), Reason.TIMESTAMP_IN_FUTURE, id="ts-u64-max"),
     pytest.param(raw_item(ts="1" + "0" * 30), Reason.TIMESTAMP_IN_FUTURE, id="ts-31-digits"),
     pytest.param(raw_item(ts="-" + "1" + "0" * 30), Reason.TIMESTAMP_TOO_OLD, id="ts-negative-31-digits"),
-    pytest.param(raw_item(metrics='{"no2": %d}' % 10**19), Reason.VALUE_OUT_OF_RANGE, id="metric-20-digits"),
+    pytest.param(raw_item(metrics=f'{{"no2": {10**19}}}'), Reason.VALUE_OUT_OF_RANGE, id="metric-20-digits"),
     # non-finite literals
     pytest.param(raw_item(metrics='{"no2": NaN}'), Reason.MALFORMED_JSON, id="metric-NaN"),
     pytest.param(raw_item(metrics='{"no2": Infinity}'), Reason.MALFORMED_JSON, id="metric-Infinity"),
@@ -146,7 +156,9 @@ BAD_INPUTS: list = [
     # metrics against the metric table
     pytest.param(js(item(metrics={"co2": 400.0})), Reason.UNKNOWN_METRIC, id="unknown-metric"),
     pytest.param(js(item(metrics={"NO2": 40.0})), Reason.UNKNOWN_METRIC, id="metric-name-uppercase"),
-    pytest.param(js(item(metrics={"no2": 40.0, "co2": 1.0})), Reason.UNKNOWN_METRIC, id="good-and-unknown-metric"),
+    pytest.param(
+        js(item(metrics={"no2": 40.0, "co2": 1.0})), Reason.UNKNOWN_METRIC, id="good-and-unknown-metric"
+    ),
     pytest.param(js(item(metrics={"": 1.0})), Reason.UNKNOWN_METRIC, id="empty-metric-name"),
     pytest.param(js(item(metrics={"occupancy": 1.5})), Reason.VALUE_OUT_OF_RANGE, id="occupancy-above-1"),
     pytest.param(js(item(metrics={"no2": -0.1})), Reason.VALUE_OUT_OF_RANGE, id="no2-negative"),
@@ -179,7 +191,9 @@ BAD_INPUTS: list = [
     pytest.param(b"[1]", Reason.NOT_AN_OBJECT, id="array-of-number"),
     pytest.param(js([item()] * (LIMITS.max_batch + 1)), Reason.BATCH_TOO_LARGE, id="array-beyond-max-batch"),
     pytest.param(b" " * LIMITS.max_payload_bytes + GOOD, Reason.PAYLOAD_TOO_LARGE, id="payload-too-large"),
-    pytest.param(b"{" * (LIMITS.max_payload_bytes + 1), Reason.PAYLOAD_TOO_LARGE, id="too-large-and-malformed"),
+    pytest.param(
+        b"{" * (LIMITS.max_payload_bytes + 1), Reason.PAYLOAD_TOO_LARGE, id="too-large-and-malformed"
+    ),
 ]
 
 
@@ -303,7 +317,9 @@ def test_iso_and_ms_agree_with_to_ms() -> None:
 
 
 def test_integer_metrics_become_floats() -> None:
-    out = decode(js(item(metrics={"vehicles_per_hour": 1200, "occupancy": 1, "temperature": -5})), NOW_MS, LIMITS)
+    out = decode(
+        js(item(metrics={"vehicles_per_hour": 1200, "occupancy": 1, "temperature": -5})), NOW_MS, LIMITS
+    )
     (reading,) = out.readings
     assert reading.metrics == {"vehicles_per_hour": 1200.0, "occupancy": 1.0, "temperature": -5.0}
     assert all(type(v) is float for v in reading.metrics.values())
@@ -401,7 +417,9 @@ def test_ts_with_embedded_nul_is_refused() -> None:
 @pytest.mark.parametrize(
     ("topic", "experiment_id", "device_id"),
     [
-        pytest.param("pilots/lez-san-salvario/aq-lez-01/telemetry", "lez-san-salvario", "aq-lez-01", id="example"),
+        pytest.param(
+            "pilots/lez-san-salvario/aq-lez-01/telemetry", "lez-san-salvario", "aq-lez-01", id="example"
+        ),
         pytest.param("pilots/a/b/telemetry", "a", "b", id="one-char-ids"),
         pytest.param("pilots/0/9/telemetry", "0", "9", id="digit-ids"),
         pytest.param("pilots/exp_1/dev_2/telemetry", "exp_1", "dev_2", id="underscores"),
@@ -485,7 +503,6 @@ _JSONISH = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(_KEYS, children, max_size=5),
     max_leaves=25,
 )
-
 
 
 def _mostly(good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrategy:
@@ -573,8 +590,10 @@ def test_decode_never_raises_on_jsonish_documents(doc: object, ascii_only: bool)
     payload = json.dumps(doc, ensure_ascii=ascii_only).encode()
     out = decode(payload, NOW_MS, LIMITS)
     _check_invariants(payload, out)
-    if isinstance(doc, list) and 0 < len(doc) <= LIMITS.max_batch and not any(
-        e.reason is Reason.MALFORMED_JSON for e in out.errors
+    if (
+        isinstance(doc, list)
+        and 0 < len(doc) <= LIMITS.max_batch
+        and not any(e.reason is Reason.MALFORMED_JSON for e in out.errors)
     ):
         # one outcome per item, each error naming its own item
         assert len(out.readings) + len(out.errors) == len(doc)
