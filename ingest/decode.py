@@ -16,7 +16,7 @@ import orjson
 from pilotlab.contracts import Reading, Reason, to_ms
 from pilotlab.metrics import METRICS
 
-_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch
 # epoch milliseconds below this are before 1973-03: almost surely epoch *seconds*
 _SECONDS_NOT_MS_BELOW = 100_000_000_000
 
@@ -54,10 +54,8 @@ def parse_topic(topic: str) -> TopicAddress | ItemError:
     if len(parts) != 4 or parts[0] != "pilots" or parts[3] != "telemetry":
         return ItemError(Reason.BAD_TOPIC, "publish to pilots/{experiment_id}/{device_id}/telemetry")
     for what, value in (("experiment id", parts[1]), ("device id", parts[2])):
-        if not _ID.match(value):
-            return ItemError(
-                Reason.BAD_TOPIC, f"{what} {value[:64]!r} must match [a-z0-9][a-z0-9_-]{{0,62}}"
-            )
+        if not _ID.fullmatch(value):
+            return ItemError(Reason.BAD_TOPIC, f"{what} {value[:64]!r} must match [a-z0-9][a-z0-9_-]{{0,62}}")
     return TopicAddress(parts[1], parts[2])
 
 
@@ -67,6 +65,8 @@ def _is_number(v: object) -> bool:
 
 def _parse_ts(raw: object, now_ms: int, limits: Limits) -> int | ItemError:
     if isinstance(raw, str):
+        if not raw.isprintable():  # fromisoformat would ignore what follows a NUL
+            return ItemError(Reason.WRONG_TYPE, "ts contains control characters")
         try:
             dt = datetime.fromisoformat(raw)
         except ValueError:
@@ -120,13 +120,13 @@ def decode_item(item: object, index: int | None, now_ms: int, limits: Limits) ->
     if not metrics:
         return ItemError(Reason.MISSING_FIELD, "metrics is empty", index)
     clean: dict[str, float] = {}
-    for name, value in metrics.items():
+    for name, raw_value in metrics.items():
         metric = METRICS.get(name)
         if metric is None:
             return ItemError(Reason.UNKNOWN_METRIC, f"metric {name[:40]!r} is not in the metric table", index)
-        if not _is_number(value):
+        if not _is_number(raw_value):
             return ItemError(Reason.WRONG_TYPE, f"metric {name!r} must be a number", index)
-        value = float(value)
+        value = float(raw_value)
         if not math.isfinite(value):
             return ItemError(Reason.NON_FINITE, f"metric {name!r} is not finite", index)
         if not metric.low <= value <= metric.high:

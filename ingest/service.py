@@ -22,7 +22,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ingest.decode import Limits
 from ingest.pipeline import handle
-from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, feedback_topic, utcnow, to_ms
+from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, feedback_topic, to_ms, utcnow
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import IngestSettings
 
@@ -33,7 +33,8 @@ READINGS = Counter("pilotlab_ingest_readings_total", "Readings accepted and forw
 REJECTED = Counter("pilotlab_ingest_rejections_total", "Rejected messages or items", ["reason"])
 SUBSCRIBED = Gauge("pilotlab_ingest_subscribed", "1 once the telemetry subscription is acknowledged")
 PRODUCE_LATENCY = Histogram(
-    "pilotlab_ingest_produce_seconds", "MQTT receive → Kafka confirm",
+    "pilotlab_ingest_produce_seconds",
+    "MQTT receive → Kafka confirm",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
@@ -171,7 +172,7 @@ class IngestService:
     # run --------------------------------------------------------------------------------
     def run(self) -> int:
         if self.settings.ingest_metrics_port:
-            start_http_server(self.settings.ingest_metrics_port, addr="0.0.0.0")  # noqa: S104
+            start_http_server(self.settings.ingest_metrics_port, addr="0.0.0.0")
         self.registry.start()
         if not self.registry.ready.wait(30):
             raise KafkaException(f"could not read the registry topic at {self.settings.kafka_bootstrap}")
@@ -191,7 +192,9 @@ class IngestService:
         self.client.loop_stop()
         self.registry.stop()
         if remaining:
-            log.error("%d records unconfirmed at shutdown; their MQTT messages will be redelivered", remaining)
+            log.error(
+                "%d records unconfirmed at shutdown; their MQTT messages will be redelivered", remaining
+            )
         log.info("ingest stopped")
         return 1 if self.error else 0
 

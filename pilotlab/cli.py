@@ -14,8 +14,12 @@ from pilotlab import settings as cfg
 from pilotlab.stack import DEFAULT_DATA_DIR, Stack, StackError
 
 app = typer.Typer(help="pilotlab: telemetry pipeline for city-scale technology pilots.", no_args_is_help=True)
-stack_app = typer.Typer(help="The local embedded stack (Mosquitto, tansu Kafka, PostgreSQL).", no_args_is_help=True)
-run_app = typer.Typer(help="Run one pipeline service (configured by PILOTLAB_* variables).", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The local embedded stack (Mosquitto, tansu Kafka, PostgreSQL).", no_args_is_help=True
+)
+run_app = typer.Typer(
+    help="Run one pipeline service (configured by PILOTLAB_* variables).", no_args_is_help=True
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 kafka_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
 exp_app = typer.Typer(help="Experiment manifests.", no_args_is_help=True)
@@ -34,7 +38,9 @@ def _fail(message: str) -> None:
 
 
 def _logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 # --- stack --------------------------------------------------------------------------------

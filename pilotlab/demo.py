@@ -42,8 +42,9 @@ def _rel(after: float | None, before: float | None) -> float | None:
     return after / before - 1
 
 
-def summarise(experiment: Experiment, values: list[PeriodValue], rejections: dict[str, int],
-              stored_readings: int) -> dict:
+def summarise(
+    experiment: Experiment, values: list[PeriodValue], rejections: dict[str, int], stored_readings: int
+) -> dict:
     """Per KPI: baseline and intervention values per group; for means, the impact: relative
     difference-in-differences against the control group, or the before/after change when the
     experiment has no control group."""
@@ -62,20 +63,30 @@ def summarise(experiment: Experiment, values: list[PeriodValue], rejections: dic
             t_change = _rel(t.get("intervention"), t.get("baseline"))
             if c is not None:
                 c_change = _rel(c.get("intervention"), c.get("baseline"))
-                estimate = None if t_change is None or c_change is None else (1 + t_change) / (1 + c_change) - 1
+                estimate = (
+                    None if t_change is None or c_change is None else (1 + t_change) / (1 + c_change) - 1
+                )
                 method = "difference-in-differences vs control (relative)"
             else:
                 estimate, method = t_change, "intervention vs baseline (no control group)"
-            k["impact"] = {"estimate": estimate, "method": method, "true_effect": true_effects.get(kpi.metric)}
+            k["impact"] = {
+                "estimate": estimate,
+                "method": method,
+                "true_effect": true_effects.get(kpi.metric),
+            }
         kpis.append(k)
     return {
         "id": experiment.id,
         "title": experiment.title,
         "startup": experiment.startup,
         "district": experiment.district,
-        "baseline": [experiment.periods.baseline.start.isoformat(), experiment.periods.baseline.end.isoformat()],
+        "baseline": [
+            experiment.periods.baseline.start.isoformat(),
+            experiment.periods.baseline.end.isoformat(),
+        ],
         "intervention": [
-            experiment.periods.intervention.start.isoformat(), experiment.periods.intervention.end.isoformat()
+            experiment.periods.intervention.start.isoformat(),
+            experiment.periods.intervention.end.isoformat(),
         ],
         "devices": len(experiment.devices),
         "readings_stored": stored_readings,
@@ -100,7 +111,9 @@ def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXA
         with Services(state, stack.logs / "services", env).start() as services:
             t1 = time.monotonic()
             services.wait_ingest_ready()
-            log.info("services ready in %.1f s; publishing %s of simulated traffic", time.monotonic() - t1, span)
+            log.info(
+                "services ready in %.1f s; publishing %s of simulated traffic", time.monotonic() - t1, span
+            )
             t2 = time.monotonic()
             truth = publish(state.mqtt_url, experiments, seed=seed, duration_s=duration_s, batch=4)
             timings["publish_s"] = time.monotonic() - t2
@@ -113,7 +126,9 @@ def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXA
                     "SELECT count(*) FROM readings WHERE experiment_id = %s", (exp.id,)
                 ).fetchone()[0]
                 results.append(
-                    summarise(exp, kpi_period_summary(conn, exp.id), rejections_by_reason(conn, exp.id), stored)
+                    summarise(
+                        exp, kpi_period_summary(conn, exp.id), rejections_by_reason(conn, exp.id), stored
+                    )
                 )
             counts = table_counts(conn)
         timings["total_s"] = time.monotonic() - t0
@@ -154,17 +169,31 @@ def render(result: dict) -> None:
             table.add_column(col, justify="left" if col in ("KPI", "group") else "right")
         for k in exp["kpis"]:
             for group, periods in sorted(k["groups"].items(), key=lambda g: g[0] != "treatment"):
-                change = _rel(periods.get("intervention"), periods.get("baseline")) if k["kind"] == "mean" else None
+                change = (
+                    _rel(periods.get("intervention"), periods.get("baseline"))
+                    if k["kind"] == "mean"
+                    else None
+                )
                 table.add_row(
-                    k["kpi"], f"{k['window_s']}s", group, _fmt(periods.get("baseline")),
-                    _fmt(periods.get("intervention")), _fmt(change, pct=True),
+                    k["kpi"],
+                    f"{k['window_s']}s",
+                    group,
+                    _fmt(periods.get("baseline")),
+                    _fmt(periods.get("intervention")),
+                    _fmt(change, pct=True),
                 )
         console.print(table)
         for k in exp["kpis"]:
             if "impact" in k:
                 imp = k["impact"]
-                truth = f" (true effect {_fmt(imp['true_effect'], pct=True)})" if imp["true_effect"] is not None else ""
-                console.print(f"  impact on {k['kpi']}: [bold]{_fmt(imp['estimate'], pct=True)}[/bold]{truth} — {imp['method']}")
+                truth = (
+                    f" (true effect {_fmt(imp['true_effect'], pct=True)})"
+                    if imp["true_effect"] is not None
+                    else ""
+                )
+                console.print(
+                    f"  impact on {k['kpi']}: [bold]{_fmt(imp['estimate'], pct=True)}[/bold]{truth} — {imp['method']}"
+                )
         rej = ", ".join(f"{r}: {n}" for r, n in exp["rejections"].items()) or "none"
         console.print(f"  readings stored: {exp['readings_stored']}; rejections: {rej}\n")
     t = result["timings"]

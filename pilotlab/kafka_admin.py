@@ -40,12 +40,7 @@ def group_lag(bootstrap: str, group: str, topics: tuple[str, ...]) -> int:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         meta = consumer.list_topics(timeout=10)
-        tps = [
-            TopicPartition(t, p)
-            for t in topics
-            if t in meta.topics
-            for p in meta.topics[t].partitions
-        ]
+        tps = [TopicPartition(t, p) for t in topics if t in meta.topics for p in meta.topics[t].partitions]
         committed = consumer.committed(tps, timeout=10)
         lag = 0
         for tp in committed:

@@ -21,6 +21,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -29,6 +31,7 @@ from pilotlab.metrics import METRICS
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_MAX_DURATION_S = 365 * 86400
 
 
 def parse_duration(value: object) -> int:
@@ -43,6 +46,8 @@ def parse_duration(value: object) -> int:
         raise ValueError(f"{value!r} is not a duration such as '30s', '15m', '1h' or '1d'")
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > _MAX_DURATION_S:
+        raise ValueError(f"a duration may be at most 365 days ({_MAX_DURATION_S} s)")
     return seconds
 
 
@@ -142,13 +147,15 @@ class Experiment(_Model):
     kpis: tuple[Kpi, ...] = Field(min_length=1)
     simulation: Simulation | None = None
 
-    @model_validator(mode="after")
-    def _unique_ids(self) -> Experiment:
-        for what, ids in (("device", [d.id for d in self.devices]), ("kpi", [k.name for k in self.kpis])):
-            dupes = sorted({i for i in ids if ids.count(i) > 1})
-            if dupes:
-                raise ValueError(f"duplicate {what} ids: {', '.join(dupes)}")
-        return self
+    @field_validator("devices", "kpis")
+    @classmethod
+    def _unique_ids(cls, items: tuple, info: ValidationInfo) -> tuple:
+        what = "device" if info.field_name == "devices" else "kpi"
+        ids = [i.id if what == "device" else i.name for i in items]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate {what} ids: {', '.join(dupes)}")
+        return items
 
     def device(self, device_id: str) -> Device | None:
         return next((d for d in self.devices if d.id == device_id), None)
@@ -190,6 +197,8 @@ def load_manifest(path: Path) -> Experiment:
         raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: an experiment manifest is a YAML mapping")
     try:

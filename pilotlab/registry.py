@@ -77,7 +77,9 @@ def publish(bootstrap: str, experiments: Iterable[Experiment]) -> None:
             errors.append(str(err))
 
     for exp in experiments:
-        producer.produce(KafkaTopics.REGISTRY, key=exp.id.encode(), value=exp.to_json(), on_delivery=on_delivery)
+        producer.produce(
+            KafkaTopics.REGISTRY, key=exp.id.encode(), value=exp.to_json(), on_delivery=on_delivery
+        )
     remaining = producer.flush(30)
     if remaining or errors:
         raise KafkaException(f"registry publish failed: {remaining} undelivered, errors: {errors}")
@@ -127,7 +129,10 @@ class RegistryFollower:
             meta = consumer.list_topics(KafkaTopics.REGISTRY, timeout=10)
             parts = sorted(meta.topics[KafkaTopics.REGISTRY].partitions)
             consumer.assign([TopicPartition(KafkaTopics.REGISTRY, p, OFFSET_BEGINNING) for p in parts])
-            ends = {p: consumer.get_watermark_offsets(TopicPartition(KafkaTopics.REGISTRY, p), timeout=10)[1] for p in parts}
+            ends = {
+                p: consumer.get_watermark_offsets(TopicPartition(KafkaTopics.REGISTRY, p), timeout=10)[1]
+                for p in parts
+            }
             at_end = {p for p, end in ends.items() if end == 0}
             if len(at_end) == len(parts):
                 self.ready.set()

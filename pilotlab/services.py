@@ -49,7 +49,10 @@ class Services:
             try:
                 self.procs[name] = subprocess.Popen(
                     [sys.executable, "-m", "pilotlab", "run", name],
-                    env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                 )
             finally:
                 log.close()
@@ -69,11 +72,13 @@ class Services:
         while time.monotonic() < deadline:
             self.check_alive()
             with contextlib.suppress(OSError):
-                body = urllib.request.urlopen(url, timeout=1).read().decode()  # noqa: S310 - loopback
+                body = urllib.request.urlopen(url, timeout=1).read().decode()
                 if "pilotlab_ingest_subscribed 1.0" in body:
                     return
             time.sleep(0.2)
-        raise ServiceError(f"ingest did not subscribe within {timeout:.0f} s; see {self.log_dir / 'ingest.log'}")
+        raise ServiceError(
+            f"ingest did not subscribe within {timeout:.0f} s; see {self.log_dir / 'ingest.log'}"
+        )
 
     def wait_drained(
         self,

@@ -47,7 +47,8 @@ class StreamsSettings(KafkaSettings):
     streams_data_dir: str = ".pilotlab/streams"
     streams_web_port: int = Field(default=0, ge=0, le=65535, description="0: no web server")
     streams_dedup_horizon_s: int = Field(
-        default=6 * 3600, ge=60,
+        default=6 * 3600,
+        ge=60,
         description="readings this much older than a device's newest are held back as late",
     )
 

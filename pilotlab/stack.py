@@ -130,7 +130,9 @@ def find_mosquitto() -> str | None:
 
 def find_amqtt() -> str | None:
     return shutil.which("amqtt") or (
-        str(Path(sys.executable).parent / "amqtt") if (Path(sys.executable).parent / "amqtt").exists() else None
+        str(Path(sys.executable).parent / "amqtt")
+        if (Path(sys.executable).parent / "amqtt").exists()
+        else None
     )
 
 
@@ -147,7 +149,9 @@ def find_postgres_bindir() -> Path | None:
     env = os.environ.get("PILOTLAB_PG_BINDIR")
     if env:
         return Path(env)
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    candidates = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
+    )
     for c in candidates:
         if (c / "initdb").exists() and (c / "postgres").exists():
             return c
@@ -258,7 +262,9 @@ class Stack:
         }
 
     # the three services -----------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], user: str | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    def _spawn(
+        self, name: str, argv: list[str], user: str | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen:
         log = self.logs / f"{name}.log"
         fh = open(log, "ab")  # noqa: SIM115 - handed to the child
         try:
@@ -330,8 +336,16 @@ class Stack:
         url = f"tcp://127.0.0.1:{port}"
         proc = self._spawn(
             "kafka",
-            [tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [
+                tansu,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
         )
         bootstrap = f"127.0.0.1:{port}"
 
@@ -402,16 +416,39 @@ class Stack:
             os.chown(log, pw.pw_uid, pw.pw_gid)
         if not (pgdata / "PG_VERSION").exists():
             init = subprocess.run(
-                [str(bindir / "initdb"), "-D", str(pgdata), "-U", "pilotlab", "--auth=trust",
-                 "-E", "UTF8", "--locale=C"],
-                user=user, capture_output=True, text=True, check=False,
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    "pilotlab",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ],
+                user=user,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if init.returncode != 0:
                 raise StackError(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}")
         proc = self._spawn(
             "postgres",
-            [str(bindir / "postgres"), "-D", str(pgdata), "-p", str(port), "-k", str(sockdir),
-             "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=100"],
+            [
+                str(bindir / "postgres"),
+                "-D",
+                str(pgdata),
+                "-p",
+                str(port),
+                "-k",
+                str(sockdir),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=100",
+            ],
             user=user,
         )
         url = f"postgresql://pilotlab@127.0.0.1:{port}/pilotlab"
@@ -422,7 +459,9 @@ class Stack:
             import psycopg  # noqa: PLC0415
 
             try:
-                with psycopg.connect(f"postgresql://pilotlab@127.0.0.1:{port}/postgres", connect_timeout=2, autocommit=True) as conn:
+                with psycopg.connect(
+                    f"postgresql://pilotlab@127.0.0.1:{port}/postgres", connect_timeout=2, autocommit=True
+                ) as conn:
                     exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'pilotlab'").fetchone()
                     if not exists:
                         conn.execute("CREATE DATABASE pilotlab")

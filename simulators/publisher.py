@@ -104,6 +104,7 @@ def _encode(samples: list[Sample], iso: bool) -> bytes:
 def publish(
     mqtt_url: str,
     experiments: list[Experiment],
+    *,
     seed: int,
     duration_s: float,
     batch: int = 1,

@@ -104,8 +104,9 @@ class Sink:
                     self.totals[k] += v
                 return conn
             except psycopg.OperationalError as exc:
-                log.warning("database write failed (%s); retrying the batch in %.1f s",
-                            str(exc).strip()[:120], delay)
+                log.warning(
+                    "database write failed (%s); retrying the batch in %.1f s", str(exc).strip()[:120], delay
+                )
                 conn.close()
                 time.sleep(delay)
                 delay = min(delay * 2, 10)
@@ -118,7 +119,9 @@ class Sink:
         log.info("sink started: %s → %s", self.settings.kafka_bootstrap, _redact(self.settings.database_url))
         try:
             while not self.stopping.is_set():
-                msgs = consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_wait_ms / 1000)
+                msgs = consumer.consume(
+                    self.settings.sink_batch_size, self.settings.sink_batch_wait_ms / 1000
+                )
                 batch = Batch()
                 for msg in msgs:
                     err = msg.error()

@@ -128,8 +128,19 @@ def write_experiments(conn: psycopg.Connection, experiments: Iterable[Experiment
                 intervention_end = EXCLUDED.intervention_end,
                 manifest = EXCLUDED.manifest, updated_at = now()
             """,
-            (e.id, e.title, e.startup, e.district, e.location.lat, e.location.lon, p.baseline.start,
-             p.baseline.end, p.intervention.start, p.intervention.end, e.to_json().decode()),
+            (
+                e.id,
+                e.title,
+                e.startup,
+                e.district,
+                e.location.lat,
+                e.location.lon,
+                p.baseline.start,
+                p.baseline.end,
+                p.intervention.start,
+                p.intervention.end,
+                e.to_json().decode(),
+            ),
         )
         conn.execute(
             "DELETE FROM devices WHERE experiment_id = %s AND NOT (device_id = ANY(%s))",
@@ -145,8 +156,15 @@ def write_experiments(conn: psycopg.Connection, experiments: Iterable[Experiment
                 lat = EXCLUDED.lat, lon = EXCLUDED.lon
             """,
             [
-                (d.id, e.id, d.kind, d.group, d.interval,
-                 d.location.lat if d.location else None, d.location.lon if d.location else None)
+                (
+                    d.id,
+                    e.id,
+                    d.kind,
+                    d.group,
+                    d.interval,
+                    d.location.lat if d.location else None,
+                    d.location.lon if d.location else None,
+                )
                 for d in e.devices
             ],
         )

@@ -46,12 +46,15 @@ def create_app(settings: StreamsSettings) -> faust.App:
     )
     registry = RegistryFollower(settings.kafka_bootstrap)
 
-    readings = app.topic(KafkaTopics.READINGS, key_type=bytes, value_type=bytes,
-                         key_serializer="raw", value_serializer="raw")
-    kpis = app.topic(KafkaTopics.KPIS, key_type=bytes, value_type=bytes,
-                     key_serializer="raw", value_serializer="raw")
-    late = app.topic(KafkaTopics.LATE, key_type=bytes, value_type=bytes,
-                     key_serializer="raw", value_serializer="raw")
+    readings = app.topic(
+        KafkaTopics.READINGS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+    kpis = app.topic(
+        KafkaTopics.KPIS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+    late = app.topic(
+        KafkaTopics.LATE, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
     windows = app.Table("kpi-windows", default=None, partitions=settings.kafka_partitions)
     seen = app.Table("device-seen", default=None, partitions=settings.kafka_partitions)
     horizon_ms = settings.streams_dedup_horizon_s * 1000
@@ -83,8 +86,9 @@ def create_app(settings: StreamsSettings) -> faust.App:
             if updates:
                 await kpis.send(key=key, value=encode_kpis(updates))
             if screened.too_late:
-                held = ReadingBatch(batch.experiment_id, batch.device_id, batch.group, batch.received_ms,
-                                    screened.too_late)
+                held = ReadingBatch(
+                    batch.experiment_id, batch.device_id, batch.group, batch.received_ms, screened.too_late
+                )
                 await late.send(key=key, value=held.to_json())
 
     app.pilotlab_registry = registry  # for tests

@@ -45,7 +45,9 @@ def apply_batch(
 ) -> list[KpiValue]:
     """Add the batch's readings to every KPI window they fall in; return the updated KPIs.
 
-    A stored window maps KPI name → ``{"s": aggregator state, "n": samples, "r": revision}``.
+    A stored window maps KPI name → ``{"k": kind, "s": aggregator state, "n": samples,
+    "r": revision}``. When a manifest update changes a KPI's kind, its window starts afresh
+    (the revision keeps growing, so storage takes the new value).
     """
     touched: dict[str, tuple[WindowKey, dict[str, WindowState], set[str]]] = {}
     for kpi in experiment.kpis:
@@ -54,13 +56,22 @@ def apply_batch(
             value = reading.metrics.get(kpi.metric)
             if value is None:
                 continue
-            key = WindowKey(batch.experiment_id, batch.group, kpi.window, window_start(reading.ts_ms, kpi.window))
+            key = WindowKey(
+                batch.experiment_id, batch.group, kpi.window, window_start(reading.ts_ms, kpi.window)
+            )
             k = key.encode()
             if k not in touched:
                 touched[k] = (key, dict(load(k) or {}), set())
             _, window, changed = touched[k]
-            state = window.get(kpi.name) or {"s": agg.initialize(), "n": 0, "r": 0}
-            window[kpi.name] = {"s": agg.add(state["s"], value), "n": state["n"] + 1, "r": state["r"]}
+            state = window.get(kpi.name)
+            if state is None or state.get("k") != kpi.kind:  # new, or its definition changed
+                state = {"k": kpi.kind, "s": agg.initialize(), "n": 0, "r": state["r"] if state else 0}
+            window[kpi.name] = {
+                "k": kpi.kind,
+                "s": agg.add(state["s"], value),
+                "n": state["n"] + 1,
+                "r": state["r"],
+            }
             changed.add(kpi.name)
     kpis = {k.name: k for k in experiment.kpis}
     out = []
@@ -96,9 +107,7 @@ class Screened:
     too_late: tuple[Reading, ...]
 
 
-def screen(
-    batch: ReadingBatch, seen: dict | None, horizon_ms: int
-) -> tuple[Screened, dict]:
+def screen(batch: ReadingBatch, seen: dict | None, horizon_ms: int) -> tuple[Screened, dict]:
     """Drop readings already counted (same device, metric and ``ts``: the natural key storage
     uses too) and hold back readings older than the device's newest ``ts`` minus the horizon,
     which can no longer be told apart from a duplicate. ``seen`` is the device's state:
@@ -126,7 +135,9 @@ def screen(
         floor = hwm - horizon_ms
         known = {k: v for k, v in known.items() if int(k) > floor}
     screened = Screened(
-        fresh=ReadingBatch(batch.experiment_id, batch.device_id, batch.group, batch.received_ms, tuple(fresh)),
+        fresh=ReadingBatch(
+            batch.experiment_id, batch.device_id, batch.group, batch.received_ms, tuple(fresh)
+        ),
         duplicates=duplicates,
         too_late=tuple(late),
     )

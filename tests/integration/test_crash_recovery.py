@@ -59,12 +59,19 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(stack_state, st
             deadline = time.monotonic() + 60
             while True:
                 got = stored_kpis(conn, exp.id)
-                bad = [k for k in want if k not in got or got[k][1] != want[k][1]
-                       or got[k][0] != pytest.approx(want[k][0], rel=1e-9, abs=1e-9)]
+                bad = [
+                    k
+                    for k in want
+                    if k not in got
+                    or got[k][1] != want[k][1]
+                    or got[k][0] != pytest.approx(want[k][0], rel=1e-9, abs=1e-9)
+                ]
                 if not bad and got.keys() == want.keys():
                     break
                 if time.monotonic() > deadline:
                     sample = [(k, want[k], got.get(k)) for k in bad[:3]]
-                    pytest.fail(f"{len(bad)} of {len(want)} KPI windows differ after killing {victim}: {sample}")
+                    pytest.fail(
+                        f"{len(bad)} of {len(want)} KPI windows differ after killing {victim}: {sample}"
+                    )
                 time.sleep(0.5)
                 conn.commit()

@@ -34,8 +34,11 @@ def make_experiment(exp_id: str, prefix: str, minutes: int = 90) -> Experiment:
     now = utcnow().replace(second=0, microsecond=0)
     start, mid = now - timedelta(minutes=minutes), now - timedelta(minutes=minutes // 2)
     devices = [
-        {"id": f"{prefix}-t{i}", "kind": "air_quality", "group": "treatment", "interval": "1m"} for i in (1, 2)
-    ] + [{"id": f"{prefix}-c{i}", "kind": "air_quality", "group": "control", "interval": "1m"} for i in (1, 2)]
+        {"id": f"{prefix}-t{i}", "kind": "air_quality", "group": "treatment", "interval": "1m"}
+        for i in (1, 2)
+    ] + [
+        {"id": f"{prefix}-c{i}", "kind": "air_quality", "group": "control", "interval": "1m"} for i in (1, 2)
+    ]
     return Experiment.model_validate(
         {
             "id": exp_id,
@@ -124,7 +127,12 @@ def test_known_readings_flow_through_exactly_once(stack_state, stack):
         accepted[(a_dev, "pm25", extra_ts)] = 9.25
         rejected = Counter(truth.rejected)
         rejected.update(
-            [Reason.DEVICE_NOT_IN_EXPERIMENT, Reason.UNKNOWN_DEVICE, Reason.UNKNOWN_EXPERIMENT, Reason.WRONG_TYPE]
+            [
+                Reason.DEVICE_NOT_IN_EXPERIMENT,
+                Reason.UNKNOWN_DEVICE,
+                Reason.UNKNOWN_EXPERIMENT,
+                Reason.WRONG_TYPE,
+            ]
         )
         assert sum(truth.rejected.values()) > 0, "the scenario should include broken payloads"
 

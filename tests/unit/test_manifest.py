@@ -217,11 +217,6 @@ def test_duplicate_kpi_names(tmp_path: Path) -> None:
     assert "duplicate kpi ids: no2_mean" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pilotlab/manifest.py Experiment._unique_ids is a model-level validator, so the "
-    "error line reads '(top level): ... duplicate device ids' instead of naming the field 'devices'",
-)
 def test_duplicate_device_ids_name_the_devices_field(tmp_path: Path) -> None:
     doc = base()
     doc["devices"].append(dict(doc["devices"][0]))
@@ -270,12 +265,6 @@ def test_missing_file(tmp_path: Path) -> None:
     assert message.startswith(f"{path}: cannot read")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pilotlab/manifest.py load_manifest catches yaml.YAMLError and OSError only: a file "
-    "that is not UTF-8 raises a bare UnicodeDecodeError that names no file (and escapes the CLI's "
-    "'except ManifestError')",
-)
 def test_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes("title: Zone à trafic limité\n".encode("latin-1"))
@@ -431,12 +420,6 @@ def test_parse_duration_messages() -> None:
         parse_duration("15x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pilotlab/manifest.py parse_duration has no upper bound: a KPI window of '100000d' "
-    "(8.64e9 s) is accepted, but kpi_values.window_size_s and devices.interval_s are 32-bit "
-    "integer columns (storage/writer.py casts to int4[]), so the sink cannot store those rows",
-)
 def test_durations_beyond_storage_range_are_refused(tmp_path: Path) -> None:
     doc = base()
     doc["kpis"][0]["window"] = "100000d"

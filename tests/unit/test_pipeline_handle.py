@@ -149,11 +149,6 @@ def test_bad_topic_has_no_experiment(topic: str) -> None:
     assert rej.rejection_id == Rejection.make_id(topic, payload, None, "bad_topic")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest/decode.py _ID '$' matches before a trailing newline: the topic is accepted "
-    "and the message is refused as unknown_device with device_id 'aq-lez-01\\n' instead of bad_topic",
-)
 def test_newline_in_topic_is_a_bad_topic() -> None:
     (rej,) = run("pilots/lez-san-salvario/aq-lez-01\n/telemetry", js(reading())).rejections
     assert rej.reason is Reason.BAD_TOPIC
