@@ -148,6 +148,8 @@ def find_tansu() -> str | None:
 def find_postgres_bindir() -> Path | None:
     env = os.environ.get("PILOTLAB_PG_BINDIR")
     if env:
+        if not all(os.access(Path(env) / b, os.X_OK) for b in ("initdb", "postgres")):
+            raise StackError(f"PILOTLAB_PG_BINDIR={env} holds no initdb and postgres programs; fix or unset it")
         return Path(env)
     candidates = sorted(
         Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
@@ -255,6 +257,7 @@ class Stack:
         return {
             "data_dir": str(self.data_dir),
             "up": all(alive.values()),
+            "database_mode": database_mode(state.database_url) if alive["postgres"] else None,
             "services": {
                 name: {**asdict(svc), "running": alive[name]} for name, svc in state.services.items()
             },
@@ -473,6 +476,15 @@ class Stack:
         if proc.poll() is not None:
             raise StackError(f"PostgreSQL exited with code {proc.returncode}; see {log}")
         return ServiceState("postgres", proc.pid, port, str(bindir / "postgres"), url, str(log))
+
+
+def database_mode(database_url: str) -> str:
+    """``timescaledb`` when the extension is installed in the database, else ``postgresql``."""
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
+    return f"timescaledb {row[0]}" if row else "postgresql"
 
 
 def _reap(pid: int) -> None:
