@@ -39,8 +39,9 @@ class KafkaTopics:
     REJECTIONS = "pilotlab.rejections"
     REGISTRY = "pilotlab.registry"
     LATE = "pilotlab.late"  # readings too late to count in their KPI windows
+    DEVICE_STATUS = "pilotlab.device-status"  # online/offline transitions per device
 
-    ALL = (READINGS, KPIS, REJECTIONS, REGISTRY, LATE)
+    ALL = (READINGS, KPIS, REJECTIONS, REGISTRY, LATE, DEVICE_STATUS)
     COMPACTED = (REGISTRY,)
 
 
@@ -199,6 +200,8 @@ class KpiValue:
     value: float | None
     sample_count: int
     revision: int
+    # extra figures of richer KPI kinds, e.g. impact: {"estimate", "ci_low", "ci_high", ...}
+    details: dict | None = None
 
     def key(self) -> tuple:
         return (self.experiment_id, self.kpi, self.device_group, self.window_size_s, self.window_start_ms)
@@ -215,11 +218,41 @@ class KpiValue:
             "value": self.value,
             "sample_count": self.sample_count,
             "revision": self.revision,
+            "details": self.details,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> KpiValue:
         return cls(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    """A device going offline (silent for N expected intervals) or coming back online.
+    ``ts_ms`` is the event time of the transition; keyed by experiment on Kafka."""
+
+    experiment_id: str
+    device_id: str
+    status: str  # "online" | "offline"
+    ts_ms: int
+    last_seen_ms: int | None
+    detail: str = ""
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "experiment_id": self.experiment_id,
+                "device_id": self.device_id,
+                "status": self.status,
+                "ts_ms": self.ts_ms,
+                "last_seen_ms": self.last_seen_ms,
+                "detail": self.detail,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> DeviceStatus:
+        return cls(**orjson.loads(raw))
 
 
 def encode_kpis(values: list[KpiValue]) -> bytes:

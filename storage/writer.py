@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from pilotlab.contracts import KpiValue, ReadingBatch, Rejection, from_ms
 from pilotlab.manifest import Experiment
@@ -23,12 +24,12 @@ ON CONFLICT (device_id, metric, ts) DO NOTHING
 
 _KPIS_SQL = """
 INSERT INTO kpi_values AS k (experiment_id, kpi, metric, kind, device_group, window_size_s,
-                             window_start, window_end, value, sample_count, revision)
+                             window_start, window_end, value, sample_count, revision, details)
 SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int4[],
-                     %s::timestamptz[], %s::timestamptz[], %s::float8[], %s::int8[], %s::int4[])
+                     %s::timestamptz[], %s::timestamptz[], %s::float8[], %s::int8[], %s::int4[], %s::jsonb[])
 ON CONFLICT (experiment_id, kpi, device_group, window_size_s, window_start) DO UPDATE
    SET value = EXCLUDED.value, sample_count = EXCLUDED.sample_count,
-       revision = EXCLUDED.revision, updated_at = now()
+       revision = EXCLUDED.revision, details = EXCLUDED.details, updated_at = now()
  WHERE k.revision < EXCLUDED.revision
 """
 
@@ -89,6 +90,7 @@ def write_kpis(conn: psycopg.Connection, values: Iterable[KpiValue]) -> int:
         [v.value for v in rows],
         [v.sample_count for v in rows],
         [v.revision for v in rows],
+        [Jsonb(v.details) if v.details is not None else None for v in rows],
     )
     return conn.execute(_KPIS_SQL, cols).rowcount
 
