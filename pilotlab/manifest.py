@@ -109,7 +109,19 @@ class Device(_Model):
     interval: Seconds = Field(description="expected sampling interval")
 
 
-KpiKind = Literal["count", "sum", "mean", "min", "max"]
+KpiKind = Literal[
+    "count",
+    "sum",
+    "mean",
+    "min",
+    "max",
+    "quantile",  # q-quantile of the values (mergeable sketch, 1% relative error)
+    "exceedance",  # share of samples above ``threshold``
+    "availability",  # share of the group's registered devices reporting in the window
+    "completeness",  # received / expected samples (from the devices' declared intervals)
+    "freshness",  # p95 of the ingest delay (received - ts), in seconds
+    "impact",  # difference-in-differences over the experiment's periods, with a 95% CI
+]
 
 
 class Kpi(_Model):
@@ -119,12 +131,36 @@ class Kpi(_Model):
     window: Seconds = 60
     # the desired direction of change, for reading the impact: lower energy is better
     better: Literal["lower", "higher"] = "lower"
+    # quantile only: which quantile, e.g. 0.5 (median) or 0.95
+    q: float | None = Field(default=None, gt=0, lt=1)
+    # exceedance only: the level a sample must exceed, in the metric's unit (PM2.5: 25)
+    threshold: float | None = None
 
     @model_validator(mode="after")
     def _known_metric(self) -> Kpi:
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; known: {', '.join(sorted(METRICS))}")
         return self
+
+    @model_validator(mode="after")
+    def _parameters(self) -> Kpi:
+        if self.kind == "quantile" and self.q is None:
+            raise ValueError("a quantile KPI needs q, e.g. q: 0.95")
+        if self.kind != "quantile" and self.q is not None:
+            raise ValueError(f"q applies to quantile KPIs only, not {self.kind}")
+        if self.kind == "exceedance" and self.threshold is None:
+            raise ValueError("an exceedance KPI needs threshold, e.g. threshold: 25")
+        if self.kind != "exceedance" and self.threshold is not None:
+            raise ValueError(f"threshold applies to exceedance KPIs only, not {self.kind}")
+        return self
+
+    def signature(self) -> str:
+        """What the KPI computes; a window state made under another signature starts afresh."""
+        if self.kind == "quantile":
+            return f"quantile:{self.q!r}"
+        if self.kind == "exceedance":
+            return f"exceedance:{self.threshold!r}"
+        return self.kind
 
 
 class Simulation(_Model):
@@ -145,6 +181,11 @@ class Experiment(_Model):
     periods: Periods
     devices: tuple[Device, ...] = Field(min_length=1)
     kpis: tuple[Kpi, ...] = Field(min_length=1)
+    # event time: a reading whose (shortest) KPI window ended more than this before the newest
+    # reading of the experiment is routed to pilotlab.late instead of revising the KPI
+    lateness: Seconds = Field(default=6 * 3600, description="allowed lateness")
+    # liveness: a device silent for this many of its expected intervals is reported offline
+    offline_after: int = Field(default=6, ge=1, le=10_000)
     simulation: Simulation | None = None
 
     @field_validator("devices", "kpis")

@@ -20,7 +20,7 @@ import faust
 from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
-from streams.engine import apply_batch, screen
+from streams.engine import advance, apply_batch, screen, split_late
 
 log = logging.getLogger("pilotlab.streams")
 
@@ -59,6 +59,11 @@ def create_app(settings: StreamsSettings) -> faust.App:
     seen = app.Table("device-seen", default=None, partitions=settings.kafka_partitions)
     horizon_ms = settings.streams_dedup_horizon_s * 1000
     applied = app.Table("applied-offsets", default=None, partitions=settings.kafka_partitions)
+    # per experiment: its event-time watermark and each device's last reading and status
+    clocks = app.Table("experiment-clock", default=None, partitions=settings.kafka_partitions)
+    status = app.topic(
+        KafkaTopics.DEVICE_STATUS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
 
     async def experiment_for(experiment_id: str):
         waited = 0.0
@@ -80,16 +85,26 @@ def create_app(settings: StreamsSettings) -> faust.App:
             batch = ReadingBatch.from_json(event.value)
             experiment = await experiment_for(batch.experiment_id)
             screened, seen[batch.device_id] = screen(batch, seen.get(batch.device_id), horizon_ms)
-            updates = apply_batch(screened.fresh, experiment, windows.get, windows.__setitem__)
+            before = clocks.get(batch.experiment_id)
+            on_time, past_lateness = split_late(screened.fresh, experiment, before and before["wm"])
+            updates = apply_batch(on_time, experiment, windows.get, windows.__setitem__)
+            clocks[batch.experiment_id], transitions = advance(before, screened.fresh, experiment)
             applied[mark] = offset + 1
             key = batch.experiment_id.encode()
             if updates:
                 await kpis.send(key=key, value=encode_kpis(updates))
-            if screened.too_late:
+            if screened.too_late or past_lateness:
                 held = ReadingBatch(
-                    batch.experiment_id, batch.device_id, batch.group, batch.received_ms, screened.too_late
+                    batch.experiment_id,
+                    batch.device_id,
+                    batch.group,
+                    batch.received_ms,
+                    (*screened.too_late, *past_lateness),
                 )
+                log.info("%d late readings of %s routed to %s", len(held.readings), batch.device_id, KafkaTopics.LATE)
                 await late.send(key=key, value=held.to_json())
+            for t in transitions:
+                await status.send(key=key, value=t.to_json())
 
     app.pilotlab_registry = registry  # for tests
     return app

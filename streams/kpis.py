@@ -1,0 +1,329 @@
+"""Every KPI kind as a small, pure, mergeable aggregator over observations.
+
+An observation is one value of a KPI's metric with its context (device, group, event time
+``ts``, ingest time). A kind is built from its manifest entry and experiment
+(``make(kpi, experiment)``) and offers ``initialize() → state``, ``add(state, obs) → state``
+and ``result(state, group) → (value, details)``. States are small JSON values (they live in
+Faust tables and their changelogs), no kind keeps raw events, and the result does not depend
+on the order observations were added in (exactly for counts, sketches, min and max; to
+floating-point rounding for sums and moments).
+
+Kinds (see the README, "KPI kinds"):
+
+* ``count``, ``sum``, ``mean``, ``min``, ``max`` — :mod:`streams.aggregators`.
+* ``quantile`` (``q``) — a DDSketch (the ``ddsketch`` library's logarithmic mapping) with
+  relative accuracy ``SKETCH_ALPHA`` = 1%: the value returned for the q-quantile is within
+  ±1% (relative) of the sample of rank ⌊q·(n−1)⌋ in sorted order. Sketches merge by adding
+  bucket counts, so the state is order-independent and mergeable across windows.
+* ``exceedance`` (``threshold``) — share of samples strictly above the threshold.
+* ``availability`` — share of the group's registered devices that reported the metric at
+  least once in the window.
+* ``completeness`` — samples received / samples expected, where a device declaring an
+  interval of i seconds is expected to send ``window / i`` samples per window.
+* ``freshness`` — p95 of the ingest delay (ingest time − ``ts``) in seconds, same sketch.
+* ``impact`` — difference-in-differences of the metric's mean, treatment vs control and
+  intervention vs baseline, with a 95% confidence interval, from running moments per cell
+  (see :func:`impact_estimate`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+from ddsketch import DDSketch
+from ddsketch.mapping import LogarithmicMapping
+
+from pilotlab.contracts import to_ms
+from pilotlab.manifest import Experiment, Kpi
+from streams.aggregators import AGGREGATORS
+
+SKETCH_ALPHA = 0.01  # relative accuracy of quantiles (the DDSketch guarantee)
+_MAPPING = LogarithmicMapping(SKETCH_ALPHA)
+_Z95 = NormalDist().inv_cdf(0.975)
+
+WINDOWED = ("count", "sum", "mean", "min", "max", "quantile", "exceedance", "availability",
+            "completeness", "freshness")  # fmt: skip
+ALL_KINDS = (*WINDOWED, "impact")
+
+Result = tuple[float | None, dict | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Obs:
+    """One value of a KPI's metric, in context."""
+
+    value: float
+    ts_ms: int
+    device_id: str
+    group: str
+    received_ms: int
+
+
+# --- sketch --------------------------------------------------------------------------------
+
+
+def sketch_new() -> dict:
+    """A DDSketch as JSON: positive and negative bucket counts by key, and the zero count."""
+    return {"p": {}, "m": {}, "z": 0}
+
+
+def sketch_add(state: dict, value: float) -> dict:
+    out = {"p": dict(state["p"]), "m": dict(state["m"]), "z": state["z"]}
+    if value > _MAPPING.min_possible:
+        store, k = out["p"], str(_MAPPING.key(value))
+    elif value < -_MAPPING.min_possible:
+        store, k = out["m"], str(_MAPPING.key(-value))
+    else:
+        out["z"] += 1
+        return out
+    store[k] = store.get(k, 0) + 1
+    return out
+
+
+def sketch_merge(a: dict, b: dict) -> dict:
+    out = {"p": dict(a["p"]), "m": dict(a["m"]), "z": a["z"] + b["z"]}
+    for side in ("p", "m"):
+        for k, n in b[side].items():
+            out[side][k] = out[side].get(k, 0) + n
+    return out
+
+
+def sketch_quantile(state: dict, q: float) -> float | None:
+    """The q-quantile, by the ddsketch library from the stored bucket counts."""
+    sketch = DDSketch(SKETCH_ALPHA)
+    for k, n in state["p"].items():
+        sketch.add(_MAPPING.value(int(k)), n)
+    for k, n in state["m"].items():
+        sketch.add(-_MAPPING.value(int(k)), n)
+    if state["z"]:
+        sketch.add(0.0, state["z"])
+    if sketch.count == 0:
+        return None
+    return sketch.get_quantile_value(q)
+
+
+def sketch_count(state: dict) -> int:
+    return sum(state["p"].values()) + sum(state["m"].values()) + state["z"]
+
+
+# --- kinds ---------------------------------------------------------------------------------
+
+
+class _Simple:
+    """count/sum/mean/min/max: the plain aggregators, on the observation's value."""
+
+    def __init__(self, kind: str) -> None:
+        self._agg = AGGREGATORS[kind]
+
+    def initialize(self) -> Any:
+        return self._agg.initialize()
+
+    def add(self, state: Any, obs: Obs) -> Any:
+        return self._agg.add(state, obs.value)
+
+    def result(self, state: Any, group: str) -> Result:
+        return self._agg.result(state), None
+
+
+class Quantile:
+    def __init__(self, q: float) -> None:
+        self.q = q
+
+    def initialize(self) -> dict:
+        return sketch_new()
+
+    def add(self, state: dict, obs: Obs) -> dict:
+        return sketch_add(state, obs.value)
+
+    def result(self, state: dict, group: str) -> Result:
+        return sketch_quantile(state, self.q), {"q": self.q, "relative_accuracy": SKETCH_ALPHA}
+
+
+class Freshness(Quantile):
+    """p95 of the ingest delay in seconds (a device clock ahead of ingest counts as 0)."""
+
+    def __init__(self) -> None:
+        super().__init__(0.95)
+
+    def add(self, state: dict, obs: Obs) -> dict:
+        return sketch_add(state, max(0, obs.received_ms - obs.ts_ms) / 1000)
+
+
+class Exceedance:
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def initialize(self) -> list:
+        return [0, 0]  # [above, samples]
+
+    def add(self, state: list, obs: Obs) -> list:
+        return [state[0] + (obs.value > self.threshold), state[1] + 1]
+
+    def result(self, state: list, group: str) -> Result:
+        above, n = state
+        return (above / n if n else None), {"above": above, "samples": n, "threshold": self.threshold}
+
+
+class Availability:
+    def __init__(self, experiment: Experiment) -> None:
+        self._registered: dict[str, int] = {}
+        for d in experiment.devices:
+            self._registered[d.group] = self._registered.get(d.group, 0) + 1
+
+    def initialize(self) -> list:
+        return []  # sorted ids of the devices that reported (at most the registered ones)
+
+    def add(self, state: list, obs: Obs) -> list:
+        return state if obs.device_id in state else sorted([*state, obs.device_id])
+
+    def result(self, state: list, group: str) -> Result:
+        registered = self._registered.get(group, 0)
+        value = len(state) / registered if registered else None
+        return value, {"reporting": len(state), "registered": registered}
+
+
+class Completeness:
+    def __init__(self, experiment: Experiment, window_s: int) -> None:
+        self._expected: dict[str, float] = {}
+        for d in experiment.devices:
+            self._expected[d.group] = self._expected.get(d.group, 0.0) + window_s / d.interval
+
+    def initialize(self) -> list:
+        return [0]
+
+    def add(self, state: list, obs: Obs) -> list:
+        return [state[0] + 1]
+
+    def result(self, state: list, group: str) -> Result:
+        expected = self._expected.get(group, 0.0)
+        value = state[0] / expected if expected else None
+        return value, {"received": state[0], "expected": expected}
+
+
+# --- impact --------------------------------------------------------------------------------
+
+
+def moments_add(m: list, x: float) -> list:
+    """Welford: [n, mean, M2] with M2 the sum of squared deviations."""
+    n, mean, m2 = m
+    n += 1
+    delta = x - mean
+    mean += delta / n
+    return [n, mean, m2 + delta * (x - mean)]
+
+
+def moments_merge(a: list, b: list) -> list:
+    """Chan et al.'s parallel combination of two moment triples."""
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    n = na + nb
+    if n == 0:
+        return [0, 0.0, 0.0]
+    delta = mb - ma
+    return [n, ma + delta * nb / n, m2a + m2b + delta * delta * na * nb / n]
+
+
+def _cell_stats(m: list) -> tuple[int, float, float]:
+    n, mean, m2 = m
+    var = m2 / (n - 1) if n > 1 else math.nan
+    return n, mean, var
+
+
+def impact_estimate(cells: dict[str, dict[str, list]], has_control: bool) -> Result:
+    """Relative difference-in-differences of means with a 95% CI (delta method on logs).
+
+    ``cells[group][period]`` holds running moments [n, mean, M2]. With a control group the
+    estimate is (T_int/T_base) / (C_int/C_base) − 1; without one, T_int/T_base − 1. Its log
+    is a sum of log-means whose variances are ≈ s²/(n·mean²) (independent samples, large n),
+    so the 95% CI is exp(log estimate ± 1.96·se) − 1. The absolute DiD,
+    (T_int − T_base) − (C_int − C_base) with se = √Σ s²/n, is reported alongside.
+    """
+    groups = ("treatment", "control") if has_control else ("treatment",)
+    empty = [0, 0.0, 0.0]
+    stats = {g: {p: _cell_stats(cells.get(g, {}).get(p, empty)) for p in ("baseline", "intervention")}
+             for g in groups}  # fmt: skip
+    details: dict[str, Any] = {
+        "method": "difference-in-differences vs control" if has_control else "intervention vs baseline",
+        "n": {g: {p: s[0] for p, s in ps.items()} for g, ps in stats.items()},
+        "mean": {g: {p: (s[1] if s[0] else None) for p, s in ps.items()} for g, ps in stats.items()},
+        "estimate": None,
+        "ci_low": None,
+        "ci_high": None,
+    }
+    if any(s[0] < 2 for ps in stats.values() for s in ps.values()):
+        return None, details
+    sign = {"treatment": 1, "control": -1}
+    diff = sum(sign[g] * (ps["intervention"][1] - ps["baseline"][1]) for g, ps in stats.items())
+    se_abs = math.sqrt(sum(s[2] / s[0] for ps in stats.values() for s in ps.values()))
+    details["absolute"] = {"estimate": diff, "ci_low": diff - _Z95 * se_abs, "ci_high": diff + _Z95 * se_abs}
+    if any(s[1] <= 0 for ps in stats.values() for s in ps.values()):
+        details["method"] += " (absolute: a mean is not positive, no relative estimate)"
+        return None, details
+    log_est = sum(
+        sign[g] * (math.log(ps["intervention"][1]) - math.log(ps["baseline"][1])) for g, ps in stats.items()
+    )
+    se = math.sqrt(sum(s[2] / (s[0] * s[1] * s[1]) for ps in stats.values() for s in ps.values()))
+    estimate = math.expm1(log_est)
+    details.update(
+        estimate=estimate,
+        ci_low=math.expm1(log_est - _Z95 * se),
+        ci_high=math.expm1(log_est + _Z95 * se),
+        se_log=se,
+    )
+    return estimate, details
+
+
+class Impact:
+    """One state per experiment over its whole span: moments per (group, period) cell."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        p = experiment.periods
+        self._base = (to_ms(p.baseline.start), to_ms(p.baseline.end))
+        self._int = (to_ms(p.intervention.start), to_ms(p.intervention.end))
+        self.has_control = any(d.group == "control" for d in experiment.devices)
+        self.window_start_ms = self._base[0]
+        self.window_size_s = (self._int[1] - self._base[0]) // 1000
+
+    def period(self, ts_ms: int) -> str | None:
+        if self._base[0] <= ts_ms < self._base[1]:
+            return "baseline"
+        if self._int[0] <= ts_ms < self._int[1]:
+            return "intervention"
+        return None
+
+    def initialize(self) -> dict:
+        return {}
+
+    def add(self, state: dict, obs: Obs) -> dict:
+        period = self.period(obs.ts_ms)
+        if period is None:
+            return state
+        out = {g: dict(ps) for g, ps in state.items()}
+        cell = out.setdefault(obs.group, {}).get(period, [0, 0.0, 0.0])
+        out[obs.group][period] = moments_add(cell, obs.value)
+        return out
+
+    def result(self, state: dict, group: str) -> Result:
+        return impact_estimate(state, self.has_control)
+
+
+def make(kpi: Kpi, experiment: Experiment):
+    """The aggregator of one manifest KPI."""
+    if kpi.kind in AGGREGATORS:
+        return _Simple(kpi.kind)
+    if kpi.kind == "quantile":
+        return Quantile(kpi.q)
+    if kpi.kind == "exceedance":
+        return Exceedance(kpi.threshold)
+    if kpi.kind == "availability":
+        return Availability(experiment)
+    if kpi.kind == "completeness":
+        return Completeness(experiment, kpi.window)
+    if kpi.kind == "freshness":
+        return Freshness()
+    if kpi.kind == "impact":
+        return Impact(experiment)
+    raise KeyError(kpi.kind)
