@@ -1,0 +1,224 @@
+"""Event time in the pure engine: allowed lateness, revisions, out-of-order equality, device
+liveness, and the new KPI kinds through ``apply_batch``."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pilotlab.contracts import KpiValue, Reading, ReadingBatch, to_ms
+from pilotlab.manifest import Experiment
+from streams.engine import IMPACT_GROUP, advance, apply_batch, closes_at, split_late
+
+MIN = 60_000
+EXP = Experiment.model_validate(
+    {
+        "id": "ev",
+        "title": "t",
+        "startup": "s",
+        "district": "d",
+        "location": {"lat": 45.0, "lon": 7.6},
+        "periods": {
+            "baseline": {"start": "2026-03-02T00:00:00Z", "end": "2026-03-02T01:00:00Z"},
+            "intervention": {"start": "2026-03-02T01:00:00Z", "end": "2026-03-02T02:00:00Z"},
+        },
+        "devices": [
+            {"id": "t1", "kind": "air_quality", "group": "treatment", "interval": "1m"},
+            {"id": "t2", "kind": "air_quality", "group": "treatment", "interval": "1m"},
+            {"id": "c1", "kind": "air_quality", "group": "control", "interval": "1m"},
+        ],
+        "lateness": "10m",
+        "offline_after": 3,
+        "kpis": [
+            {"name": "pm_mean", "metric": "pm25", "kind": "mean", "window": "1m"},
+            {"name": "pm_p95", "metric": "pm25", "kind": "quantile", "q": 0.95, "window": "15m"},
+            {"name": "pm_over", "metric": "pm25", "kind": "exceedance", "threshold": 25, "window": "15m"},
+            {"name": "pm_avail", "metric": "pm25", "kind": "availability", "window": "15m"},
+            {"name": "pm_complete", "metric": "pm25", "kind": "completeness", "window": "15m"},
+            {"name": "pm_fresh", "metric": "pm25", "kind": "freshness", "window": "15m"},
+            {"name": "pm_impact", "metric": "pm25", "kind": "impact"},
+        ],
+    }
+)
+T0 = to_ms(EXP.periods.baseline.start)
+GROUP = {"t1": "treatment", "t2": "treatment", "c1": "control"}
+
+
+def batch(device: str, readings: list[Reading], received: int | None = None) -> ReadingBatch:
+    rec = received if received is not None else max((r.ts_ms for r in readings), default=T0) + 5000
+    return ReadingBatch("ev", device, GROUP[device], rec, tuple(readings))
+
+
+class Pipeline:
+    """The agent's per-message steps on dicts with JSON round trips (as in a changelog)."""
+
+    def __init__(self) -> None:
+        self.windows: dict = {}
+        self.clock: dict | None = None
+        self.latest: dict[tuple, KpiValue] = {}
+        self.late: list[Reading] = []
+        self.status: list = []
+
+    def feed(self, b: ReadingBatch) -> list[KpiValue]:
+        on_time, late = split_late(b, EXP, self.clock and self.clock["wm"])
+        self.late.extend(late)
+
+        def load(k):
+            v = self.windows.get(k)
+            return None if v is None else json.loads(json.dumps(v))
+
+        def store(k, v):
+            self.windows[k] = json.loads(json.dumps(v))
+
+        out = apply_batch(on_time, EXP, load, store)
+        for v in out:
+            assert v.key() not in self.latest or self.latest[v.key()].revision < v.revision
+            self.latest[v.key()] = v
+        self.clock, events = advance(self.clock, b, EXP)
+        self.clock = json.loads(json.dumps(self.clock))
+        self.status.extend(events)
+        return out
+
+    def values(self) -> dict[tuple, tuple]:
+        return {k: (v.value, v.sample_count, json.dumps(v.details, sort_keys=True)) for k, v in self.latest.items()}
+
+
+def test_reading_within_lateness_revises_its_window() -> None:
+    p = Pipeline()
+    p.feed(batch("t1", [Reading(1, T0 + 10_000, {"pm25": 10.0})]))
+    p.feed(batch("t1", [Reading(2, T0 + 5 * MIN, {"pm25": 30.0})]))  # watermark moves on 5 min
+    out = p.feed(batch("t2", [Reading(1, T0 + 20_000, {"pm25": 20.0})]))  # window [T0, T0+1m) again
+    mean = next(v for v in out if v.kpi == "pm_mean")
+    assert (mean.window_start_ms, mean.value, mean.sample_count, mean.revision) == (T0, 15.0, 2, 2)
+    assert p.late == []
+
+
+def test_reading_past_lateness_goes_late_and_changes_nothing() -> None:
+    p = Pipeline()
+    p.feed(batch("t1", [Reading(1, T0 + 10_000, {"pm25": 10.0})]))
+    p.feed(batch("t1", [Reading(2, T0 + 30 * MIN, {"pm25": 30.0})]))
+    before = p.values()
+    late = Reading(1, T0 + 20_000, {"pm25": 99.0})
+    # its 1-minute window ended at T0+1m; +10m lateness = T0+11m ≤ watermark T0+30m
+    assert closes_at(late, EXP) == T0 + 11 * MIN
+    out = p.feed(batch("t2", [late]))
+    assert out == []
+    assert p.late == [late]
+    assert p.values() == before
+
+
+def test_late_readings_are_split_from_on_time_ones_in_one_batch() -> None:
+    b = batch("t1", [Reading(1, T0, {"pm25": 1.0}), Reading(2, T0 + 40 * MIN, {"pm25": 2.0})])
+    kept, late = split_late(b, EXP, T0 + 30 * MIN)
+    assert [r.seq for r in kept.readings] == [2] and [r.seq for r in late] == [1]
+    assert split_late(b, EXP, None) == (b, ())
+
+
+def readings_stream(rng: random.Random, n: int) -> list[ReadingBatch]:
+    out = []
+    for i in range(n):
+        device = rng.choice(["t1", "t2", "c1"])
+        ts = T0 + i * 20_000 + rng.randrange(0, 15_000)
+        out.append(batch(device, [Reading(i, ts, {"pm25": round(rng.uniform(5, 60), 3)})], received=ts + 2000))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4))
+def test_out_of_order_within_lateness_gives_the_same_final_kpis(seed, jitter) -> None:
+    """Shuffle the arrival order locally (never more than the lateness allows): the final KPI
+    values equal the in-order run's (exactly for counts, sketches and shares; means to rounding)."""
+    rng = random.Random(seed)
+    ordered = readings_stream(rng, 120)
+    shuffled = list(ordered)
+    block = 5 * jitter  # 5 readings ≈ 100 s of event time: far within 10 minutes of lateness
+    for i in range(0, len(shuffled), block):
+        part = shuffled[i : i + block]
+        rng.shuffle(part)
+        shuffled[i : i + block] = part
+    a, b = Pipeline(), Pipeline()
+    for x in ordered:
+        a.feed(x)
+    for x in shuffled:
+        b.feed(x)
+    assert a.late == b.late == []
+    va, vb = a.values(), b.values()
+    assert va.keys() == vb.keys()
+    for k in va:
+        (x, n, da), (y, m, db) = va[k], vb[k]
+        assert n == m
+        assert x == pytest.approx(y, rel=1e-9, abs=1e-12)
+        if k[1] not in ("pm_impact", "pm_mean"):
+            assert da == db  # counts, sketches, shares and their details: exactly equal
+
+
+def test_new_kinds_through_the_engine() -> None:
+    p = Pipeline()
+    for i in range(15):  # t1 reports every minute of the first quarter hour, t2 once
+        p.feed(batch("t1", [Reading(i, T0 + i * MIN, {"pm25": 20.0 + i})], received=T0 + i * MIN + 3000))
+    t2_ts = T0 + 14 * MIN + 30_000
+    p.feed(batch("t2", [Reading(1, t2_ts, {"pm25": 50.0})], received=t2_ts + 9000))
+    q = (T0 // (900_000)) * 900_000
+    get = lambda name: p.latest[(  # noqa: E731
+        "ev", name, "treatment", 900, q)]
+    assert get("pm_avail").value == 1.0  # both treatment devices reported
+    assert get("pm_complete").value == pytest.approx(16 / 30)
+    assert get("pm_complete").details == {"received": 16, "expected": 30.0}
+    assert get("pm_over").value == pytest.approx(sum(20 + i > 25 for i in range(15)) / 16 + 1 / 16)
+    assert abs(get("pm_p95").value - 34.0) <= 0.34  # rank ⌊0.95·15⌋ of 20…34, 50
+    assert get("pm_fresh").value == pytest.approx(3.0, rel=0.01)
+    impact = p.latest[("ev", "pm_impact", IMPACT_GROUP, 7200, T0)]
+    assert impact.sample_count == 16 and impact.value is None  # no intervention data yet
+
+
+def test_impact_window_spans_the_experiment_and_collects_both_groups() -> None:
+    p = Pipeline()
+    rng = random.Random(1)
+    t_int = to_ms(EXP.periods.intervention.start)
+    for start in (T0, t_int):
+        for i in range(50):
+            for device in ("t1", "c1"):
+                eff = 0.7 if device == "t1" and start == t_int else 1.0
+                ts = start + i * MIN
+                p.feed(batch(device, [Reading(i, ts, {"pm25": 30 * eff * rng.uniform(0.9, 1.1)})]))
+    assert p.late == []
+    v = p.latest[("ev", "pm_impact", IMPACT_GROUP, 7200, T0)]
+    assert v.details["n"] == {
+        "treatment": {"baseline": 50, "intervention": 50},
+        "control": {"baseline": 50, "intervention": 50},
+    }
+    assert v.details["ci_low"] <= -0.3 <= v.details["ci_high"]
+    assert v.value == pytest.approx(-0.3, abs=0.05)
+
+
+# --- liveness ------------------------------------------------------------------------------------
+
+
+def test_device_goes_offline_after_n_intervals_and_online_on_return() -> None:
+    p = Pipeline()
+    p.feed(batch("t1", [Reading(1, T0, {"pm25": 1.0})]))
+    p.feed(batch("t2", [Reading(1, T0, {"pm25": 1.0})]))
+    p.feed(batch("t2", [Reading(2, T0 + 2 * MIN, {"pm25": 1.0})]))
+    assert p.status == []  # t1 silent 2 intervals: not yet
+    p.feed(batch("t2", [Reading(3, T0 + 3 * MIN, {"pm25": 1.0})]))
+    assert [(s.device_id, s.status, s.ts_ms, s.last_seen_ms) for s in p.status] == [
+        ("t1", "offline", T0 + 3 * MIN, T0)
+    ]
+    p.feed(batch("t2", [Reading(4, T0 + 4 * MIN, {"pm25": 1.0})]))
+    assert len(p.status) == 1  # reported once
+    p.feed(batch("t1", [Reading(2, T0 + 5 * MIN, {"pm25": 1.0})]))
+    assert [(s.device_id, s.status, s.ts_ms) for s in p.status[1:]] == [("t1", "online", T0 + 5 * MIN)]
+
+
+def test_liveness_state_is_json_and_replays_identically() -> None:
+    stream = readings_stream(random.Random(5), 60)
+    stream.insert(30, batch("c1", [Reading(999, T0 + 60 * MIN, {"pm25": 1.0})]))  # a jump: others offline
+    a, b = Pipeline(), Pipeline()
+    for x in stream:
+        a.feed(x)
+        b.feed(x)
+    assert a.status == b.status and any(s.status == "offline" for s in a.status)
