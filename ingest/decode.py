@@ -6,6 +6,7 @@ Nothing here does I/O, logs or raises on bad input: every input yields a ``Decod
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -13,8 +14,9 @@ from datetime import datetime
 
 import orjson
 
+from ingest.senml import decode_pack, is_senml, looks_like_bare_record
 from pilotlab.contracts import Reading, Reason, to_ms
-from pilotlab.metrics import METRICS
+from pilotlab.metrics import METRICS, canonical_metric
 
 _ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch
 # epoch milliseconds below this are before 1973-03: almost surely epoch *seconds*
@@ -40,6 +42,8 @@ class ItemError:
 class Decoded:
     readings: list[Reading] = field(default_factory=list)
     errors: list[ItemError] = field(default_factory=list)
+    senml: bool = False  # SenML readings carry no device seq (seq 0)
+    indexes: list[int | None] = field(default_factory=list)  # batch item of each native reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +124,19 @@ def decode_item(item: object, index: int | None, now_ms: int, limits: Limits) ->
     if not metrics:
         return ItemError(Reason.MISSING_FIELD, "metrics is empty", index)
     clean: dict[str, float] = {}
-    for name, raw_value in metrics.items():
-        metric = METRICS.get(name)
-        if metric is None:
-            return ItemError(Reason.UNKNOWN_METRIC, f"metric {name[:40]!r} is not in the metric table", index)
+    for raw_name, raw_value in metrics.items():
+        name = canonical_metric(raw_name)
+        if name is None:
+            return ItemError(Reason.UNKNOWN_METRIC, f"metric {raw_name[:40]!r} is not in the metric table", index)
+        if name in clean:
+            return ItemError(Reason.WRONG_TYPE, f"metric {name!r} is given twice (as {raw_name[:40]!r})", index)
+        metric = METRICS[name]
         if not _is_number(raw_value):
-            return ItemError(Reason.WRONG_TYPE, f"metric {name!r} must be a number", index)
-        value = float(raw_value)
+            return ItemError(Reason.WRONG_TYPE, f"metric {raw_name[:40]!r} must be a number", index)
+        try:
+            value = float(raw_value)
+        except OverflowError:  # an integer beyond the double range
+            value = math.inf
         if not math.isfinite(value):
             return ItemError(Reason.NON_FINITE, f"metric {name!r} is not finite", index)
         if not metric.low <= value <= metric.high:
@@ -153,7 +163,25 @@ def decode(payload: bytes, now_ms: int, limits: Limits = Limits()) -> Decoded:
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        out.errors.append(ItemError(Reason.MALFORMED_JSON, str(exc)[:200]))
+        doc = _with_non_finite_numbers(payload)
+        if doc is _NOT_JSON:
+            out.errors.append(ItemError(Reason.MALFORMED_JSON, str(exc)[:200]))
+            return out
+    if is_senml(doc):
+        out.senml = True
+        if len(doc) > limits.max_batch:
+            out.errors.append(
+                ItemError(Reason.BATCH_TOO_LARGE, f"{len(doc)} SenML records; the limit is {limits.max_batch}")
+            )
+            return out
+        readings, errors = decode_pack(doc, now_ms, limits.max_age_ms, limits.max_future_ms)
+        out.readings.extend(readings)
+        out.errors.extend(ItemError(reason, detail, i) for reason, detail, i in errors)
+        return out
+    if looks_like_bare_record(doc):
+        out.errors.append(
+            ItemError(Reason.UNSUPPORTED_SENML, "a SenML pack is a JSON array of records: send [{...}]")
+        )
         return out
     if isinstance(doc, list):
         if not doc:
@@ -173,4 +201,53 @@ def decode(payload: bytes, now_ms: int, limits: Limits = Limits()) -> Decoded:
             out.errors.append(result)
         else:
             out.readings.append(result)
+            out.indexes.append(index)
     return out
+
+
+_NOT_JSON = object()
+
+
+def _with_non_finite_numbers(payload: bytes) -> object:
+    """orjson refuses ``NaN``, ``Infinity``, ``1e400`` and integers beyond 64 bits. Such a
+    document is still JSON-shaped and deserves ``non_finite``, not ``malformed_json``: parse it
+    again with the standard library, turning every such number into ±inf. Anything else
+    orjson refused (bad UTF-8, lone surrogates, trailing data...) stays malformed."""
+    found: list[bool] = []
+
+    def constant(name: str) -> float:
+        found.append(True)
+        return math.nan if name == "NaN" else (math.inf if name == "Infinity" else -math.inf)
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            found.append(True)
+        return value
+
+    def integer(text: str) -> int | float:
+        if len(text.lstrip("-")) > 19:  # beyond 64 bits (and Python's int-from-str limit)
+            found.append(True)
+            return -math.inf if text.startswith("-") else math.inf
+        return int(text)
+
+    try:
+        text = payload.decode("utf-8")
+        doc = json.loads(text, parse_constant=constant, parse_float=number, parse_int=integer)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return _NOT_JSON
+    if not found or _has_lone_surrogate(doc):
+        return _NOT_JSON
+    return doc
+
+
+def _has_lone_surrogate(doc: object, depth: int = 0) -> bool:
+    if depth > 64:
+        return True  # orjson refuses deeper documents: keep them malformed
+    if isinstance(doc, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in doc)
+    if isinstance(doc, list):
+        return any(_has_lone_surrogate(v, depth + 1) for v in doc)
+    if isinstance(doc, dict):
+        return any(_has_lone_surrogate(k, depth + 1) or _has_lone_surrogate(v, depth + 1) for k, v in doc.items())
+    return False

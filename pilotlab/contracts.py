@@ -66,6 +66,9 @@ class Reason(enum.StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     DEVICE_NOT_IN_EXPERIMENT = "device_not_in_experiment"
     UNKNOWN_METRIC = "unknown_metric"
+    UNKNOWN_UNIT = "unknown_unit"  # a unit the metric table cannot convert to the canonical one
+    UNSUPPORTED_SENML = "unsupported_senml"  # SenML features pilotlab does not take (vs, vb, vd, ...)
+    DUPLICATE = "duplicate"  # a device's seq seen again (ingest's bounded memory; see README)
     # raised by the sink when the database refuses a row
     STORAGE_REFUSED = "storage_refused"
 

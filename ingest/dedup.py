@@ -1,0 +1,60 @@
+"""Ingest's ``duplicate`` check: a device's ``seq`` seen again, kept in bounded memory.
+
+This is feedback for the startup (its device re-sent a reading) and a saving (the copy is
+not forwarded), not the guard against double counting: the streams worker screens repeated
+readings on (device, metric, ts) and storage upserts on the same key. So the memory may
+forget, and it does, by design:
+
+- per device it keeps the last ``per_device`` sequence numbers it accepted (oldest forgotten
+  first) and at most ``max_devices`` devices (least recently active forgotten first): memory
+  is bounded by ``per_device * max_devices`` entries whatever the traffic;
+- it lives in the process: after a restart, and across replicas (a shared subscription hands
+  each message to one replica, so a device's re-send may reach another one), a repeated seq
+  is forwarded and screened downstream instead;
+- each remembered seq keeps a token (the service uses the pending Kafka hand-off of the
+  message that carried it), so that a duplicate is only acknowledged once the original is
+  confirmed by Kafka: a refusal as ``duplicate`` never stands in for a reading that was lost.
+
+Pure data structure, no I/O; not thread-safe (the service calls it from one thread).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class SeqMemory:
+    def __init__(self, per_device: int = 1024, max_devices: int = 100_000) -> None:
+        if per_device < 1 or max_devices < 1:
+            raise ValueError("per_device and max_devices must be at least 1")
+        self.per_device = per_device
+        self.max_devices = max_devices
+        # device → (seq → token), both in insertion order: the oldest is forgotten first
+        self._devices: OrderedDict[str, OrderedDict[int, object]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(seqs) for seqs in self._devices.values())
+
+    def devices(self) -> int:
+        return len(self._devices)
+
+    def lookup(self, device: str, seq: int) -> tuple[bool, object]:
+        """(seen, token of the first sighting)."""
+        seqs = self._devices.get(device)
+        if seqs is None or seq not in seqs:
+            return False, None
+        return True, seqs[seq]
+
+    def remember(self, device: str, seq: int, token: object = None) -> None:
+        seqs = self._devices.get(device)
+        if seqs is None:
+            seqs = self._devices[device] = OrderedDict()
+            while len(self._devices) > self.max_devices:
+                self._devices.popitem(last=False)
+        else:
+            self._devices.move_to_end(device)
+        if seq in seqs:
+            return
+        seqs[seq] = token
+        while len(seqs) > self.per_device:
+            seqs.popitem(last=False)
