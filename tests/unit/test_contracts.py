@@ -60,6 +60,9 @@ def test_reason_codes_are_stable_strings() -> None:
         "device_not_in_experiment",
         "unknown_metric",
         "storage_refused",
+        "unknown_unit",
+        "unsupported_senml",
+        "duplicate",
     }
     for r in Reason:
         assert str(r) == r.value == f"{r}"
