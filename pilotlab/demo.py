@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from pilotlab.services import Services
 from pilotlab.stack import Stack
 from simulators.publisher import publish
 from storage.migrate import migrate
-from storage.queries import PeriodValue, kpi_period_summary, rejections_by_reason, table_counts
+from storage.queries import PeriodValue, rejections_by_reason, table_counts
 
 log = logging.getLogger("pilotlab.demo")
 
@@ -42,12 +43,40 @@ def _rel(after: float | None, before: float | None) -> float | None:
     return after / before - 1
 
 
+@dataclass(frozen=True)
+class ImpactRow:
+    """An impact KPI as the streams engine last revised it (``kpi_values``, kind impact)."""
+
+    kpi: str
+    metric: str
+    value: float | None
+    sample_count: int
+    revision: int
+    details: dict
+
+
+def period_overview(conn: psycopg.Connection, experiment_id: str) -> list[PeriodValue]:
+    rows = conn.execute("SELECT * FROM streams_period_overview(%s)", (experiment_id,)).fetchall()
+    return [PeriodValue(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7])) for r in rows]
+
+
+def impacts(conn: psycopg.Connection, experiment_id: str) -> dict[str, ImpactRow]:
+    rows = conn.execute(
+        "SELECT kpi, metric, value, sample_count, revision, details FROM streams_impact(%s)", (experiment_id,)
+    ).fetchall()
+    return {r[0]: ImpactRow(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5] or {}) for r in rows}
+
+
 def summarise(
-    experiment: Experiment, values: list[PeriodValue], rejections: dict[str, int], stored_readings: int
+    experiment: Experiment,
+    values: list[PeriodValue],
+    impact_rows: dict[str, ImpactRow],
+    rejections: dict[str, int],
+    stored_readings: int,
 ) -> dict:
-    """Per KPI: baseline and intervention values per group; for means, the impact: relative
-    difference-in-differences against the control group, or the before/after change when the
-    experiment has no control group."""
+    """Per KPI: baseline and intervention values per group; for impact KPIs, the estimate and
+    95% CI the streams engine computed (read back from ``kpi_values``), next to the
+    simulation's true effect."""
     by_kpi: dict[str, dict] = {}
     for v in values:
         k = by_kpi.setdefault(v.kpi, {"kpi": v.kpi, "metric": v.metric, "kind": v.kind, "groups": {}})
@@ -57,22 +86,19 @@ def summarise(
     for kpi in experiment.kpis:
         k = by_kpi.get(kpi.name, {"kpi": kpi.name, "metric": kpi.metric, "kind": kpi.kind, "groups": {}})
         k["window_s"] = kpi.window
-        if kpi.kind == "mean":
-            t = k["groups"].get("treatment", {})
-            c = k["groups"].get("control")
-            t_change = _rel(t.get("intervention"), t.get("baseline"))
-            if c is not None:
-                c_change = _rel(c.get("intervention"), c.get("baseline"))
-                estimate = (
-                    None if t_change is None or c_change is None else (1 + t_change) / (1 + c_change) - 1
-                )
-                method = "difference-in-differences vs control (relative)"
-            else:
-                estimate, method = t_change, "intervention vs baseline (no control group)"
+        if kpi.kind == "impact":
+            row = impact_rows.get(kpi.name)
+            d = row.details if row else {}
             k["impact"] = {
-                "estimate": estimate,
-                "method": method,
+                "estimate": d.get("estimate"),
+                "ci_low": d.get("ci_low"),
+                "ci_high": d.get("ci_high"),
                 "true_effect": true_effects.get(kpi.metric),
+                "method": d.get("method", "no data yet"),
+                "n": d.get("n"),
+                "mean": d.get("mean"),
+                "absolute": d.get("absolute"),
+                "revision": row.revision if row else None,
             }
         kpis.append(k)
     return {
@@ -127,7 +153,11 @@ def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXA
                 ).fetchone()[0]
                 results.append(
                     summarise(
-                        exp, kpi_period_summary(conn, exp.id), rejections_by_reason(conn, exp.id), stored
+                        exp,
+                        period_overview(conn, exp.id),
+                        impacts(conn, exp.id),
+                        rejections_by_reason(conn, exp.id),
+                        stored,
                     )
                 )
             counts = table_counts(conn)
@@ -168,6 +198,8 @@ def render(result: dict) -> None:
         for col in ("KPI", "window", "group", "baseline", "intervention", "change"):
             table.add_column(col, justify="left" if col in ("KPI", "group") else "right")
         for k in exp["kpis"]:
+            if k["kind"] == "impact":
+                continue
             for group, periods in sorted(k["groups"].items(), key=lambda g: g[0] != "treatment"):
                 change = (
                     _rel(periods.get("intervention"), periods.get("baseline"))
@@ -191,8 +223,14 @@ def render(result: dict) -> None:
                     if imp["true_effect"] is not None
                     else ""
                 )
+                ci = (
+                    f" [95% CI {_fmt(imp['ci_low'], pct=True)} … {_fmt(imp['ci_high'], pct=True)}]"
+                    if imp["ci_low"] is not None
+                    else ""
+                )
                 console.print(
-                    f"  impact on {k['kpi']}: [bold]{_fmt(imp['estimate'], pct=True)}[/bold]{truth} — {imp['method']}"
+                    f"  impact {k['kpi']} ({k['metric']}): [bold]{_fmt(imp['estimate'], pct=True)}[/bold]{ci}"
+                    f"{truth} — {imp['method']}"
                 )
         rej = ", ".join(f"{r}: {n}" for r, n in exp["rejections"].items()) or "none"
         console.print(f"  readings stored: {exp['readings_stored']}; rejections: {rej}\n")

@@ -1,0 +1,105 @@
+"""The Faust agent with Faust's ``test_context``: no broker; the topics the agent writes to
+are replaced by a recorder (the only fake), its tables are the app's real in-memory tables."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from unittest import mock
+
+import faust
+import orjson
+
+from pilotlab.contracts import DeviceStatus, KafkaTopics, Reading, ReadingBatch, decode_kpis
+from pilotlab.registry import Registry
+from pilotlab.settings import StreamsSettings
+from streams.app import create_app
+from tests.unit.test_streams_engine import EXP, MIN, T0, batch
+
+
+def run_agent(tmp_path: Path, messages: list[tuple[int | None, ReadingBatch]]) -> tuple[list, faust.App]:
+    """Feed (offset or None for the next one, batch) to the agent; return what it sent."""
+    app = create_app(StreamsSettings(kafka_bootstrap="127.0.0.1:1", streams_data_dir=str(tmp_path)))
+    app.pilotlab_registry.registry = Registry.of([EXP])
+    agent = app.agents["streams.app.compute_kpis"]
+    sent: list[tuple[str, bytes, bytes]] = []
+
+    async def record(self, *, key=None, value=None, **_kw):
+        sent.append((self.get_topic_name(), key, value))
+
+    async def go() -> None:
+        with mock.patch.object(faust.topics.Topic, "send", record):
+            async with agent.test_context() as a:
+                for offset, b in messages:
+                    if offset is not None:
+                        a.sent_offset = offset  # a redelivery after a crash
+                    await a.put(b.to_json(), key=b.experiment_id.encode())
+
+    asyncio.run(go())
+    return sent, app
+
+
+def on(sent, topic):
+    return [(k, v) for t, k, v in sent if t == topic]
+
+
+def test_each_message_emits_its_kpis_keyed_by_experiment(tmp_path: Path) -> None:
+    sent, _ = run_agent(
+        tmp_path,
+        [
+            (None, batch("t1", [Reading(1, T0, {"pm25": 3.0})])),
+            (None, batch("t1", [Reading(2, T0 + 1000, {"pm25": 5.0})])),
+        ],
+    )
+    kpi_msgs = on(sent, KafkaTopics.KPIS)
+    assert len(kpi_msgs) == 2 and {k for k, _ in kpi_msgs} == {b"ev"}
+    first, second = (decode_kpis(v) for _, v in kpi_msgs)
+    mean1 = next(v for v in first if v.kpi == "pm_mean")
+    mean2 = next(v for v in second if v.kpi == "pm_mean")
+    assert (mean1.value, mean1.revision) == (3.0, 1)
+    assert (mean2.value, mean2.sample_count, mean2.revision) == (4.0, 2, 2)
+    assert {v.kind for v in second} == {
+        "mean", "quantile", "exceedance", "availability", "completeness", "freshness", "impact",
+    }
+
+
+def test_a_replayed_offset_and_a_duplicate_delivery_count_nothing(tmp_path: Path) -> None:
+    b1 = batch("t1", [Reading(1, T0, {"pm25": 3.0})])
+    b2 = batch("t1", [Reading(2, T0 + 1000, {"pm25": 5.0})])
+    sent, app = run_agent(tmp_path, [(None, b1), (None, b2), (1, b2), (3, b2)])
+    # offset 1 replayed: skipped by applied-offsets; offset 3 (same readings again): screened
+    assert len(on(sent, KafkaTopics.KPIS)) == 2
+    assert dict(app.tables["applied-offsets"].items()) == {f"{KafkaTopics.READINGS}:0": 4}
+
+
+def test_readings_past_lateness_go_to_the_late_topic(tmp_path: Path) -> None:
+    late = Reading(3, T0 + 10_000, {"pm25": 99.0})
+    sent, _ = run_agent(
+        tmp_path,
+        [
+            (None, batch("t1", [Reading(1, T0, {"pm25": 3.0})])),
+            (None, batch("t2", [Reading(2, T0 + 30 * MIN, {"pm25": 5.0})])),
+            (None, batch("t1", [late])),
+        ],
+    )
+    assert len(on(sent, KafkaTopics.KPIS)) == 2
+    (key, value), = on(sent, KafkaTopics.LATE)
+    assert key == b"ev"
+    assert ReadingBatch.from_json(value).readings == (late,)
+
+
+def test_silence_and_return_emit_device_status(tmp_path: Path) -> None:
+    sent, _ = run_agent(
+        tmp_path,
+        [
+            (None, batch("t1", [Reading(1, T0, {"pm25": 3.0})])),
+            (None, batch("t2", [Reading(1, T0 + 4 * MIN, {"pm25": 3.0})])),  # t1 silent 4 > 3 intervals
+            (None, batch("t1", [Reading(2, T0 + 5 * MIN, {"pm25": 3.0})])),
+        ],
+    )
+    events = [DeviceStatus.from_json(v) for _, v in on(sent, KafkaTopics.DEVICE_STATUS)]
+    assert [(e.device_id, e.status, e.ts_ms) for e in events] == [
+        ("t1", "offline", T0 + 3 * MIN),
+        ("t1", "online", T0 + 5 * MIN),
+    ]
+    assert all(orjson.loads(v)["experiment_id"] == "ev" for _, v in on(sent, KafkaTopics.DEVICE_STATUS))
