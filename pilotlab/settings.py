@@ -58,6 +58,9 @@ class SinkSettings(KafkaSettings):
     sink_group: str = "pilotlab-sink"
     sink_batch_size: int = Field(default=5000, ge=1)
     sink_batch_wait_ms: int = Field(default=200, ge=0)
+    # TEST HOOK, never set in production: exit(137) right after the N-th database commit and
+    # before its Kafka offset commit (the crash window the idempotent upserts must absorb)
+    sink_fault_after_db_commit: int = Field(default=0, ge=0, description="test hook; 0: off")
 
     @field_validator("database_url")
     @classmethod

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import psycopg
 from psycopg.types.json import Jsonb
 
-from pilotlab.contracts import KpiValue, ReadingBatch, Rejection, from_ms
+from pilotlab.contracts import DeviceStatus, KpiValue, ReadingBatch, Rejection, from_ms
 from pilotlab.manifest import Experiment
 
 _READINGS_SQL = """
@@ -42,7 +42,22 @@ ON CONFLICT (rejection_id) DO NOTHING
 """
 
 
-def write_readings(conn: psycopg.Connection, batches: Iterable[ReadingBatch]) -> int:
+_LATE_READINGS_SQL = """
+INSERT INTO late_readings (ts, experiment_id, device_id, device_group, metric, value, seq, received_at)
+SELECT * FROM unnest(%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[],
+                     %s::float8[], %s::int8[], %s::timestamptz[])
+ON CONFLICT (device_id, metric, ts) DO NOTHING
+"""
+
+_DEVICE_STATUS_SQL = """
+INSERT INTO device_status (experiment_id, device_id, status, ts, last_seen, detail)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::text[])
+ON CONFLICT (device_id, ts, status) DO NOTHING
+"""
+
+
+def reading_columns(batches: Iterable[ReadingBatch]) -> tuple[list, ...]:
+    """Reading batches as the eight column arrays of ``readings`` (one row per metric)."""
     cols: tuple[list, ...] = ([], [], [], [], [], [], [], [])
     ts, exp, dev, grp, metric, value, seq, recv = cols
     for b in batches:
@@ -58,9 +73,37 @@ def write_readings(conn: psycopg.Connection, batches: Iterable[ReadingBatch]) ->
                 value.append(v)
                 seq.append(r.seq)
                 recv.append(received)
-    if not ts:
+    return cols
+
+
+def write_readings(conn: psycopg.Connection, batches: Iterable[ReadingBatch]) -> int:
+    cols = reading_columns(batches)
+    if not cols[0]:
         return 0
     return conn.execute(_READINGS_SQL, cols).rowcount
+
+
+def write_late_readings(conn: psycopg.Connection, batches: Iterable[ReadingBatch]) -> int:
+    """Readings the streams worker routed to ``pilotlab.late`` (same shape, own table)."""
+    cols = reading_columns(batches)
+    if not cols[0]:
+        return 0
+    return conn.execute(_LATE_READINGS_SQL, cols).rowcount
+
+
+def write_device_status(conn: psycopg.Connection, statuses: Iterable[DeviceStatus]) -> int:
+    rows = list({(s.device_id, s.ts_ms, s.status): s for s in statuses}.values())
+    if not rows:
+        return 0
+    cols = (
+        [s.experiment_id for s in rows],
+        [s.device_id for s in rows],
+        [s.status for s in rows],
+        [from_ms(s.ts_ms) for s in rows],
+        [from_ms(s.last_seen_ms) if s.last_seen_ms is not None else None for s in rows],
+        [s.detail for s in rows],
+    )
+    return conn.execute(_DEVICE_STATUS_SQL, cols).rowcount
 
 
 def latest_kpis(values: Iterable[KpiValue]) -> list[KpiValue]:
