@@ -12,7 +12,6 @@ import logging
 import signal
 import threading
 import time
-from urllib.parse import urlparse
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -21,15 +20,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ingest.decode import Limits
-from ingest.pipeline import handle
+from ingest.dedup import SeqMemory
+from ingest.pipeline import handle, remember, screen_duplicates
 from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, feedback_topic, to_ms, utcnow
+from pilotlab.credentials import MqttEndpoint
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import IngestSettings
 
 log = logging.getLogger("pilotlab.ingest")
 
 MESSAGES = Counter("pilotlab_ingest_messages_total", "MQTT messages received")
-READINGS = Counter("pilotlab_ingest_readings_total", "Readings accepted and forwarded")
+READINGS = Counter("pilotlab_ingest_readings_total", "Readings accepted (handed to Kafka)")
+FORWARDED = Counter("pilotlab_ingest_forwarded_readings_total", "Readings Kafka confirmed (acks=all)")
+ACKED = Counter("pilotlab_ingest_acked_messages_total", "MQTT messages acknowledged after Kafka confirmed")
+INFLIGHT = Gauge("pilotlab_ingest_inflight_messages", "MQTT messages awaiting Kafka confirmation")
 REJECTED = Counter("pilotlab_ingest_rejections_total", "Rejected messages or items", ["reason"])
 SUBSCRIBED = Gauge("pilotlab_ingest_subscribed", "1 once the telemetry subscription is acknowledged")
 PRODUCE_LATENCY = Histogram(
@@ -40,26 +44,51 @@ PRODUCE_LATENCY = Histogram(
 
 
 class _PendingAck:
-    """Acknowledge one MQTT message once all of its Kafka records are confirmed."""
+    """Acknowledge one MQTT message once all of its Kafka records are confirmed and, for a
+    message refused as ``duplicate``, once the message that first carried those seqs is."""
 
-    __slots__ = ("client", "failed", "mid", "qos", "remaining", "started", "svc")
+    __slots__ = ("client", "dependents", "done", "failed", "forwarded", "mid", "qos", "remaining", "started", "svc")
 
-    def __init__(self, svc: IngestService, client: mqtt.Client, mid: int, qos: int, remaining: int) -> None:
+    def __init__(
+        self, svc: IngestService, client: mqtt.Client, mid: int, qos: int, *, remaining: int, forwarded: int
+    ) -> None:
         self.svc, self.client, self.mid, self.qos = svc, client, mid, qos
         self.remaining = remaining
+        self.forwarded = forwarded
         self.failed = False
+        self.done = False
+        self.dependents: list[_PendingAck] = []
         self.started = time.perf_counter()
+
+    def wait_for(self, original: object) -> None:
+        """Do not acknowledge before ``original`` (another _PendingAck) is confirmed."""
+        if not isinstance(original, _PendingAck):
+            return
+        with self.svc.ack_lock:
+            if original.done:
+                return
+            self.remaining += 1
+            original.dependents.append(self)
 
     def delivered(self, err, _msg) -> None:  # runs in the producer's poll thread
         if err is not None:
             self.failed = True
             self.svc.fatal(f"Kafka did not confirm a record: {err}")
             return
-        self.remaining -= 1
-        if self.remaining == 0 and not self.failed:
-            PRODUCE_LATENCY.observe(time.perf_counter() - self.started)
-            self.client.ack(self.mid, self.qos)
-            self.svc.inflight.release()
+        with self.svc.ack_lock:
+            self.remaining -= 1
+            if self.remaining > 0 or self.failed or self.svc.error is not None:
+                return
+            self.done = True
+            dependents, self.dependents = self.dependents, []
+        PRODUCE_LATENCY.observe(time.perf_counter() - self.started)
+        FORWARDED.inc(self.forwarded)
+        self.client.ack(self.mid, self.qos)
+        ACKED.inc()
+        INFLIGHT.dec()
+        self.svc.inflight.release()
+        for d in dependents:
+            d.delivered(None, None)
 
 
 class IngestService:
@@ -76,11 +105,19 @@ class IngestService:
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
                 "acks": "all",
+                "enable.idempotence": settings.ingest_kafka_idempotence,
                 "linger.ms": 5,
                 "compression.type": "none",
                 "client.id": settings.ingest_client_id,
             }
         )
+        self.endpoint = MqttEndpoint.parse(
+            settings.mqtt_url,
+            settings.mqtt_username,
+            settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
+        )
+        self.seqs = SeqMemory(settings.ingest_dedup_per_device, settings.ingest_dedup_devices)
+        self.ack_lock = threading.Lock()
         self.inflight = threading.BoundedSemaphore(settings.ingest_max_inflight)
         self.stopping = threading.Event()
         self.error: str | None = None
@@ -105,6 +142,7 @@ class IngestService:
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
+        self.endpoint.configure(client, self.settings.mqtt_ca_file)
         return client
 
     def _on_connect(self, client, _userdata, _flags, reason_code, _props) -> None:
@@ -133,6 +171,7 @@ class IngestService:
         MESSAGES.inc()
         now_ms = to_ms(utcnow())
         outcome = handle(msg.topic, msg.payload, now_ms, self.registry.registry, self.limits)
+        originals = screen_duplicates(outcome, self.seqs, msg.topic, msg.payload)
         records: list[tuple[str, bytes, bytes]] = []
         key = (outcome.address.experiment_id if outcome.address else "").encode()
         if outcome.batch is not None:
@@ -149,13 +188,17 @@ class IngestService:
         while not self.inflight.acquire(timeout=0.5):  # bounded window of unconfirmed messages
             if self.stopping.is_set():
                 return
-        pending = _PendingAck(self, client, msg.mid, msg.qos, len(records))
-        if not records:  # nothing to forward (cannot happen today; never leave a message unacked)
-            pending.remaining = 1
-            pending.delivered(None, None)
-            return
+        forwarded = len(outcome.batch.readings) if outcome.batch is not None else 0
+        INFLIGHT.inc()
+        pending = _PendingAck(
+            self, client, msg.mid, msg.qos, remaining=len(records) + 1, forwarded=forwarded
+        )
+        for original in originals:
+            pending.wait_for(original)
+        remember(outcome, self.seqs, pending)
         for topic, k, value in records:
             self._produce(topic, k, value, pending)
+        pending.delivered(None, None)  # the +1 above: every record and dependency is now counted
 
     def _produce(self, topic: str, key: bytes, value: bytes, pending: _PendingAck) -> None:
         while True:
@@ -179,11 +222,16 @@ class IngestService:
         log.info("registry loaded: %d experiments", len(self.registry.registry.experiments))
         poller = threading.Thread(target=self._poll_producer, name="kafka-poll", daemon=True)
         poller.start()
-        url = urlparse(self.settings.mqtt_url)
         self.client.max_inflight_messages_set(self.settings.ingest_max_inflight)
-        self.client.connect(url.hostname or "127.0.0.1", url.port or 1883, keepalive=30)
+        self.client.connect(self.endpoint.host, self.endpoint.port, keepalive=30)
         self.client.loop_start()
-        log.info("ingest running: %s → %s", self.settings.mqtt_url, self.settings.kafka_bootstrap)
+        log.info(
+            "ingest running: %s:%d (as %s) → %s",
+            self.endpoint.host,
+            self.endpoint.port,
+            self.endpoint.username or "anonymous",
+            self.settings.kafka_bootstrap,
+        )
         self.stopping.wait()
         # drain: no new work (on_message returns early), confirm what is in flight, then ack
         remaining = self.producer.flush(30)

@@ -28,6 +28,8 @@ app.add_typer(run_app, name="run")
 app.add_typer(db_app, name="db")
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(exp_app, name="experiments")
+cred_app = typer.Typer(help="Device credentials for the MQTT broker.", no_args_is_help=True)
+app.add_typer(cred_app, name="credentials")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Where the stack keeps its state and data.")]
 
@@ -126,9 +128,9 @@ def db_migrate() -> None:
 
 
 @exp_app.command("apply")
-def experiments_apply(path: Path) -> None:
+def experiments_apply(path: Path, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Validate manifests (a file or a directory) and register them; running services pick
-    them up without a restart."""
+    them up without a restart, and the embedded Mosquitto gets the devices' credentials."""
     from pilotlab import registry  # noqa: PLC0415
     from pilotlab.manifest import ManifestError, load_manifests  # noqa: PLC0415
 
@@ -144,6 +146,7 @@ def experiments_apply(path: Path) -> None:
     registry.publish(s.kafka_bootstrap, experiments)
     for exp in experiments:
         typer.echo(f"applied {exp.id}: {len(exp.devices)} devices, {len(exp.kpis)} KPIs")
+    _sync_stack_credentials(data_dir, s.kafka_bootstrap, [*current.experiments.values(), *experiments])
 
 
 @exp_app.command("validate")
@@ -156,6 +159,129 @@ def experiments_validate(path: Path) -> None:
             typer.echo(f"ok {exp.id}")
     except ManifestError as exc:
         _fail(str(exc))
+
+
+# --- device credentials ------------------------------------------------------------------------
+
+
+def _stack_mosquitto_pid(data_dir: Path, kafka_bootstrap: str | None) -> int | None:
+    """The embedded Mosquitto's PID when that stack runs (and serves this Kafka), else None."""
+    from pilotlab.stack import find_mosquitto, pid_alive  # noqa: PLC0415
+
+    state = Stack(data_dir).load()
+    mqtt = state.services.get("mqtt") if state else None
+    if mqtt is None or not pid_alive(mqtt.pid, mqtt.binary) or mqtt.binary != find_mosquitto():
+        return None
+    kafka = state.services.get("kafka")
+    if kafka_bootstrap is not None and (kafka is None or kafka.url != kafka_bootstrap):
+        return None
+    return mqtt.pid
+
+
+def _sync_stack_credentials(data_dir: Path, kafka_bootstrap: str, experiments: list) -> None:
+    from pilotlab.credentials import sync_stack  # noqa: PLC0415
+
+    pid = _stack_mosquitto_pid(data_dir, kafka_bootstrap)
+    if pid is None:
+        return
+    latest = {e.id: e for e in experiments}  # later entries (just applied) win
+    accounts = sync_stack(Stack(data_dir).data_dir, pid, latest.values())
+    typer.echo(
+        f"mosquitto: {len(accounts)} device accounts reloaded; a device's password: "
+        "pilotlab credentials show DEVICE_ID"
+    )
+
+
+@cred_app.command("sync")
+def credentials_sync(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Regenerate the embedded Mosquitto's password and ACL files from the registry and make
+    it reload them (SIGHUP); `experiments apply` does this by itself."""
+    from pilotlab import registry  # noqa: PLC0415
+    from pilotlab.credentials import sync_stack  # noqa: PLC0415
+
+    state = Stack(data_dir).load()
+    pid = _stack_mosquitto_pid(data_dir, None)
+    if state is None or pid is None:
+        _fail("the embedded Mosquitto is not running: pilotlab stack up")
+    current = registry.read_all(state.kafka_bootstrap)
+    accounts = sync_stack(Stack(data_dir).data_dir, pid, current.experiments.values())
+    typer.echo(f"mosquitto: {len(accounts)} device accounts reloaded")
+
+
+@cred_app.command("show")
+def credentials_show(
+    device_id: str,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What a startup needs to connect one device to the embedded stack's broker: username,
+    password, its telemetry and feedback topics, and a mosquitto_pub line to try."""
+    from pilotlab.credentials import (  # noqa: PLC0415
+        CredentialsError,
+        MqttEndpoint,
+        known_accounts,
+        stack_auth_dir,
+        stack_device_password,
+    )
+
+    stack = Stack(data_dir)
+    state = stack.load()
+    if state is None or "mqtt" not in state.services:
+        _fail("no embedded stack here: pilotlab stack up")
+    account = next((a for a in known_accounts(stack_auth_dir(stack.data_dir)) if a.username == device_id), None)
+    if account is None:
+        _fail(f"device {device_id!r} has no account: register it with pilotlab experiments apply MANIFEST")
+    try:
+        password = stack_device_password(stack.data_dir, device_id)
+    except CredentialsError as exc:
+        _fail(str(exc))
+    ep = MqttEndpoint.parse(state.mqtt_url)
+    doc = {
+        "host": ep.host,
+        "port": ep.port,
+        "username": device_id,
+        "password": password,
+        "experiment_id": account.experiment_id,
+        "publish_to": account.telemetry,
+        "feedback_from": account.feedback,
+    }
+    if json_out:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    for k, v in doc.items():
+        typer.echo(f"{k:14} {v}")
+    typer.echo(
+        f"\nsend (METRIC from the metric table, VALUE in its unit; SenML, time = now):\n"
+        f"  mosquitto_pub -h {ep.host} -p {ep.port} -u {device_id} -P '{password}' -q 1 "
+        f"-t {account.telemetry} -m '[{{\"n\": \"METRIC\", \"v\": VALUE}}]'\n"
+        f"read refusals:\n  mosquitto_sub -h {ep.host} -p {ep.port} -u {device_id} -P '{password}' "
+        f"-t {account.feedback}"
+    )
+
+
+@cred_app.command("files")
+def credentials_files(
+    out: Annotated[Path, typer.Option(help="Directory for passwd and acl (Mosquitto's password_file, acl_file).")],
+    show: Annotated[list[str] | None, typer.Option(help="Also print this device's password.")] = None,
+) -> None:
+    """For an external Mosquitto (docker-compose): write its password and ACL files from the
+    registry; passwords derive from PILOTLAB_CREDENTIALS_SECRET, the lab's account takes
+    PILOTLAB_MQTT_PASSWORD. Then make Mosquitto reload them (SIGHUP)."""
+    from pilotlab import registry  # noqa: PLC0415
+    from pilotlab.credentials import derive_password, device_accounts, write_files  # noqa: PLC0415
+
+    k = cfg.load(cfg.KafkaSettings)
+    c = cfg.load(cfg.CredentialsSettings)
+    secret = c.credentials_secret.get_secret_value().encode()
+    current = registry.read_all(k.kafka_bootstrap)
+    lab = c.mqtt_password.get_secret_value() if c.mqtt_password else None
+    accounts = write_files(out, secret, device_accounts(current.experiments.values()), lab, mode=0o644)
+    typer.echo(f"wrote {out / 'passwd'} and {out / 'acl'}: {len(accounts)} device accounts")
+    known = {a.username for a in accounts}
+    for device_id in show or []:
+        if device_id not in known:
+            _fail(f"device {device_id!r} is not registered")
+        typer.echo(f"{device_id} {derive_password(secret, device_id)}")
 
 
 # --- services --------------------------------------------------------------------------------

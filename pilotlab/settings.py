@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,15 @@ class IngestSettings(KafkaSettings):
     ingest_max_future_s: int = Field(default=300, ge=0, description="allowed device clock lead")
     ingest_max_inflight: int = Field(default=1000, ge=1, le=65535)
     ingest_metrics_port: int = Field(default=9108, ge=0, le=65535, description="Prometheus; 0: off")
+    # MQTT credentials (or in the URL: mqtt://user:password@host:port); mqtts:// turns TLS on
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    mqtt_ca_file: str | None = Field(default=None, description="CA bundle for mqtts:// (default: system)")
+    # Kafka's idempotent producer; off by default because tansu does not support it
+    ingest_kafka_idempotence: bool = False
+    # the `duplicate` check's bounded memory: seqs per device, devices
+    ingest_dedup_per_device: int = Field(default=1024, ge=1)
+    ingest_dedup_devices: int = Field(default=100_000, ge=1)
 
     @field_validator("mqtt_url")
     @classmethod
@@ -86,3 +95,11 @@ def load(cls: type[T]) -> T:
             var = "PILOTLAB_" + str(e["loc"][0]).upper() if e["loc"] else "?"
             lines.append(f"  {var}: {e['msg']}")
         raise SettingsError("\n".join(lines)) from None
+
+
+class CredentialsSettings(_Settings):
+    """``pilotlab credentials files``: the lab's secret and service account for an external
+    Mosquitto (docker-compose); the embedded stack keeps its secret in its data directory."""
+
+    credentials_secret: SecretStr = Field(description="the lab's secret devices' passwords derive from")
+    mqtt_password: SecretStr | None = Field(default=None, description="the lab account's password")

@@ -21,12 +21,24 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pilotlab.credentials import LAB_USER, prepare_stack_broker, with_credentials
+
 DEFAULT_DATA_DIR = Path(".pilotlab")
 SERVICES = ("mqtt", "kafka", "postgres")
 
 
 class StackError(RuntimeError):
     """A one-line, actionable reason the stack cannot start or stop."""
+
+
+@dataclass(frozen=True)
+class MqttTls:
+    """An extra TLS listener for the embedded Mosquitto (``pilotlab stack up --mqtt-tls-*``)."""
+
+    port: int
+    certfile: str
+    keyfile: str
+    bind: str = "127.0.0.1"
 
 
 @dataclass
@@ -165,8 +177,9 @@ def find_postgres_bindir() -> Path | None:
 
 
 class Stack:
-    def __init__(self, data_dir: Path = DEFAULT_DATA_DIR) -> None:
+    def __init__(self, data_dir: Path = DEFAULT_DATA_DIR, mqtt_tls: MqttTls | None = None) -> None:
         self.data_dir = data_dir.resolve()
+        self.mqtt_tls = mqtt_tls  # an extra TLS listener on the embedded Mosquitto
         self.state_file = self.data_dir / "state.json"
         self.logs = self.data_dir / "logs"
 
@@ -309,11 +322,19 @@ class Stack:
             conf_dir.mkdir(exist_ok=True)
             conf = conf_dir / "mosquitto.conf"
             user = pwd.getpwuid(os.getuid()).pw_name
+            # no anonymous clients: the lab's account and one account per registered device,
+            # regenerated from the registry by `pilotlab credentials sync` (SIGHUP reloads them)
+            passwd, acl, lab_password = prepare_stack_broker(self.data_dir)
+            tls = self.mqtt_tls
             conf.write_text(
                 "\n".join(
                     [
                         f"listener {port} 127.0.0.1",
-                        "allow_anonymous true",
+                        *([f"listener {tls.port} {tls.bind}", f"certfile {tls.certfile}", f"keyfile {tls.keyfile}"]
+                          if tls else []),
+                        "allow_anonymous false",
+                        f"password_file {passwd}",
+                        f"acl_file {acl}",
                         f"user {user}",
                         "persistence true",
                         f"persistence_location {conf_dir}/",
@@ -337,6 +358,11 @@ class Stack:
                 raise StackError(
                     "no MQTT broker: install Mosquitto (apt-get install -y mosquitto) or `pip install amqtt`"
                 )
+            print(
+                "note: no Mosquitto binary; the amqtt fallback broker accepts ANONYMOUS clients and "
+                "enforces no ACL (install mosquitto for device credentials)",
+                file=sys.stderr,
+            )
             conf = self.data_dir / "amqtt.yaml"
             conf.write_text(
                 f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
@@ -347,7 +373,10 @@ class Stack:
         _wait("MQTT broker", lambda: port_answers(port) or proc.poll() is not None, timeout, log)
         if proc.poll() is not None:
             raise StackError(f"MQTT broker exited with code {proc.returncode}; see {log}")
-        return ServiceState("mqtt", proc.pid, port, binary, f"mqtt://127.0.0.1:{port}", str(log))
+        url = f"mqtt://127.0.0.1:{port}"
+        if mosquitto:  # the lab's service account travels in the URL the services read
+            url = with_credentials(url, LAB_USER, lab_password)
+        return ServiceState("mqtt", proc.pid, port, binary, url, str(log))
 
     def _start_kafka(self, state: StackState, port: int, timeout: float) -> ServiceState:
         tansu = find_tansu()

@@ -14,13 +14,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import urlparse
 
 import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from pilotlab.contracts import Reason, telemetry_topic
+from pilotlab.credentials import MqttEndpoint
 from pilotlab.manifest import Experiment
 from simulators.models import Sample, simulate_experiment
 
@@ -118,11 +118,12 @@ def publish(
         return truth
     sim_start, sim_end = planned[0][0], planned[-1][0]
     speed = max(1.0, (sim_end - sim_start) / 1000 / max(duration_s, 0.001))
-    url = urlparse(mqtt_url)
+    endpoint = MqttEndpoint.parse(mqtt_url)  # mqtt://user:password@host:port when the broker wants one
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"pilotlab-sim-{seed}")
+    endpoint.configure(client)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
-    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    client.connect(endpoint.host, endpoint.port)
     client.loop_start()
     infos = []
     wall_start = time.monotonic()

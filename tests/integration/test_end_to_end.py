@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from pilotlab import registry
 from pilotlab.contracts import Reason, telemetry_topic, to_ms, utcnow
+from pilotlab.credentials import MqttEndpoint
 from pilotlab.manifest import Experiment
 from pilotlab.services import Services
 from simulators.publisher import publish
@@ -64,9 +65,10 @@ def make_experiment(exp_id: str, prefix: str, minutes: int = 90) -> Experiment:
 
 
 def publish_raw(mqtt_url: str, messages: list[tuple[str, bytes]]) -> None:
-    host, port = mqtt_url.removeprefix("mqtt://").split(":")
+    endpoint = MqttEndpoint.parse(mqtt_url)  # carries the lab's account: anonymous access is off
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="e2e-raw")
-    client.connect(host, int(port))
+    endpoint.configure(client)
+    client.connect(endpoint.host, endpoint.port)
     client.loop_start()
     try:
         infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
@@ -115,7 +117,7 @@ def test_known_readings_flow_through_exactly_once(stack_state, stack):
             stack_state.mqtt_url,
             [
                 (telemetry_topic(exp_a.id, a_dev), extra),
-                (telemetry_topic(exp_a.id, a_dev), extra),  # the same bytes again: stored once
+                (telemetry_topic(exp_a.id, a_dev), extra),  # the same bytes again: stored once, refused
                 (telemetry_topic(exp_b.id, a_dev), extra),  # a's device writing into b
                 (telemetry_topic(exp_a.id, "ghost-device"), extra),
                 (telemetry_topic("no-such-experiment", a_dev), extra),
@@ -128,6 +130,7 @@ def test_known_readings_flow_through_exactly_once(stack_state, stack):
         rejected = Counter(truth.rejected)
         rejected.update(
             [
+                Reason.DUPLICATE,  # the second copy: same device and seq
                 Reason.DEVICE_NOT_IN_EXPERIMENT,
                 Reason.UNKNOWN_DEVICE,
                 Reason.UNKNOWN_EXPERIMENT,
