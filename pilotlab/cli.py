@@ -340,5 +340,163 @@ def demo(
         render(result)
 
 
+# --- simulate, record, replay (issue 6) ---------------------------------------------------------
+
+
+def _progress_bar(label: str, quiet: bool):
+    """A rich progress bar as a ``progress(done, total)`` callback, and the bar to close."""
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: PLC0415
+
+    if quiet:
+        return None, None
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True))
+    task = bar.add_task(label, total=None)
+    bar.start()
+
+    def progress(done: int, total: int | None) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return progress, bar
+
+
+def _time_shift(value: str | None):
+    from datetime import timedelta  # noqa: PLC0415
+
+    from pilotlab.manifest import parse_duration  # noqa: PLC0415
+
+    if value in (None, "", "0"):
+        return None
+    if value == "auto":
+        return "auto"
+    sign = -1 if value.startswith("-") else 1
+    try:
+        return timedelta(seconds=sign * parse_duration(value.lstrip("+-")))
+    except ValueError as exc:
+        _fail(f"--time-shift: {exc} (or 'auto')")
+
+
+@app.command("simulate")
+def simulate(  # noqa: PLR0917 - typer options
+    scenario_file: Annotated[Path, typer.Argument(metavar="SCENARIO", help="A scenario YAML file.")],
+    speed: Annotated[
+        float | None, typer.Option(help="Simulated seconds per wall second (default: the file's).")
+    ] = None,
+    live: Annotated[bool, typer.Option("--live", help="Real time (speed 1).")] = False,
+    seed: Annotated[int | None, typer.Option(help="Override the scenario's seed.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write messages.jsonl and the ground truth here.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="No broker: only write --out.")] = False,
+    apply: Annotated[bool, typer.Option(help="Register the (re-anchored) experiments first.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="The ground-truth summary as JSON.")] = False,
+) -> None:
+    """Publish a scenario's simulated devices (with its faults) over MQTT, live or accelerated,
+    and print (and with --out, write) the ground truth."""
+    from simulators.spec import ScenarioError, load_scenario  # noqa: PLC0415
+
+    try:
+        scenario = load_scenario(scenario_file)
+    except ScenarioError as exc:
+        _fail(str(exc))
+    if seed is not None:
+        scenario = scenario.model_copy(update={"seed": seed})
+    speed = 1.0 if live else speed
+    if dry_run:
+        from simulators.runner import plan_to_files  # noqa: PLC0415
+
+        if out is None:
+            _fail("--dry-run needs --out DIR")
+        truth = plan_to_files(scenario, out, speed=speed)
+        typer.echo(json.dumps(truth.summary(), indent=2) if json_out else f"wrote {out}: {truth.messages} messages")
+        return
+    from simulators.runner import run_scenario  # noqa: PLC0415
+    from simulators.settings import SimulatorSettings  # noqa: PLC0415
+
+    s = cfg.load(SimulatorSettings)
+
+    def register(experiments) -> None:
+        if not apply:
+            return
+        if not s.kafka_bootstrap:
+            _fail("set PILOTLAB_KAFKA_BOOTSTRAP to register the experiments, or pass --no-apply")
+        from pilotlab import registry  # noqa: PLC0415
+
+        registry.publish(s.kafka_bootstrap, experiments)
+        typer.echo(f"registered: {', '.join(e.id for e in experiments)}", err=True)
+
+    progress, bar = _progress_bar("simulating", json_out)
+    try:
+        truth, stats = run_scenario(
+            scenario, s.mqtt_url, speed=speed, before_start=register, out_dir=out, progress=progress,
+            connections=s.sim_connections, username=s.mqtt_username, password=s.password,
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
+    summary = {**truth.summary(), "wall_s": round(stats.wall_s, 2), "messages_per_s": round(stats.rate, 1),
+               "max_lag_s": round(stats.max_lag_s, 3)}
+    if json_out:
+        summary.pop("experiments")
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        typer.echo(
+            f"{summary['messages']} messages in {summary['wall_s']} s ({summary['messages_per_s']}/s); "
+            f"{summary['datapoints_stored']} datapoints should be stored; rejections {summary['rejections']}; "
+            f"faults {summary['faults']}; true effects {summary['true_effects']}"
+        )
+
+
+@app.command("record")
+def record_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The JSONL file to write.")],
+    topic: Annotated[list[str] | None, typer.Option("--topic", "-t", help="Topic filter (repeatable).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    count: Annotated[int | None, typer.Option(help="Stop after this many messages.")] = None,
+) -> None:
+    """Capture MQTT traffic (default pilots/#) to JSONL with arrival timings; Ctrl-C stops."""
+    import threading  # noqa: PLC0415
+
+    from simulators.replay import record  # noqa: PLC0415
+    from simulators.settings import SimulatorSettings  # noqa: PLC0415
+
+    s = cfg.load(SimulatorSettings)
+    stop = threading.Event()
+    topics = topic or ["pilots/#"]
+    typer.echo(f"recording {', '.join(topics)} to {out}", err=True)
+    try:
+        n = record(s.mqtt_url, topics, out, duration=duration, count=count, stop=stop,
+                   username=s.mqtt_username, password=s.password)
+    except KeyboardInterrupt:
+        stop.set()
+        n = None
+    typer.echo(f"recorded {n if n is not None else 'all'} messages to {out}", err=True)
+
+
+@app.command("replay")
+def replay_cmd(
+    file: Annotated[Path, typer.Argument(help="A recording (pilotlab record, or simulate --out).")],
+    speed: Annotated[float, typer.Option(help="N× the recorded timing.")] = 1.0,
+    time_shift: Annotated[
+        str | None, typer.Option(help="Move every ts: '3d', '-2h', or 'auto' (now − recording start).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Publish a recording in its order and relative timing (÷ speed)."""
+    from simulators.replay import RecordingError, replay  # noqa: PLC0415
+    from simulators.settings import SimulatorSettings  # noqa: PLC0415
+
+    s = cfg.load(SimulatorSettings)
+    shift = _time_shift(time_shift)
+    progress, bar = _progress_bar("replaying", quiet)
+    try:
+        stats = replay(s.mqtt_url, file, speed=speed, time_shift=shift, progress=progress,
+                       username=s.mqtt_username, password=s.password)
+    except RecordingError as exc:
+        _fail(str(exc))
+    finally:
+        if bar is not None:
+            bar.stop()
+    typer.echo(f"replayed {stats.messages} messages in {stats.wall_s:.2f} s; worst lag {stats.max_lag_s * 1000:.0f} ms")
+
+
 def main() -> None:
     app()
