@@ -18,6 +18,35 @@ from tests.integration.test_end_to_end import expected_kpis, make_experiment, st
 pytestmark = pytest.mark.integration
 
 
+def kpis_on_topic(bootstrap: str, exp_id: str) -> dict[tuple, tuple]:
+    """Diagnostics: the highest (revision, count) per KPI window on the KPI topic."""
+    from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
+
+    from pilotlab.contracts import KafkaTopics, decode_kpis  # noqa: PLC0415
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "diag", "enable.auto.commit": False})
+    meta = consumer.list_topics(KafkaTopics.KPIS, timeout=10)
+    parts = list(meta.topics[KafkaTopics.KPIS].partitions)
+    consumer.assign([TopicPartition(KafkaTopics.KPIS, p, 0) for p in parts])
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(KafkaTopics.KPIS, p))[1] for p in parts}
+    best: dict[tuple, tuple] = {}
+    done = {p for p, e in ends.items() if e == 0}
+    while len(done) < len(parts):
+        msg = consumer.poll(2)
+        if msg is None:
+            break
+        if msg.error():
+            continue
+        if msg.offset() + 1 >= ends[msg.partition()]:
+            done.add(msg.partition())
+        for v in decode_kpis(msg.value()):
+            if v.experiment_id == exp_id:
+                key = (v.kpi, v.device_group, v.window_start_ms)
+                best[key] = max(best.get(key, (0, 0)), (v.revision, v.sample_count))
+    consumer.close()
+    return best
+
+
 @pytest.mark.parametrize("victim", ["ingest", "streams", "sink"])
 def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(stack_state, stack, victim):
     exp = make_experiment(f"crash-{victim}", f"k{victim[:2]}", minutes=300)
@@ -69,7 +98,8 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(stack_state, st
                 if not bad and got.keys() == want.keys():
                     break
                 if time.monotonic() > deadline:
-                    sample = [(k, want[k], got.get(k)) for k in bad[:3]]
+                    on_topic = kpis_on_topic(stack_state.kafka_bootstrap, exp.id)
+                    sample = [(k, want[k], got.get(k), "topic max:", on_topic.get(k)) for k in bad[:3]]
                     pytest.fail(
                         f"{len(bad)} of {len(want)} KPI windows differ after killing {victim}: {sample}"
                     )
