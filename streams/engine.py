@@ -70,29 +70,32 @@ def apply_batch(
     """
     aggs = aggregators_of(experiment)
     touched: dict[str, tuple[WindowKey, dict[str, WindowState], set[str]]] = {}
+    exp_id, group = batch.experiment_id, batch.group
     for kpi in experiment.kpis:
         agg = aggs[kpi.name]
         sig = kpi.signature()
+        impact = kpi.kind == "impact"
         for reading in batch.readings:
             value = reading.metrics.get(kpi.metric)
             if value is None:
                 continue
-            if kpi.kind == "impact":
+            if impact:
                 if agg.period(reading.ts_ms) is None:
                     continue
-                key = WindowKey(batch.experiment_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
+                k = f"{exp_id}|{IMPACT_GROUP}|{agg.window_size_s}|{agg.window_start_ms}"
+                if k not in touched:
+                    key = WindowKey(exp_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
+                    touched[k] = (key, dict(load(k) or {}), set())
             else:
-                key = WindowKey(
-                    batch.experiment_id, batch.group, kpi.window, window_start(reading.ts_ms, kpi.window)
-                )
-            k = key.encode()
-            if k not in touched:
-                touched[k] = (key, dict(load(k) or {}), set())
+                start = window_start(reading.ts_ms, kpi.window)
+                k = f"{exp_id}|{group}|{kpi.window}|{start}"
+                if k not in touched:
+                    touched[k] = (WindowKey(exp_id, group, kpi.window, start), dict(load(k) or {}), set())
             _, window, changed = touched[k]
             state = window.get(kpi.name)
             if state is None or state.get("k") != sig:  # new, or its definition changed
                 state = {"k": sig, "s": agg.initialize(), "n": 0, "r": state["r"] if state else 0}
-            obs = kpis.Obs(value, reading.ts_ms, batch.device_id, batch.group, batch.received_ms)
+            obs = kpis.Obs(value, reading.ts_ms, batch.device_id, group, batch.received_ms)
             window[kpi.name] = {"k": sig, "s": agg.add(state["s"], obs), "n": state["n"] + 1, "r": state["r"]}
             changed.add(kpi.name)
     by_name = {k.name: k for k in experiment.kpis}

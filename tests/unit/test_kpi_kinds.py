@@ -143,6 +143,10 @@ def test_quantile_within_the_stated_bound(values, q) -> None:
     # DDSketch: relative error ≤ α; values too close to 0 for the mapping land in the zero bucket
     assert abs(value - want) <= SKETCH_ALPHA * abs(want) + 1e-300 or abs(want) < 1e-300
     assert details["relative_accuracy"] == SKETCH_ALPHA
+    state = kpis.sketch_new()
+    for v in values:
+        state = kpis.sketch_add(state, v)
+    assert kpis.sketch_quantile(state, q) == pytest.approx(kpis.sketch_quantile_reference(state, q), rel=1e-12)
 
 
 @settings(max_examples=200, deadline=None)

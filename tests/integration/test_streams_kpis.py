@@ -1,0 +1,360 @@
+"""The KPI engine on the real broker (MQTT → ingest → tansu → Faust → sink → PostgreSQL).
+
+* every KPI kind from the pipeline equals a batch recomputation over the stored raw readings
+  (exact for count/sum/mean/min/max and the shares, within the sketch's bound for quantiles
+  and freshness; the impact from the same cells recomputed with numpy, and its CI covers the
+  simulation's true effect);
+* late and out-of-order readings: within lateness they revise, past it they are routed to
+  ``pilotlab.late``; a silent device is reported offline and back online;
+* two workers share the partitions, and killing one mid-stream then restarting it gives the
+  same KPIs as the batch recomputation (no double counting after changelog recovery).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from datetime import timedelta
+
+import numpy as np
+import orjson
+import psycopg
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from pilotlab import registry
+from pilotlab.contracts import DeviceStatus, KafkaTopics, ReadingBatch, telemetry_topic, to_ms, utcnow
+from pilotlab.manifest import Experiment
+from pilotlab.services import Services
+from simulators.publisher import publish
+from streams.engine import window_start
+from streams.kpis import SKETCH_ALPHA, impact_estimate
+from tests.integration.test_end_to_end import publish_raw
+
+pytestmark = pytest.mark.integration
+
+ALL_KINDS_KPIS = [
+    {"name": "no2_count", "metric": "no2", "kind": "count", "window": "5m"},
+    {"name": "no2_sum", "metric": "no2", "kind": "sum", "window": "5m"},
+    {"name": "no2_mean", "metric": "no2", "kind": "mean", "window": "5m"},
+    {"name": "no2_min", "metric": "no2", "kind": "min", "window": "5m"},
+    {"name": "no2_max", "metric": "no2", "kind": "max", "window": "5m"},
+    {"name": "no2_p50", "metric": "no2", "kind": "quantile", "q": 0.5, "window": "15m"},
+    {"name": "no2_p95", "metric": "no2", "kind": "quantile", "q": 0.95, "window": "15m"},
+    {"name": "pm25_over", "metric": "pm25", "kind": "exceedance", "threshold": 15, "window": "15m"},
+    {"name": "no2_avail", "metric": "no2", "kind": "availability", "window": "5m"},
+    {"name": "no2_complete", "metric": "no2", "kind": "completeness", "window": "15m"},
+    {"name": "no2_fresh", "metric": "no2", "kind": "freshness", "window": "15m"},
+    {"name": "no2_impact", "metric": "no2", "kind": "impact"},
+]
+
+
+def experiment(exp_id: str, prefix: str, minutes: int, kpis: list[dict], **extra) -> Experiment:
+    now = utcnow().replace(second=0, microsecond=0)
+    start, mid = now - timedelta(minutes=minutes), now - timedelta(minutes=minutes // 2)
+    devices = [
+        {"id": f"{prefix}-{g[0]}{i}", "kind": "air_quality", "group": g, "interval": "1m"}
+        for g in ("treatment", "control")
+        for i in (1, 2, 3)
+    ]
+    return Experiment.model_validate(
+        {
+            "id": exp_id,
+            "title": f"test {exp_id}",
+            "startup": "TestCo",
+            "district": "Centro",
+            "location": {"lat": 45.07, "lon": 7.68},
+            "periods": {
+                "baseline": {"start": start.isoformat(), "end": mid.isoformat()},
+                "intervention": {"start": mid.isoformat(), "end": now.isoformat()},
+            },
+            "devices": devices,
+            "kpis": kpis,
+            "simulation": {"true_effects": {"no2": -0.2}, "bad_message_rate": 0.0},
+            **extra,
+        }
+    )
+
+
+def raw_readings(conn: psycopg.Connection, exp_id: str) -> list[tuple]:
+    return conn.execute(
+        "SELECT device_id, device_group, metric, value, ts, received_at FROM readings WHERE experiment_id = %s",
+        (exp_id,),
+    ).fetchall()
+
+
+def stored(conn: psycopg.Connection, exp_id: str) -> dict[tuple, tuple]:
+    rows = conn.execute(
+        "SELECT kpi, device_group, window_start, value, sample_count, details FROM kpi_values "
+        "WHERE experiment_id = %s",
+        (exp_id,),
+    ).fetchall()
+    return {(k, g, to_ms(ws)): (v, n, d) for k, g, ws, v, n, d in rows}
+
+
+def rank_value(values: list[float], q: float) -> float:
+    return sorted(values)[math.floor(q * (len(values) - 1))]
+
+
+def recompute(exp: Experiment, rows: list[tuple]) -> dict[tuple, dict]:
+    """Batch recomputation from stored readings, with numpy/statistics (not the aggregators):
+    key → {"value", "n", "bound"} where bound is the allowed absolute difference."""
+    registered = defaultdict(int)
+    expected_per_s = defaultdict(float)
+    for d in exp.devices:
+        registered[d.group] += 1
+        expected_per_s[d.group] += 1 / d.interval
+    cells: dict[tuple, list[tuple]] = defaultdict(list)
+    for device, group, metric, value, ts, received in rows:
+        ts_ms = to_ms(ts)
+        for k in exp.kpis:
+            if k.metric != metric or k.kind == "impact":
+                continue
+            cells[(k.name, group, window_start(ts_ms, k.window))].append(
+                (value, device, max(0, to_ms(received) - ts_ms) / 1000)
+            )
+    kpis = {k.name: k for k in exp.kpis}
+    out = {}
+    for key, obs in cells.items():
+        k = kpis[key[0]]
+        vals = [o[0] for o in obs]
+        bound = 1e-9 * max(1.0, *(abs(v) for v in vals)) * len(vals)
+        if k.kind == "count":
+            value = float(len(vals))
+        elif k.kind == "sum":
+            value = math.fsum(vals)
+        elif k.kind == "mean":
+            value = statistics.fmean(vals)
+        elif k.kind == "min":
+            value = min(vals)
+        elif k.kind == "max":
+            value = max(vals)
+        elif k.kind == "quantile":
+            value = rank_value(vals, k.q)
+            bound = SKETCH_ALPHA * abs(value)
+        elif k.kind == "freshness":
+            value = rank_value([o[2] for o in obs], 0.95)
+            bound = SKETCH_ALPHA * abs(value)
+        elif k.kind == "exceedance":
+            value = float(np.mean(np.array(vals) > k.threshold))
+        elif k.kind == "availability":
+            value = len({o[1] for o in obs}) / registered[key[1]]
+        elif k.kind == "completeness":
+            value = len(vals) / (expected_per_s[key[1]] * k.window)
+        out[key] = {"value": value, "n": len(vals), "bound": bound}
+    return out
+
+
+def recompute_impact(exp: Experiment, rows: list[tuple], metric: str) -> tuple[float, dict]:
+    b, i = exp.periods.baseline, exp.periods.intervention
+    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for _device, group, m, value, ts, _rec in rows:
+        if m != metric:
+            continue
+        period = "baseline" if b.contains(ts) else "intervention" if i.contains(ts) else None
+        if period:
+            groups[group][period].append(value)
+    cells = {
+        g: {p: [len(v), float(np.mean(v)), float(np.var(v) * len(v))] for p, v in ps.items()}
+        for g, ps in groups.items()
+    }
+    return impact_estimate(cells, has_control=True)
+
+
+def wait_for(check, timeout: float, conn: psycopg.Connection | None = None, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is True:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: {result}")
+        time.sleep(0.5)
+        if conn is not None:
+            conn.commit()  # a fresh snapshot on the next read
+
+
+def kpis_match(conn: psycopg.Connection, exp: Experiment):
+    def check():
+        rows = raw_readings(conn, exp.id)
+        want = recompute(exp, rows)
+        got = stored(conn, exp.id)
+        got_windowed = {k: v for k, v in got.items() if k[1] != "all"}
+        if got_windowed.keys() != want.keys():
+            missing, extra = len(want.keys() - got_windowed.keys()), len(got_windowed.keys() - want.keys())
+            return f"{missing} windows missing, {extra} extra"
+        bad = [
+            (k, got_windowed[k][:2], (w["value"], w["n"]))
+            for k, w in want.items()
+            if got_windowed[k][1] != w["n"] or abs(got_windowed[k][0] - w["value"]) > w["bound"] + 1e-12
+        ]
+        return True if not bad else f"{len(bad)} of {len(want)} windows differ, e.g. {bad[:3]}"
+
+    return check
+
+
+def test_every_kind_equals_a_batch_recomputation_and_impact_covers_the_truth(stack_state, stack):
+    exp = experiment("streams-kinds", "sk", minutes=240, kpis=ALL_KINDS_KPIS)
+    registry.publish(stack_state.kafka_bootstrap, [exp])
+    with Services(stack_state, stack.logs / "services-streams-kinds").start() as services:
+        services.wait_ingest_ready()
+        truth = publish(stack_state.mqtt_url, [exp], seed=21, duration_s=4, batch=2)
+        services.wait_drained(len(truth.accepted), 0, experiment_ids=[exp.id], timeout=180)
+        with psycopg.connect(stack_state.database_url) as conn:
+            wait_for(kpis_match(conn, exp), 90, conn, "windowed KPIs vs batch recomputation")
+
+            def impact_matches():
+                rows = raw_readings(conn, exp.id)
+                want_value, want = recompute_impact(exp, rows, "no2")
+                got = stored(conn, exp.id).get(("no2_impact", "all", to_ms(exp.periods.baseline.start)))
+                if got is None or got[2]["n"] != want["n"]:
+                    return f"impact cells {got and got[2]['n']} vs {want['n']}"
+                for field in ("estimate", "ci_low", "ci_high"):
+                    assert got[2][field] == pytest.approx(want[field], rel=1e-6)
+                assert got[0] == pytest.approx(want_value, rel=1e-6)
+                return True
+
+            wait_for(impact_matches, 60, conn, "impact vs recomputation")
+            value, n, details = stored(conn, exp.id)[("no2_impact", "all", to_ms(exp.periods.baseline.start))]
+            assert details["ci_low"] <= -0.2 <= details["ci_high"], details
+            assert value == pytest.approx(-0.2, abs=0.05), details
+            assert n == sum(c for g in details["n"].values() for c in g.values())
+
+
+# --- late and out-of-order --------------------------------------------------------------------
+
+
+def read_topic(bootstrap: str, topic: str, experiment_id: str, decode, *, want: int, timeout: float = 60):
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-unused", "enable.auto.commit": False,
+                         "enable.partition.eof": False})  # fmt: skip
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        found = []
+        deadline = time.monotonic() + timeout
+        while len(found) < want and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or (msg.error() and msg.error().code() == KafkaError._PARTITION_EOF):
+                continue
+            assert msg.error() is None, msg.error()
+            if msg.key() == experiment_id.encode():
+                found.append(decode(msg.value()))
+        return found
+    finally:
+        consumer.close()
+
+
+def test_late_out_of_order_and_liveness(stack_state, stack):
+    kpis = [
+        {"name": "no2_mean", "metric": "no2", "kind": "mean", "window": "1m"},
+        {"name": "no2_p95", "metric": "no2", "kind": "quantile", "q": 0.95, "window": "5m"},
+    ]
+    exp = experiment("streams-late", "sl", minutes=60, kpis=kpis, lateness="2m", offline_after=3)
+    registry.publish(stack_state.kafka_bootstrap, [exp])
+    base = to_ms(exp.periods.baseline.start)
+    t1, c1 = "sl-t1", "sl-c1"
+    plan = [
+        (t1, base, 10.0),
+        (t1, base + 120_000, 20.0),
+        (c1, base + 60_000, 30.0),  # out of order, within lateness: revises its window
+        (c1, base + 20 * 60_000, 40.0),  # the watermark moves 18 minutes on
+        (t1, base + 30_000, 99.0),  # its window closed 17 minutes ago, lateness 2 m: late
+        (t1, base + 21 * 60_000, 5.0),  # t1 back after 19 silent minutes
+    ]
+    with Services(stack_state, stack.logs / "services-streams-late").start() as services:
+        services.wait_ingest_ready()
+        with psycopg.connect(stack_state.database_url) as conn:
+            for n, (device, ts, value) in enumerate(plan, start=1):
+                payload = orjson.dumps({"seq": n, "ts": ts, "metrics": {"no2": value}})
+                publish_raw(stack_state.mqtt_url, [(telemetry_topic(exp.id, device), payload)])
+
+                def stored_n(n=n):
+                    count = conn.execute(
+                        "SELECT count(*) FROM readings WHERE experiment_id = %s", (exp.id,)
+                    ).fetchone()[0]
+                    return True if count == n else f"{count} of {n} stored"
+
+                wait_for(stored_n, 60, conn, "readings one by one, in this order")
+
+            def kpis_exclude_the_late_reading():
+                got = stored(conn, exp.id)
+                means = {(g, ws): (v, n) for (k, g, ws), (v, n, _) in got.items() if k == "no2_mean"}
+                want = {
+                    ("treatment", base): (10.0, 1),  # not 99: that one was late
+                    ("treatment", base + 120_000): (20.0, 1),
+                    ("control", base + 60_000): (30.0, 1),
+                    ("control", base + 20 * 60_000): (40.0, 1),
+                    ("treatment", base + 21 * 60_000): (5.0, 1),
+                }
+                return True if means == want else f"{means}"
+
+            wait_for(kpis_exclude_the_late_reading, 60, conn, "KPIs")
+            # out-of-order within lateness: the 5-minute p95 window of t1 holds 10 and 20
+            p95 = stored(conn, exp.id)[("no2_p95", "treatment", base)]
+            assert p95[1] == 2 and abs(p95[0] - 10.0) <= SKETCH_ALPHA * 10
+
+    late = read_topic(stack_state.kafka_bootstrap, KafkaTopics.LATE, exp.id, ReadingBatch.from_json, want=1)
+    assert [(b.device_id, [(r.ts_ms, r.metrics) for r in b.readings]) for b in late] == [
+        (t1, [(base + 30_000, {"no2": 99.0})])
+    ]
+    events = read_topic(stack_state.kafka_bootstrap, KafkaTopics.DEVICE_STATUS, exp.id, DeviceStatus.from_json, want=2)
+    assert [(e.device_id, e.status, e.ts_ms) for e in events] == [
+        (t1, "offline", base + 120_000 + 3 * 60_000),
+        (t1, "online", base + 21 * 60_000),
+    ]
+
+
+# --- two workers, kill and restart ---------------------------------------------------------------
+
+
+def test_two_workers_share_partitions_and_a_killed_one_recovers_without_double_counting(stack_state, stack):
+    kpis = [k for k in ALL_KINDS_KPIS if k["kind"] in ("count", "mean", "quantile", "availability", "impact")]
+    exps = [experiment(f"streams-two-{i}", f"s2{i}", minutes=300, kpis=kpis) for i in range(4)]
+    registry.publish(stack_state.kafka_bootstrap, exps)
+    log_dir = stack.logs / "services-streams-two"
+    result: dict = {}
+    with Services(stack_state, log_dir).start() as services:
+        second_log = open(log_dir / "streams-2.log", "ab")  # noqa: SIM115
+        second = subprocess.Popen(
+            [sys.executable, "-m", "pilotlab", "run", "streams"],
+            env={**services.env, "PILOTLAB_STREAMS_DATA_DIR": str(log_dir / "streams-2")},
+            stdout=second_log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        second_log.close()
+        try:
+            services.wait_ingest_ready()
+            publisher = threading.Thread(
+                target=lambda: result.setdefault(
+                    "truth", publish(stack_state.mqtt_url, exps, seed=8, duration_s=8, batch=1)
+                )
+            )
+            publisher.start()
+            time.sleep(3.0)  # mid-stream, both workers busy
+            services.kill("streams")
+            time.sleep(1.0)
+            services.start("streams")
+            publisher.join(timeout=180)
+            truth = result["truth"]
+            services.wait_drained(
+                len(truth.accepted), 0, experiment_ids=[e.id for e in exps], timeout=240
+            )
+            assert second.poll() is None, "the second worker died"
+            with psycopg.connect(stack_state.database_url) as conn:
+                for exp in exps:
+                    wait_for(kpis_match(conn, exp), 120, conn, f"{exp.id} after a worker was killed")
+        finally:
+            second.terminate()
+            try:
+                second.wait(30)
+            except subprocess.TimeoutExpired:
+                second.kill()
+                second.wait()
+    # the surviving worker took part: it computed KPIs for some partitions
+    assert "waiting for experiment" not in (log_dir / "streams-2.log").read_text()
