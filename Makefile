@@ -33,6 +33,10 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(ARGS)
 
+## streams worker throughput (vs a bare consumer and a no-op Faust agent) and reading→KPI latency
+bench-streams: $(STAMP)
+	$(BIN)/python bench/bench_streams.py $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
 	$(BIN)/ruff check .
