@@ -129,7 +129,11 @@ def kafka_records(bootstrap: str, topic: str, experiment_ids: set[str], want, ti
 
 
 def ingest_metric(port: int, name: str) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    """A counter or gauge of a running ingest; 0 while its /metrics endpoint is not up yet."""
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0.0
     m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body, re.MULTILINE)
     return float(m.group(1)) if m else 0.0
 
