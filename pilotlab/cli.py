@@ -498,5 +498,55 @@ def replay_cmd(
     typer.echo(f"replayed {stats.messages} messages in {stats.wall_s:.2f} s; worst lag {stats.max_lag_s * 1000:.0f} ms")
 
 
+# --- dashboards and reports (issue 7) ---------------------------------------------------------
+
+dash_app = typer.Typer(help="Grafana dashboards as code.", no_args_is_help=True)
+app.add_typer(dash_app, name="dashboards")
+
+
+@dash_app.command("build")
+def dashboards_build(
+    out: Annotated[Path, typer.Option(help="Directory for the JSON models (deploy/grafana/dashboards).")],
+) -> None:
+    """Write one JSON model per dashboard (<uid>.json), for Grafana's file provisioning."""
+    from dashboards.build import write  # noqa: PLC0415
+
+    for path in write(out):
+        typer.echo(f"wrote {path}")
+
+
+@dash_app.command("push")
+def dashboards_push(
+    url: Annotated[str, typer.Option(help="Grafana's base URL, e.g. http://localhost:3000")],
+    token: Annotated[str, typer.Option(help="A service-account token with the Editor role.")],
+) -> None:
+    """Create or replace every dashboard by its UID in the folder PilotLab (idempotent)."""
+    from grafana_client.client import GrafanaException  # noqa: PLC0415
+
+    from dashboards.build import push  # noqa: PLC0415
+
+    try:
+        pushed = push(url, token, log=typer.echo)
+    except GrafanaException as exc:
+        _fail(f"grafana at {url}: {exc}")
+    for p in pushed:
+        typer.echo(f"{p.uid}: {p.status} version {p.version} {p.url or ''}")
+
+
+@app.command("report")
+def report_cmd(
+    experiment: Annotated[str, typer.Argument(help="The experiment id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")],
+) -> None:
+    """Write a self-contained HTML impact report of one experiment (reads PILOTLAB_DATABASE_URL)."""
+    from dashboards.report import ReportError, write_report  # noqa: PLC0415
+
+    s = cfg.load(cfg.ReportSettings)
+    try:
+        write_report(s.database_url, experiment, out)
+    except ReportError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {out}")
+
 def main() -> None:
     app()

@@ -103,3 +103,16 @@ class CredentialsSettings(_Settings):
 
     credentials_secret: SecretStr = Field(description="the lab's secret devices' passwords derive from")
     mqtt_password: SecretStr | None = Field(default=None, description="the lab account's password")
+
+
+class ReportSettings(_Settings):
+    """``pilotlab report``: only the database to read the experiment from."""
+
+    database_url: str = Field(description="postgresql://user@host:port/db")
+
+    @field_validator("database_url")
+    @classmethod
+    def _pg_scheme(cls, v: str) -> str:
+        if not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must look like postgresql://user@host:port/dbname")
+        return v

@@ -1,0 +1,119 @@
+"""*Startup device health*: per device of ``$experiment``, when it was last seen, its
+status, its completeness and its rejections by reason, so that a startup can fix its devices."""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import barchart, table, timeseries
+from grafana_foundation_sdk.builders import dashboard as dash
+
+from dashboards.sdk import DATASOURCE, TAGS, TIME_SERIES, SqlTarget, experiment_variable, grid, to_model
+
+UID = "pilotlab-device-health"
+TITLE = "PilotLab · Startup device health"
+
+
+def build() -> dict:
+    d = (
+        dash.Dashboard(TITLE)
+        .uid(UID)
+        .tags(TAGS)
+        .description(__doc__.split("\n\n")[0].replace("\n", " "))
+        .time("now-30d", "now")
+        .refresh("1m")
+        .timezone("utc")
+        .with_variable(experiment_variable())
+    )
+    d.with_panel(
+        table.Panel()
+        .title("Devices")
+        .description(
+            "Completeness = distinct sample instants / instants expected from the device's interval over the "
+            "time range. Status: the last online/offline transition the streams worker reported."
+        )
+        .datasource(DATASOURCE)
+        .with_target(
+            SqlTarget("""
+                SELECT h.device_id, h.device_group, h.kind, h.interval_s,
+                       h.last_seen, coalesce(h.status, 'no status yet') AS status, h.status_since,
+                       h.samples, h.expected, 100 * h.completeness AS "completeness %",
+                       (SELECT count(*) FROM rejections r
+                         WHERE r.device_id = h.device_id AND r.experiment_id = '$experiment'
+                           AND $__timeFilter(r.received_at)) AS rejections
+                  FROM device_health('$experiment', $__timeFrom(), $__timeTo()) h
+                 ORDER BY "completeness %" NULLS FIRST, h.device_id
+            """)
+        )
+        .decimals(1)
+        .grid_pos(grid(0, 0, 24, 9))
+    )
+    d.with_panel(
+        barchart.Panel()
+        .title("Completeness per device")
+        .datasource(DATASOURCE)
+        .with_target(
+            SqlTarget("""
+                SELECT device_id, 100 * completeness AS "completeness %"
+                  FROM device_health('$experiment', $__timeFrom(), $__timeTo())
+                 ORDER BY device_id
+            """)
+        )
+        .unit("percent")
+        .min(0)
+        .max(100)
+        .grid_pos(grid(0, 9, 12, 8))
+    )
+    d.with_panel(
+        table.Panel()
+        .title("Rejections by reason per device")
+        .description("What each device sent that was refused, with the latest detail the device was told.")
+        .datasource(DATASOURCE)
+        .with_target(
+            SqlTarget("""
+                SELECT coalesce(device_id, '(no device id)') AS device_id, reason, count(*) AS rejections,
+                       max(received_at) AS last_seen,
+                       (array_agg(detail ORDER BY received_at DESC))[1] AS latest_detail
+                  FROM rejections
+                 WHERE experiment_id = '$experiment' AND $__timeFilter(received_at)
+                 GROUP BY 1, 2
+                 ORDER BY 3 DESC, 1, 2
+            """)
+        )
+        .grid_pos(grid(12, 9, 12, 8))
+    )
+    d.with_panel(
+        timeseries.Panel()
+        .title("Rejections over time by reason")
+        .datasource(DATASOURCE)
+        .with_target(
+            SqlTarget(
+                """
+                SELECT $__timeGroupAlias(received_at, $__interval), reason AS metric, count(*) AS rejections
+                  FROM rejections
+                 WHERE experiment_id = '$experiment' AND $__timeFilter(received_at)
+                 GROUP BY 1, 2
+                 ORDER BY 1
+                """,
+                TIME_SERIES,
+            )
+        )
+        .grid_pos(grid(0, 17, 12, 8))
+    )
+    d.with_panel(
+        timeseries.Panel()
+        .title("Samples per device (hourly, event time)")
+        .datasource(DATASOURCE)
+        .with_target(
+            SqlTarget(
+                """
+                SELECT bucket AS "time", device_id AS metric, max(samples) AS samples
+                  FROM readings_1h
+                 WHERE experiment_id = '$experiment' AND $__timeFilter(bucket)
+                 GROUP BY 1, 2
+                 ORDER BY 1
+                """,
+                TIME_SERIES,
+            )
+        )
+        .grid_pos(grid(12, 17, 12, 8))
+    )
+    return to_model(d)

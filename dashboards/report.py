@@ -1,0 +1,512 @@
+"""``pilotlab report EXPERIMENT --out FILE.html``: a self-contained HTML impact report of one
+pilot, for readers without Grafana (the embedded default). Inline SVG charts, no script and
+no network at view time.
+
+Sections: the impact of each impact KPI with its 95% CI (difference-in-differences vs the
+control group), treatment vs control over time (headline metric, with the two periods
+shaded), baseline vs intervention per KPI and group, completeness per device, rejections
+by reason. :func:`load` reads the database through the query layer; :func:`render` is pure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from html import escape
+from pathlib import Path
+
+import psycopg
+
+TREATMENT = "#1f6fb4"
+CONTROL = "#e08a1e"
+BASELINE_BG = "#eef1f5"
+INTERVENTION_BG = "#e6f2e6"
+GOOD = "#1a7f37"
+BAD = "#c62828"
+NEUTRAL = "#6b7280"
+_BUCKETS = [timedelta(minutes=m) for m in (1, 5, 15, 60, 180, 360, 1440)]
+
+
+class ReportError(Exception):
+    """The report cannot be written (unknown experiment)."""
+
+
+@dataclass(frozen=True)
+class Impact:
+    kpi: str
+    metric: str
+    estimate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    method: str
+    n: int | None
+    better: str
+    true_effect: float | None
+
+
+@dataclass(frozen=True)
+class PeriodRow:
+    kpi: str
+    metric: str
+    kind: str
+    group: str
+    baseline: float | None
+    intervention: float | None
+
+    @property
+    def change(self) -> float | None:
+        if self.baseline in (None, 0) or self.intervention is None:
+            return None
+        return self.intervention / self.baseline - 1
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device_id: str
+    group: str
+    kind: str
+    last_seen: datetime | None
+    status: str | None
+    samples: int
+    expected: int
+    completeness: float | None
+
+
+@dataclass
+class ReportData:
+    experiment_id: str
+    title: str
+    startup: str
+    district: str
+    baseline: tuple[datetime, datetime]
+    intervention: tuple[datetime, datetime]
+    generated_at: datetime
+    impacts: list[Impact] = field(default_factory=list)
+    periods: list[PeriodRow] = field(default_factory=list)
+    series_metric: str | None = None
+    series_bucket: timedelta = timedelta(hours=1)
+    series: dict[str, list[tuple[datetime, float]]] = field(default_factory=dict)
+    devices: list[DeviceRow] = field(default_factory=list)
+    rejections: dict[str, int] = field(default_factory=dict)
+    readings: int = 0
+
+
+def pick_bucket(span: timedelta, max_points: int = 400) -> timedelta:
+    """The smallest rollup bucket that keeps a series under ``max_points`` points."""
+    return next((b for b in _BUCKETS if span / b <= max_points), _BUCKETS[-1])
+
+
+# --- reading the database ---------------------------------------------------------------------
+
+
+def load(conn: psycopg.Connection, experiment_id: str, now: datetime | None = None) -> ReportData:
+    now = now or datetime.now(UTC)
+    row = conn.execute(
+        "SELECT title, startup, district, baseline_start, baseline_end, intervention_start, intervention_end,"
+        " manifest FROM experiments WHERE experiment_id = %s",
+        (experiment_id,),
+    ).fetchone()
+    if row is None:
+        known = [r[0] for r in conn.execute("SELECT experiment_id FROM experiments ORDER BY 1")]
+        raise ReportError(
+            f"no experiment {experiment_id!r} in the database (known: {', '.join(known) or 'none'})"
+        )
+    title, startup, district, b0, b1, i0, i1, manifest = row
+    better = {k["name"]: k.get("better", "lower") for k in (manifest or {}).get("kpis", [])}
+    truth = ((manifest or {}).get("simulation") or {}).get("true_effects", {})
+    data = ReportData(experiment_id, title, startup, district, (b0, b1), (i0, i1), now)
+
+    for kpi, metric, _value, _n, _rev, details in conn.execute(
+        "SELECT kpi, metric, value, sample_count, revision, details FROM streams_impact(%s)", (experiment_id,)
+    ):
+        d = details or {}
+        data.impacts.append(
+            Impact(kpi, metric, d.get("estimate"), d.get("ci_low"), d.get("ci_high"), d.get("method", ""),
+                   d.get("n"), better.get(kpi, "lower"), truth.get(metric))
+        )
+
+    folded: dict[tuple[str, str, str, str], dict[str, float | None]] = {}
+    for kpi, metric, kind, group, period, value, _n, _w in conn.execute(
+        "SELECT * FROM streams_period_overview(%s)", (experiment_id,)
+    ):
+        folded.setdefault((kpi, metric, kind, group), {})[period] = value
+    data.periods = [
+        PeriodRow(k, m, kind, g, p.get("baseline"), p.get("intervention"))
+        for (k, m, kind, g), p in sorted(folded.items(), key=lambda kv: (kv[0][0], kv[0][3] != "treatment"))
+    ]
+
+    headline = data.impacts[0].metric if data.impacts else next((p.metric for p in data.periods), None)
+    t_to = min(now, i1)
+    if headline is not None:
+        data.series_metric = headline
+        data.series_bucket = pick_bucket(t_to - b0)
+        for bucket, group, _samples, mean, _lo, _hi in conn.execute(
+            "SELECT * FROM metric_series(%s, %s, %s, %s, %s)",
+            (experiment_id, headline, data.series_bucket, b0, t_to),
+        ):
+            if mean is not None:
+                data.series.setdefault(group, []).append((bucket, mean))
+
+    data.devices = [
+        DeviceRow(r[0], r[1], r[2], r[4], r[5], int(r[7] or 0), int(r[8] or 0), r[9])
+        for r in conn.execute("SELECT * FROM device_health(%s, %s, %s)", (experiment_id, b0, t_to))
+    ]
+    data.rejections = {
+        r: int(n) for r, n, _ in conn.execute("SELECT * FROM rejections_by_reason(%s)", (experiment_id,))
+    }
+    data.readings = conn.execute(
+        "SELECT count(*) FROM readings WHERE experiment_id = %s", (experiment_id,)
+    ).fetchone()[0]
+    return data
+
+
+def write_report(database_url: str, experiment_id: str, out: Path) -> Path:
+    with psycopg.connect(database_url) as conn:
+        data = load(conn, experiment_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(data), encoding="utf-8")
+    return out
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def pct(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v * 100:+.{digits}f}%"
+
+
+def num(v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return "—"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.4g}"
+
+
+def day(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%d %b %Y")
+
+
+def verdict(imp: Impact) -> tuple[str, str]:
+    """Plain words for the reader, and a colour: the CI decides, ``better`` gives the sign."""
+    if imp.estimate is None or imp.ci_low is None or imp.ci_high is None:
+        return "not enough data yet", NEUTRAL
+    if imp.ci_low <= 0 <= imp.ci_high:
+        return "no clear effect (the 95% CI includes zero)", NEUTRAL
+    improved = (imp.estimate < 0) == (imp.better == "lower")
+    return ("improved" if improved else "worsened") + f" ({imp.better} is better)", GOOD if improved else BAD
+
+
+# --- SVG charts ---------------------------------------------------------------------------------
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks, t = [], start
+    while t <= hi + step * 1e-9:
+        ticks.append(round(t, 10))
+        t += step
+    return ticks
+
+
+def _tick_label(v: float) -> str:
+    return f"{v:g}" if abs(v) < 10000 else f"{v:,.0f}"
+
+
+def forest_plot(impacts: list[Impact], width: int = 860) -> str:
+    """Each impact estimate as a dot with its 95% CI as a bar, around a zero line."""
+    rows = [i for i in impacts if i.estimate is not None]
+    if not rows:
+        return '<p class="muted">No impact estimate yet.</p>'
+    vals = [v for i in rows for v in (i.ci_low, i.ci_high, i.estimate, i.true_effect) if v is not None] + [0.0]
+    lo, hi = min(vals), max(vals)
+    pad = (hi - lo) * 0.1 or 0.05
+    ticks = _nice_ticks((lo - pad) * 100, (hi + pad) * 100, 6)
+    x0, x1, left, row_h, top = ticks[0], ticks[-1], 190, 44, 16
+    height = top + row_h * len(rows) + 34
+
+    def x(v: float) -> float:
+        return left + (v * 100 - x0) / (x1 - x0) * (width - left - 30)
+
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="Impact estimates with 95% confidence intervals">']
+    base = top + row_h * len(rows)
+    for t in ticks:
+        parts.append(f'<line x1="{x(t / 100):.1f}" y1="{top - 6}" x2="{x(t / 100):.1f}" y2="{base}" stroke="#e5e7eb"/>')
+        parts.append(f'<text x="{x(t / 100):.1f}" y="{base + 16}" class="tick" text-anchor="middle">{t:g}%</text>')
+    parts.append(f'<line x1="{x(0):.1f}" y1="{top - 8}" x2="{x(0):.1f}" y2="{base}" stroke="#111" stroke-width="1.5"/>')
+    parts.append(f'<text x="{x(0):.1f}" y="{base + 30}" class="tick" text-anchor="middle">no effect</text>')
+    for n, imp in enumerate(rows):
+        y = top + row_h * n + row_h / 2
+        _, colour = verdict(imp)
+        parts.append(f'<text x="{left - 12}" y="{y + 4:.1f}" text-anchor="end" class="label">{escape(imp.kpi)}</text>')
+        if imp.ci_low is not None and imp.ci_high is not None:
+            parts.append(f'<line x1="{x(imp.ci_low):.1f}" y1="{y:.1f}" x2="{x(imp.ci_high):.1f}" y2="{y:.1f}" '
+                         f'stroke="{colour}" stroke-width="4" stroke-linecap="round"/>')
+        parts.append(f'<circle cx="{x(imp.estimate):.1f}" cy="{y:.1f}" r="7" fill="{colour}"/>')
+        parts.append(f'<text x="{x(imp.estimate):.1f}" y="{y - 11:.1f}" text-anchor="middle" class="value">'
+                     f'{pct(imp.estimate)}</text>')
+        if imp.true_effect is not None:
+            tx = x(imp.true_effect)
+            parts.append(f'<path d="M{tx:.1f},{y + 9:.1f} l-6,9 h12 z" fill="none" stroke="#111" stroke-width="1.5">'
+                         f'<title>simulated true effect {pct(imp.true_effect)}</title></path>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def line_chart(series: dict[str, list[tuple[datetime, float]]], baseline: tuple[datetime, datetime],
+               intervention: tuple[datetime, datetime], unit: str, *, width: int = 860, height: int = 300) -> str:
+    """Treatment and control over time, the baseline and intervention periods shaded."""
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return '<p class="muted">No readings stored for this metric yet.</p>'
+    t0, t1 = baseline[0], max([intervention[1], *(p[0] for p in points)])
+    vs = [p[1] for p in points]
+    ticks = _nice_ticks(min(vs), max(vs), 5)
+    lo, hi = ticks[0], ticks[-1]
+    left, right, top, bottom = 64, 16, 28, 40
+    span = (t1 - t0).total_seconds() or 1
+
+    def x(t: datetime) -> float:
+        return left + (t - t0).total_seconds() / span * (width - left - right)
+
+    def y(v: float) -> float:
+        return top + (hi - v) / ((hi - lo) or 1) * (height - top - bottom)
+
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="Treatment vs control over time">']
+    for (a, b), bg, name in ((baseline, BASELINE_BG, "baseline"), (intervention, INTERVENTION_BG, "intervention")):
+        xa, xb = max(x(a), left), min(x(b), width - right)
+        if xb > xa:
+            parts.append(f'<rect x="{xa:.1f}" y="{top}" width="{xb - xa:.1f}" height="{height - top - bottom}" '
+                         f'fill="{bg}"/>')
+            parts.append(f'<text x="{(xa + xb) / 2:.1f}" y="{top - 10}" text-anchor="middle" class="period">'
+                         f'{name}</text>')
+    for t in ticks:
+        parts.append(f'<line x1="{left}" y1="{y(t):.1f}" x2="{width - right}" y2="{y(t):.1f}" stroke="#d1d5db" '
+                     f'stroke-width="0.6"/>')
+        parts.append(f'<text x="{left - 6}" y="{y(t) + 4:.1f}" text-anchor="end" class="tick">{_tick_label(t)}</text>')
+    days = max(1, round(span / 86400 / 7))
+    d = t0.replace(hour=0, minute=0, second=0, microsecond=0)
+    while d <= t1:
+        if d >= t0:
+            parts.append(f'<text x="{x(d):.1f}" y="{height - bottom + 16}" text-anchor="middle" class="tick">'
+                         f'{d.strftime("%d %b")}</text>')
+            parts.append(f'<line x1="{x(d):.1f}" y1="{height - bottom}" x2="{x(d):.1f}" y2="{height - bottom + 4}" '
+                         f'stroke="#6b7280"/>')
+        d += timedelta(days=days)
+    parts.append(f'<line x1="{x(intervention[0]):.1f}" y1="{top}" x2="{x(intervention[0]):.1f}" '
+                 f'y2="{height - bottom}" stroke="#374151" stroke-dasharray="4 3"/>')
+    parts.append(f'<text x="{left}" y="{height - 4}" class="tick">{escape(unit)}</text>')
+    for group, colour in (("control", CONTROL), ("treatment", TREATMENT)):
+        s = sorted(series.get(group, []))
+        if not s:
+            continue
+        path = " ".join(f"{'M' if i == 0 else 'L'}{x(t):.1f},{y(v):.1f}" for i, (t, v) in enumerate(s))
+        parts.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="1.4"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def period_bars(rows: list[PeriodRow], width: int = 400, height: int = 190) -> str:
+    """One KPI: baseline and intervention bars for each group, with the change above."""
+    groups = [r for r in rows if r.baseline is not None or r.intervention is not None]
+    if not groups:
+        return ""
+    vals = [v for r in groups for v in (r.baseline, r.intervention) if v is not None]
+    top_v = _nice_ticks(min(0.0, *vals), max(vals), 4)[-1] or 1
+    left, top, bottom = 10, 30, 40
+    slot = (width - left * 2) / len(groups)
+    bar = min(54, slot / 3)
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">']
+    base = height - bottom
+    for n, r in enumerate(groups):
+        cx = left + slot * n + slot / 2
+        colour = TREATMENT if r.group == "treatment" else CONTROL
+        for k, (label, v, opacity) in enumerate((("before", r.baseline, 0.45), ("during", r.intervention, 1.0))):
+            if v is None:
+                continue
+            h = max(v, 0) / top_v * (base - top)
+            bx = cx - bar - 2 + k * (bar + 4)
+            parts.append(f'<rect x="{bx:.1f}" y="{base - h:.1f}" width="{bar:.1f}" height="{h:.1f}" fill="{colour}" '
+                         f'fill-opacity="{opacity}"/>')
+            parts.append(f'<text x="{bx + bar / 2:.1f}" y="{base - h - 4:.1f}" text-anchor="middle" class="tick">'
+                         f'{num(v)}</text>')
+            parts.append(f'<text x="{bx + bar / 2:.1f}" y="{base + 13}" text-anchor="middle" class="tick">{label}'
+                         f'</text>')
+        parts.append(f'<text x="{cx:.1f}" y="{base + 30}" text-anchor="middle" class="label">{escape(r.group)} '
+                     f'<tspan class="muted">{pct(r.change)}</tspan></text>')
+    parts.append(f'<line x1="{left}" y1="{base}" x2="{width - left}" y2="{base}" stroke="#6b7280"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def hbars(items: list[tuple[str, float, str]], value_fmt, width: int = 420, max_value: float | None = None,
+          row_h: int = 22) -> str:
+    """Horizontal bars: (label, value, colour)."""
+    if not items:
+        return '<p class="muted">None.</p>'
+    left = 170
+    top_v = max_value or max(v for _, v, _ in items) or 1
+    height = row_h * len(items) + 6
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">']
+    for n, (label, v, colour) in enumerate(items):
+        yy = n * row_h + 3
+        w = max(v, 0) / top_v * (width - left - 70)
+        parts.append(f'<text x="{left - 8}" y="{yy + 14}" text-anchor="end" class="label">{escape(label)}</text>')
+        parts.append(f'<rect x="{left}" y="{yy + 3}" width="{w:.1f}" height="{row_h - 8}" fill="{colour}"/>')
+        parts.append(f'<text x="{left + w + 6:.1f}" y="{yy + 14}" class="tick">{value_fmt(v)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:#111827;margin:0;
+background:#f7f7f5}
+main{max-width:900px;margin:0 auto;padding:28px 20px 60px}
+h1{font-size:26px;margin:0 0 4px} h2{font-size:19px;margin:34px 0 6px;border-bottom:1px solid #e5e7eb;
+padding-bottom:4px} h3{font-size:15px;margin:14px 0 2px}
+.sub{color:#4b5563;margin:0 0 14px}.muted{color:#6b7280}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
+.card{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:12px 16px;min-width:240px;flex:1}
+.card .big{font-size:30px;font-weight:700}.card .small{font-size:13px;color:#4b5563}
+table{border-collapse:collapse;font-size:13px;background:#fff;width:100%}
+th,td{padding:4px 8px;border-bottom:1px solid #eceff3;text-align:right}th{background:#f3f4f6}
+td:first-child,th:first-child,td.l,th.l{text-align:left}
+svg{display:block;background:#fff;border:1px solid #e5e7eb;border-radius:6px;margin:6px 0}
+svg text{font-family:inherit}.tick{font-size:11px;fill:#4b5563}.label{font-size:12px;fill:#111827}
+.value{font-size:12px;font-weight:700;fill:#111827}.period{font-size:12px;fill:#374151;font-weight:600}
+.legend span{display:inline-block;width:14px;height:4px;margin:0 5px 3px 12px;vertical-align:middle}
+.grid{display:flex;flex-wrap:wrap;gap:10px}.grid>div{flex:0 0 430px}
+footer{margin-top:40px;font-size:12px;color:#6b7280}
+"""
+
+
+def _impact_cards(data: ReportData) -> str:
+    if not data.impacts:
+        return '<p class="muted">This experiment declares no impact KPI.</p>'
+    cards = []
+    for imp in data.impacts:
+        words, colour = verdict(imp)
+        ci = f"95% CI {pct(imp.ci_low)} … {pct(imp.ci_high)}" if imp.ci_low is not None else "no CI yet"
+        truth = (f'<div class="small">simulated true effect {pct(imp.true_effect)}</div>'
+                 if imp.true_effect is not None else "")
+        cards.append(
+            f'<div class="card"><div class="small">{escape(imp.kpi)} · {escape(imp.metric)}</div>'
+            f'<div class="big" style="color:{colour}">{pct(imp.estimate)}</div>'
+            f'<div class="small">{ci}</div><div class="small" style="color:{colour}">{escape(words)}</div>{truth}</div>'
+        )
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def _period_section(data: ReportData) -> str:
+    by_kpi: dict[str, list[PeriodRow]] = {}
+    for r in data.periods:
+        by_kpi.setdefault(r.kpi, []).append(r)
+    if not by_kpi:
+        return '<p class="muted">No KPI windows stored yet.</p>'
+    charts = []
+    for kpi, rows in by_kpi.items():
+        if rows[0].kind not in ("mean", "quantile", "exceedance", "completeness", "availability"):
+            continue
+        charts.append(f'<div><h3>{escape(kpi)} <span class="muted">({escape(rows[0].kind)} of '
+                      f'{escape(rows[0].metric)})</span></h3>{period_bars(rows)}</div>')
+    table_rows = "".join(
+        f'<tr><td>{escape(r.kpi)}</td><td class="l">{escape(r.kind)}</td><td class="l">{escape(r.group)}</td>'
+        f"<td>{num(r.baseline)}</td><td>{num(r.intervention)}</td><td>{pct(r.change)}</td></tr>"
+        for r in data.periods
+    )
+    return (
+        '<p class="muted">Lighter bar: baseline (before); darker bar: intervention (during). '
+        "Means weighted by samples; the change is intervention / baseline − 1.</p>"
+        f'<div class="grid">{"".join(charts)}</div>'
+        '<h3>All KPIs</h3><table><tr><th>KPI</th><th class="l">kind</th><th class="l">group</th>'
+        f"<th>baseline</th><th>intervention</th><th>change</th></tr>{table_rows}</table>"
+    )
+
+
+def _completeness_section(data: ReportData) -> str:
+    if not data.devices:
+        return '<p class="muted">No devices registered.</p>'
+    items = [
+        (f"{d.device_id} ({d.group[0]})", (d.completeness or 0) * 100, TREATMENT if d.group == "treatment" else CONTROL)
+        for d in data.devices
+    ]
+    groups = {}
+    for d in data.devices:
+        s, e = groups.get(d.group, (0, 0))
+        groups[d.group] = (s + d.samples, e + d.expected)
+    summary = "; ".join(f"{g}: {s / e * 100:.1f}% ({s:,} of {e:,} samples)" for g, (s, e) in groups.items() if e)
+    rows = "".join(
+        f'<tr><td>{escape(d.device_id)}</td><td class="l">{escape(d.group)}</td><td class="l">{escape(d.kind)}</td>'
+        f'<td>{d.last_seen.strftime("%Y-%m-%d %H:%M") if d.last_seen else "never"}</td>'
+        f'<td class="l">{escape(d.status or "—")}</td><td>{d.samples:,}</td><td>{d.expected:,}</td>'
+        f"<td>{'—' if d.completeness is None else f'{d.completeness * 100:.1f}%'}</td></tr>"
+        for d in data.devices
+    )
+    return (
+        f'<p>Samples received / samples expected from each device\'s interval, baseline start to '
+        f"{'now' if data.generated_at < data.intervention[1] else 'intervention end'}. {escape(summary)}.</p>"
+        + hbars(items, lambda v: f"{v:.1f}%", width=860, max_value=100)
+        + '<table><tr><th>device</th><th class="l">group</th><th class="l">kind</th><th>last seen (UTC)</th>'
+        f'<th class="l">status</th><th>samples</th><th>expected</th><th>completeness</th></tr>{rows}</table>'
+    )
+
+
+def render(data: ReportData) -> str:
+    rej_total = sum(data.rejections.values())
+    rej = hbars(sorted(((r, float(n), "#9ca3af") for r, n in data.rejections.items()), key=lambda i: -i[1]),
+                lambda v: f"{v:,.0f}", width=860)
+    unit = data.series_metric or ""
+    bucket = data.series_bucket
+    bucket_txt = f"{int(bucket.total_seconds() // 3600)} h" if bucket >= timedelta(hours=1) else \
+        f"{int(bucket.total_seconds() // 60)} min"
+    methods = sorted({i.method for i in data.impacts if i.method})
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(data.title)} — pilot impact report</title>
+<style>{_CSS}</style></head>
+<body><main>
+<h1>{escape(data.title)}</h1>
+<p class="sub">{escape(data.startup)} · {escape(data.district)} · <code>{escape(data.experiment_id)}</code><br>
+Baseline {day(data.baseline[0])} – {day(data.baseline[1])} · Intervention {day(data.intervention[0])} –
+{day(data.intervention[1])}</p>
+
+<h2>Impact</h2>
+<p class="muted">The treatment group's change from baseline to intervention, corrected by the control group's
+change over the same weeks (difference-in-differences), with its 95% confidence interval.</p>
+{_impact_cards(data)}
+{forest_plot(data.impacts)}
+<p class="muted">Dot: estimate; bar: 95% CI; triangle: the simulation's true effect, when the data is simulated.
+{escape("; ".join(methods))}</p>
+
+<h2>Treatment vs control over time</h2>
+<p class="legend">{escape(unit)}, mean per {bucket_txt}: <span style="background:{TREATMENT}"></span>treatment
+<span style="background:{CONTROL}"></span>control</p>
+{line_chart(data.series, data.baseline, data.intervention, unit)}
+
+<h2>Baseline vs intervention</h2>
+{_period_section(data)}
+
+<h2>Completeness</h2>
+{_completeness_section(data)}
+
+<h2>Rejections</h2>
+<p>{rej_total:,} messages or batch items refused, with the reason code sent back to the device;
+{data.readings:,} datapoints stored.</p>
+{rej}
+
+<footer>Generated {data.generated_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")} by
+<code>pilotlab report</code> from the pilotlab database (KPIs as the streams engine last revised them).
+</footer>
+</main></body></html>
+"""

@@ -1,0 +1,115 @@
+"""Shared pieces of the dashboards, built with grafana-foundation-sdk (Grafana's own builders).
+
+The SDK has no PostgreSQL query type, so :class:`SqlTarget` is a small builder producing the
+target Grafana's PostgreSQL datasource stores (``rawSql``, ``format``, code editor mode).
+Every panel queries the provisioned datasource ``pilotlab-db`` (deploy/grafana/provisioning),
+which connects as the read-only ``grafana_reader`` role.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from grafana_foundation_sdk.builders import common
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.cog import variants as cogvariants
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as cmodel
+from grafana_foundation_sdk.models import dashboard as model
+
+DATASOURCE_UID = "pilotlab-db"
+DATASOURCE_TYPE = "grafana-postgresql-datasource"
+DATASOURCE = model.DataSourceRef(type_val=DATASOURCE_TYPE, uid=DATASOURCE_UID)
+TAGS = ["pilotlab"]
+
+# what each panel type needs from its query's result (checked against the real database)
+TIME_SERIES = "time_series"
+TABLE = "table"
+
+
+@dataclass
+class SqlQuery(cogvariants.Dataquery):
+    """One PostgreSQL target as Grafana stores it in a dashboard model."""
+
+    ref_id: str
+    raw_sql: str
+    format: str = TABLE
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "refId": self.ref_id,
+            "datasource": {"type": DATASOURCE_TYPE, "uid": DATASOURCE_UID},
+            "editorMode": "code",
+            "format": self.format,
+            "rawQuery": True,
+            "rawSql": self.raw_sql,
+        }
+
+
+class SqlTarget(cogbuilder.Builder[cogvariants.Dataquery]):
+    def __init__(self, raw_sql: str, fmt: str = TABLE, ref_id: str = "A") -> None:
+        self._internal = SqlQuery(ref_id=ref_id, raw_sql=_dedent(raw_sql), format=fmt)
+
+    def build(self) -> SqlQuery:
+        return self._internal
+
+
+def _dedent(sql_text: str) -> str:
+    import textwrap  # noqa: PLC0415
+
+    return textwrap.dedent(sql_text).strip()
+
+
+def experiment_variable() -> dash.QueryVariable:
+    """``$experiment``: one experiment at a time, chosen from ``experiments``."""
+    return (
+        dash.QueryVariable("experiment")
+        .label("Experiment")
+        .datasource(DATASOURCE)
+        .query("SELECT title AS __text, experiment_id AS __value FROM experiments ORDER BY title")
+        .refresh(model.VariableRefresh.ON_DASHBOARD_LOAD)
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+    )
+
+
+def grid(x: int, y: int, w: int, h: int) -> model.GridPos:
+    return model.GridPos(h=h, w=w, x=x, y=y)
+
+
+def to_model(builder: dash.Dashboard) -> dict:
+    """The dashboard's JSON model as a plain dict (what Grafana's API and files take), with
+    stable panel ids (1, 2, ... in layout order) so that links to a panel keep working."""
+    out = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
+    for i, panel in enumerate(out.get("panels", []), start=1):
+        panel["id"] = i
+    return out
+
+
+def all_values() -> common.ReduceDataOptions:
+    """Stat panels show one value per row of their table query (not only the last)."""
+    return common.ReduceDataOptions().values(True).calcs(["lastNotNull"]).fields("")
+
+
+def device_markers() -> list[common.MapLayerOptions]:
+    """A geomap markers layer placed by the query's ``latitude``/``longitude`` columns."""
+    return [
+        common.MapLayerOptions()
+        .type("markers")
+        .name("devices")
+        .location(
+            common.FrameGeometrySource()
+            .mode(cmodel.FrameGeometrySourceMode.COORDS)
+            .latitude("latitude")
+            .longitude("longitude")
+        )
+        .tooltip(True)
+        .config({"showLegend": True, "style": {"size": {"fixed": 8}, "color": {"field": "device_group"}}})
+    ]
+
+
+def variable_query(var: dict) -> str:
+    """The SQL of a query variable (Grafana stores it as a string or as {query: ...})."""
+    q = var.get("query")
+    return q.get("query", "") if isinstance(q, dict) else str(q)

@@ -1,0 +1,104 @@
+"""The dashboards' JSON models: stable UIDs, the panels the issue asks for, every query on the
+provisioned datasource, snapshots, the committed provisioning files, and the push payload."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dashboards import build as dbuild
+from dashboards.checks import result_problems, targets
+from dashboards.sdk import DATASOURCE_UID
+
+REPO = Path(__file__).resolve().parents[2]
+SNAPSHOTS = REPO / "tests" / "snapshots" / "dashboards"
+PROVISIONED = REPO / "deploy" / "grafana" / "dashboards"
+UIDS = ["pilotlab-overview", "pilotlab-experiment", "pilotlab-device-health", "pilotlab-pipeline"]
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, dict]:
+    return dbuild.build_all()
+
+
+def test_four_dashboards_with_stable_uids(models):
+    assert list(models) == UIDS
+    assert [m["uid"] for m in models.values()] == UIDS
+    assert all(m["title"].startswith("PilotLab · ") for m in models.values())
+
+
+def test_the_panel_types_the_lab_needs(models):
+    types = {p["type"] for m in models.values() for p in m["panels"]}
+    assert {"timeseries", "stat", "table", "geomap", "barchart"} <= types
+    detail = models["pilotlab-experiment"]
+    assert [v["name"] for v in detail["templating"]["list"]] == ["experiment", "kpi"]
+    assert "geomap" in {p["type"] for p in detail["panels"]}
+    assert [v["name"] for v in models["pilotlab-device-health"]["templating"]["list"]] == ["experiment"]
+
+
+def test_every_query_uses_the_provisioned_datasource_and_the_right_format(models):
+    for model in models.values():
+        ids = [p["id"] for p in model["panels"]]
+        assert ids == list(range(1, len(ids) + 1))
+        for panel, target in targets(model):
+            assert panel["datasource"]["uid"] == target["datasource"]["uid"] == DATASOURCE_UID
+            assert target["rawQuery"] is True and target["rawSql"].strip()
+            want = "time_series" if panel["type"] == "timeseries" else "table"
+            assert target["format"] == want, panel["title"]
+        for var in model.get("templating", {}).get("list", []):
+            assert var["datasource"]["uid"] == DATASOURCE_UID
+
+
+def test_panels_use_template_variables_not_literals(models):
+    for uid in ("pilotlab-experiment", "pilotlab-device-health"):
+        for panel, target in targets(models[uid]):
+            assert "'$experiment'" in target["rawSql"], panel["title"]
+
+
+def test_building_twice_gives_the_same_bytes(models):
+    again = dbuild.build_all()
+    assert [dbuild.dumps(m) for m in again.values()] == [dbuild.dumps(m) for m in models.values()]
+
+
+@pytest.mark.parametrize("uid", UIDS)
+def test_snapshot(models, uid):
+    """Refresh after an intended change: PILOTLAB_UPDATE_SNAPSHOTS=1 pytest tests/unit/test_dashboards_models.py"""
+    path = SNAPSHOTS / f"{uid}.json"
+    text = dbuild.dumps(models[uid])
+    if os.environ.get("PILOTLAB_UPDATE_SNAPSHOTS") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.read_text(encoding="utf-8") == text, f"{uid} changed; review and refresh the snapshot"
+
+
+def test_provisioned_files_are_the_current_build(tmp_path):
+    written = dbuild.write(tmp_path)
+    assert sorted(p.name for p in written) == sorted(p.name for p in PROVISIONED.glob("*.json"))
+    for p in written:
+        assert (PROVISIONED / p.name).read_text(encoding="utf-8") == p.read_text(encoding="utf-8"), (
+            f"stale {p.name}: pilotlab dashboards build --out deploy/grafana/dashboards"
+        )
+
+
+def test_upsert_payload_replaces_by_uid(models):
+    payload = dbuild.upsert_payload({**models["pilotlab-overview"], "id": 42})
+    assert payload["overwrite"] is True
+    assert payload["folderUid"] == dbuild.FOLDER_UID
+    assert payload["dashboard"]["uid"] == "pilotlab-overview"
+    assert "id" not in payload["dashboard"]
+
+
+def test_result_checker_refuses_what_a_panel_cannot_draw():
+    t = __import__("datetime").datetime(2026, 3, 1, tzinfo=__import__("datetime").UTC)
+    assert result_problems("timeseries", "time_series", ["time", "metric", "v"], [(t, "treatment", 1.0)]) == []
+    assert result_problems("timeseries", "table", ["time", "v"], [(t, 1.0)]) == ["format is 'table', not 'time_series'"]
+    assert "no column named time" in result_problems("timeseries", "time_series", ["ts", "v"], [(t, 1.0)])
+    assert "no numeric value column" in result_problems("timeseries", "time_series", ["time", "m"], [(t, "x")])
+    assert result_problems("stat", "table", ["a"], []) == ["no rows"]
+    assert result_problems("stat", "table", ["a"], [("x",)]) == ["no numeric column"]
+    assert result_problems("geomap", "table", ["lat", "lon"], [(45.0, 7.6)]) == [
+        "no numeric latitude column", "no numeric longitude column"]
+    assert result_problems("barchart", "table", ["n"], [(3,)]) == ["no text or time column for the x axis"]
+    assert result_problems("barchart", "table", ["reason", "n"], [("wrong_type", 3)]) == []
