@@ -90,6 +90,9 @@ def free_port() -> int:
 
 def port_busy(port: int) -> bool:
     with socket.socket() as s:
+        # busy means "someone listens": connections of a stopped server in TIME_WAIT do not
+        # count (the servers set SO_REUSEADDR too), so a restarted service keeps its port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
