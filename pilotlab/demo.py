@@ -161,6 +161,15 @@ def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXA
                     )
                 )
             counts = table_counts(conn)
+            from dashboards.report import load as load_report  # noqa: PLC0415
+            from dashboards.report import render as render_report  # noqa: PLC0415
+
+            reports = []
+            for exp in experiments:  # one self-contained HTML impact report per experiment
+                path = stack.data_dir / "reports" / f"{exp.id}.html"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(render_report(load_report(conn, exp.id)), encoding="utf-8")
+                reports.append(str(path))
         timings["total_s"] = time.monotonic() - t0
         return {
             "seed": seed,
@@ -171,6 +180,7 @@ def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXA
             "tables": counts,
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "experiments": results,
+            "reports": reports,
         }
     finally:
         if not was_up:
@@ -234,6 +244,8 @@ def render(result: dict) -> None:
                 )
         rej = ", ".join(f"{r}: {n}" for r, n in exp["rejections"].items()) or "none"
         console.print(f"  readings stored: {exp['readings_stored']}; rejections: {rej}\n")
+    for path in result.get("reports", []):
+        console.print(f"report: {path}")
     t = result["timings"]
     console.print(
         f"{result['messages_published']} MQTT messages, {result['datapoints_accepted_expected']} datapoints, "
