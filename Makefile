@@ -37,6 +37,10 @@ integration: $(STAMP)
 bench-streams: $(STAMP)
 	$(BIN)/python bench/bench_streams.py $(ARGS)
 
+## ingest alone, MQTT → Kafka, with raw Mosquitto and raw Kafka rates measured alongside
+bench-ingest: $(STAMP)
+	$(BIN)/python bench/bench_ingest.py $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
 	$(BIN)/ruff check .
