@@ -55,10 +55,21 @@ def stack_up(
     kafka_port: Annotated[int, typer.Option(help="Pin the Kafka port.")] = 0,
     postgres_port: Annotated[int, typer.Option(help="Pin the PostgreSQL port.")] = 0,
     json_out: Annotated[bool, typer.Option("--json")] = False,
+    *,
+    mqtt_tls_port: Annotated[int, typer.Option(help="Also listen with TLS on this port (Mosquitto).")] = 0,
+    mqtt_tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate for the TLS listener.")] = None,
+    mqtt_tls_key: Annotated[Path | None, typer.Option(help="PEM private key for the TLS listener.")] = None,
 ) -> None:
     """Start the embedded stack (idempotent) and print its endpoints."""
+    from pilotlab.stack import MqttTls  # noqa: PLC0415
+
+    tls = None
+    if mqtt_tls_port or mqtt_tls_cert or mqtt_tls_key:
+        if not (mqtt_tls_port and mqtt_tls_cert and mqtt_tls_key):
+            _fail("a TLS listener needs --mqtt-tls-port, --mqtt-tls-cert and --mqtt-tls-key")
+        tls = MqttTls(mqtt_tls_port, str(mqtt_tls_cert.resolve()), str(mqtt_tls_key.resolve()))
     try:
-        Stack(data_dir).up(ports={"mqtt": mqtt_port, "kafka": kafka_port, "postgres": postgres_port})
+        Stack(data_dir, mqtt_tls=tls).up(ports={"mqtt": mqtt_port, "kafka": kafka_port, "postgres": postgres_port})
     except StackError as exc:
         _fail(str(exc))
     _print_status(Stack(data_dir).status(), json_out)
