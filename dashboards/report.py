@@ -18,6 +18,8 @@ from pathlib import Path
 
 import psycopg
 
+from pilotlab.metrics import METRICS
+
 TREATMENT = "#1f6fb4"
 CONTROL = "#e08a1e"
 BASELINE_BG = "#eef1f5"
@@ -86,10 +88,17 @@ class ReportData:
     periods: list[PeriodRow] = field(default_factory=list)
     series_metric: str | None = None
     series_bucket: timedelta = timedelta(hours=1)
-    series: dict[str, list[tuple[datetime, float]]] = field(default_factory=dict)
+    series: dict[str, list[tuple[datetime, float, int]]] = field(default_factory=dict)
     devices: list[DeviceRow] = field(default_factory=list)
     rejections: dict[str, int] = field(default_factory=dict)
     readings: int = 0
+
+
+def period_mean(points: list[tuple[datetime, float, int]], period: tuple[datetime, datetime]) -> float | None:
+    """The mean over a period of bucket means, weighted by their samples."""
+    inside = [(v, n) for t, v, n in points if period[0] <= t < period[1]]
+    total = sum(n for _, n in inside)
+    return sum(v * n for v, n in inside) / total if total else None
 
 
 def pick_bucket(span: timedelta, max_points: int = 400) -> timedelta:
@@ -141,12 +150,12 @@ def load(conn: psycopg.Connection, experiment_id: str, now: datetime | None = No
     if headline is not None:
         data.series_metric = headline
         data.series_bucket = pick_bucket(t_to - b0)
-        for bucket, group, _samples, mean, _lo, _hi in conn.execute(
+        for bucket, group, samples, mean, _lo, _hi in conn.execute(
             "SELECT * FROM metric_series(%s, %s, %s, %s, %s)",
             (experiment_id, headline, data.series_bucket, b0, t_to),
         ):
             if mean is not None:
-                data.series.setdefault(group, []).append((bucket, mean))
+                data.series.setdefault(group, []).append((bucket, mean, int(samples)))
 
     data.devices = [
         DeviceRow(r[0], r[1], r[2], r[4], r[5], int(r[7] or 0), int(r[8] or 0), r[9])
@@ -173,7 +182,9 @@ def write_report(database_url: str, experiment_id: str, out: Path) -> Path:
 
 
 def pct(v: float | None, digits: int = 1) -> str:
-    return "—" if v is None or not math.isfinite(v) else f"{v * 100:+.{digits}f}%"
+    if v is None or not math.isfinite(v):
+        return "—"
+    return f"{0.0:.{digits}f}%" if round(v * 100, digits) == 0 else f"{v * 100:+.{digits}f}%"
 
 
 def num(v: float | None) -> str:
@@ -207,12 +218,8 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
-    start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 10))
-        t += step
-    return ticks
+    start, stop = math.floor(lo / step), math.ceil(hi / step)
+    return [round(k * step, 10) for k in range(start, stop + 1)]
 
 
 def _tick_label(v: float) -> str:
@@ -260,15 +267,16 @@ def forest_plot(impacts: list[Impact], width: int = 860) -> str:
     return "".join(parts)
 
 
-def line_chart(series: dict[str, list[tuple[datetime, float]]], baseline: tuple[datetime, datetime],
-               intervention: tuple[datetime, datetime], unit: str, *, width: int = 860, height: int = 300) -> str:
+def line_chart(series: dict[str, list[tuple[datetime, float, int]]], baseline: tuple[datetime, datetime],
+               intervention: tuple[datetime, datetime], unit: str, *,
+               means: dict[tuple[str, str], float | None] | None = None, width: int = 860, height: int = 300) -> str:
     """Treatment and control over time, the baseline and intervention periods shaded."""
     points = [p for s in series.values() for p in s]
     if not points:
         return '<p class="muted">No readings stored for this metric yet.</p>'
     t0, t1 = baseline[0], max([intervention[1], *(p[0] for p in points)])
     vs = [p[1] for p in points]
-    ticks = _nice_ticks(min(vs), max(vs), 5)
+    ticks = _nice_ticks(min(0.0, *vs), max(vs), 5)
     lo, hi = ticks[0], ticks[-1]
     left, right, top, bottom = 64, 16, 28, 40
     span = (t1 - t0).total_seconds() or 1
@@ -295,7 +303,7 @@ def line_chart(series: dict[str, list[tuple[datetime, float]]], baseline: tuple[
     days = max(1, round(span / 86400 / 7))
     d = t0.replace(hour=0, minute=0, second=0, microsecond=0)
     while d <= t1:
-        if d >= t0:
+        if d >= t0 and x(d) <= width - right - 18:  # no label cut by the right edge
             parts.append(f'<text x="{x(d):.1f}" y="{height - bottom + 16}" text-anchor="middle" class="tick">'
                          f'{d.strftime("%d %b")}</text>')
             parts.append(f'<line x1="{x(d):.1f}" y1="{height - bottom}" x2="{x(d):.1f}" y2="{height - bottom + 4}" '
@@ -308,8 +316,23 @@ def line_chart(series: dict[str, list[tuple[datetime, float]]], baseline: tuple[
         s = sorted(series.get(group, []))
         if not s:
             continue
-        path = " ".join(f"{'M' if i == 0 else 'L'}{x(t):.1f},{y(v):.1f}" for i, (t, v) in enumerate(s))
-        parts.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="1.4"/>')
+        path = " ".join(f"{'M' if i == 0 else 'L'}{x(t):.1f},{y(v):.1f}" for i, (t, v, _) in enumerate(s))
+        parts.append(f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="1.2" stroke-opacity="0.45"/>')
+    for name, period in (("baseline", baseline), ("intervention", intervention)):
+        found = {}
+        for group in ("control", "treatment"):
+            m = (means or {}).get((group, name), period_mean(series.get(group, []), period))
+            if m is not None:
+                found[group] = m
+        top_group = max(found, key=found.get) if len(found) > 1 else None
+        xa, xb = max(x(period[0]), left), min(x(period[1]), width - right)
+        for group, m in found.items():
+            colour = TREATMENT if group == "treatment" else CONTROL
+            dy = -6 if group == top_group else 14  # the higher line's label above it, the other's below
+            parts.append(f'<line x1="{xa:.1f}" y1="{y(m):.1f}" x2="{xb:.1f}" y2="{y(m):.1f}" stroke="{colour}" '
+                         f'stroke-width="3.5"/>')
+            parts.append(f'<text x="{xb - 6:.1f}" y="{y(m) + dy:.1f}" text-anchor="end" class="value">'
+                         f'{group} {num(m)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -456,9 +479,22 @@ def _completeness_section(data: ReportData) -> str:
         f'<p>Samples received / samples expected from each device\'s interval, baseline start to '
         f"{'now' if data.generated_at < data.intervention[1] else 'intervention end'}. {escape(summary)}.</p>"
         + hbars(items, lambda v: f"{v:.1f}%", width=860, max_value=100)
+        + '<p class="muted">Status: the last online/offline transition the streams worker reported for the device '
+        "(— : none reported).</p>"
         + '<table><tr><th>device</th><th class="l">group</th><th class="l">kind</th><th>last seen (UTC)</th>'
         f'<th class="l">status</th><th>samples</th><th>expected</th><th>completeness</th></tr>{rows}</table>'
     )
+
+
+def headline_means(data: ReportData) -> dict[tuple[str, str], float | None]:
+    """The period means of the headline metric as the streams engine folded them (its first mean
+    KPI by name), so that the chart's thick lines agree with the tables."""
+    rows = [r for r in data.periods if r.kind == "mean" and r.metric == data.series_metric]
+    out: dict[tuple[str, str], float | None] = {}
+    for r in sorted(rows, key=lambda r: r.kpi):
+        out.setdefault((r.group, "baseline"), r.baseline)
+        out.setdefault((r.group, "intervention"), r.intervention)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def render(data: ReportData) -> str:
@@ -470,6 +506,15 @@ def render(data: ReportData) -> str:
     bucket_txt = f"{int(bucket.total_seconds() // 3600)} h" if bucket >= timedelta(hours=1) else \
         f"{int(bucket.total_seconds() // 60)} min"
     methods = sorted({i.method for i in data.impacts if i.method})
+    unit_txt = METRICS[unit].unit if unit in METRICS else ""
+    has_control = any(d.group == "control" for d in data.devices)
+    impact_intro = (
+        "The treatment group's change from baseline to intervention, corrected by the control group's change "
+        "over the same weeks (difference-in-differences), with its 95% confidence interval."
+        if has_control
+        else "The treatment group's change from baseline to intervention, with its 95% confidence interval. "
+        "This pilot has no control group: the change also includes whatever else changed over those weeks."
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -482,17 +527,17 @@ Baseline {day(data.baseline[0])} – {day(data.baseline[1])} · Intervention {da
 {day(data.intervention[1])}</p>
 
 <h2>Impact</h2>
-<p class="muted">The treatment group's change from baseline to intervention, corrected by the control group's
-change over the same weeks (difference-in-differences), with its 95% confidence interval.</p>
+<p class="muted">{impact_intro}</p>
 {_impact_cards(data)}
 {forest_plot(data.impacts)}
 <p class="muted">Dot: estimate; bar: 95% CI; triangle: the simulation's true effect, when the data is simulated.
-{escape("; ".join(methods))}</p>
+Method: {escape("; ".join(methods) or "—")}.</p>
 
-<h2>Treatment vs control over time</h2>
-<p class="legend">{escape(unit)}, mean per {bucket_txt}: <span style="background:{TREATMENT}"></span>treatment
-<span style="background:{CONTROL}"></span>control</p>
-{line_chart(data.series, data.baseline, data.intervention, unit)}
+<h2>{"Treatment vs control over time" if has_control else "Treatment over time (no control group)"}</h2>
+<p class="legend">{escape(unit)} ({escape(unit_txt)}); thin: mean per {bucket_txt}; thick: mean of each period.
+<span style="background:{TREATMENT}"></span>treatment
+{f'<span style="background:{CONTROL}"></span>control' if has_control else ""}</p>
+{line_chart(data.series, data.baseline, data.intervention, f"{unit} {unit_txt}", means=headline_means(data))}
 
 <h2>Baseline vs intervention</h2>
 {_period_section(data)}
