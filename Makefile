@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: demo test unit integration bench lint clean install
+.PHONY: demo test unit integration bench bench-sim lint clean install
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ bench-streams: $(STAMP)
 ## ingest alone, MQTT → Kafka, with raw Mosquitto and raw Kafka rates measured alongside
 bench-ingest: $(STAMP)
 	$(BIN)/python bench/bench_ingest.py $(ARGS)
+
+## simulator throughput: 10,000 simulated devices in one process (messages/s)
+bench-sim: $(STAMP)
+	$(BIN)/python bench/bench_simulator.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
