@@ -1,12 +1,14 @@
-"""The Faust worker: thin agents around the pure KPI engine.
+"""The Faust worker: a thin agent around the pure KPI engine (``streams.engine.process``).
 
-``compute_kpis`` decodes a reading batch, finds its experiment in the registry, folds the
-batch into the window table (``streams.engine``), and emits the updated KPIs. Window states
-live in a Faust table whose changelog restores them after a crash. Faust is at-least-once
-(tansu has no transactions), so the table also records, per source partition, the next
-offset to apply: a message replayed after recovery is recognised and skipped, so nothing is
-counted twice. Readings delivered twice (an MQTT redelivery after an ingest crash) are
-screened out per device on the same natural key storage uses (device, metric, ts).
+``compute_kpis`` decodes a reading batch, finds its experiment in the registry, runs it
+through the engine (de-duplication, allowed lateness, event-time windows, liveness) and sends
+the updated KPIs (``pilotlab.kpis``), late readings (``pilotlab.late``) and device status
+changes (``pilotlab.device-status``), all keyed by experiment. Every state lives in ONE Faust
+table, so that the writes a message causes reach one changelog partition in order; the
+applied-offset mark is the last of them. Faust is at-least-once (tansu has no transactions):
+after a crash a replayed message finds which of its writes survived and neither counts
+twice nor loses anything (see ``process``). Readings delivered twice (an MQTT redelivery) are
+screened out per device on the natural key storage uses (device, metric, ts).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import faust
 from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
-from streams.engine import advance, apply_batch, screen, split_late
+from streams.engine import process
 
 log = logging.getLogger("pilotlab.streams")
 
@@ -55,12 +57,11 @@ def create_app(settings: StreamsSettings) -> faust.App:
     late = app.topic(
         KafkaTopics.LATE, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    windows = app.Table("kpi-windows", default=None, partitions=settings.kafka_partitions)
-    seen = app.Table("device-seen", default=None, partitions=settings.kafka_partitions)
+    # One table for every state, so that the writes of one message go to one changelog
+    # partition in order (see streams.engine.process): "w|<window>", "d|<device>",
+    # "x|<experiment>" (watermark, liveness), "a|<partition>" (applied offsets).
+    state = app.Table("pilotlab-state", default=None, partitions=settings.kafka_partitions)
     horizon_ms = settings.streams_dedup_horizon_s * 1000
-    applied = app.Table("applied-offsets", default=None, partitions=settings.kafka_partitions)
-    # per experiment: its event-time watermark and each device's last reading and status
-    clocks = app.Table("experiment-clock", default=None, partitions=settings.kafka_partitions)
     status = app.topic(
         KafkaTopics.DEVICE_STATUS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
@@ -77,34 +78,24 @@ def create_app(settings: StreamsSettings) -> faust.App:
     @app.agent(readings)
     async def compute_kpis(stream):
         async for event in stream.events():
-            partition, offset = event.message.partition, event.message.offset
-            mark = f"{KafkaTopics.READINGS}:{partition}"
-            done = applied.get(mark)
-            if done is not None and offset < done:
-                continue  # applied before a crash; its effect is already in the table
+            source = [event.message.partition, event.message.offset]
             batch = ReadingBatch.from_json(event.value)
             experiment = await experiment_for(batch.experiment_id)
-            screened, seen[batch.device_id] = screen(batch, seen.get(batch.device_id), horizon_ms)
-            before = clocks.get(batch.experiment_id)
-            on_time, past_lateness = split_late(screened.fresh, experiment, before and before["wm"])
-            updates = apply_batch(on_time, experiment, windows.get, windows.__setitem__)
-            clocks[batch.experiment_id], transitions = advance(before, screened.fresh, experiment)
-            applied[mark] = offset + 1
+            out = process(batch, experiment, state.get, state.__setitem__, source=source, horizon_ms=horizon_ms)
             key = batch.experiment_id.encode()
-            if updates:
-                await kpis.send(key=key, value=encode_kpis(updates))
-            if screened.too_late or past_lateness:
-                held = ReadingBatch(
-                    batch.experiment_id,
-                    batch.device_id,
-                    batch.group,
-                    batch.received_ms,
-                    (*screened.too_late, *past_lateness),
-                )
-                log.info("%d late readings of %s routed to %s", len(held.readings), batch.device_id, KafkaTopics.LATE)
+            if out.kpis:
+                await kpis.send(key=key, value=encode_kpis(out.kpis))
+            if out.late:
+                held = ReadingBatch(batch.experiment_id, batch.device_id, batch.group, batch.received_ms, out.late)
+                log.info("%d late readings of %s routed to %s", len(out.late), batch.device_id, KafkaTopics.LATE)
                 await late.send(key=key, value=held.to_json())
-            for t in transitions:
+            for t in out.transitions:
                 await status.send(key=key, value=t.to_json())
+
+    @app.on_partitions_assigned.connect
+    async def log_assignment(app, assigned, **_kw) -> None:
+        mine = sorted(tp.partition for tp in assigned if tp.topic == KafkaTopics.READINGS)
+        log.info("assigned %s partitions: %s", KafkaTopics.READINGS, mine)
 
     app.pilotlab_registry = registry  # for tests
     return app

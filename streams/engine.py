@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
+
 from pilotlab.contracts import DeviceStatus, KpiValue, Reading, ReadingBatch
 from pilotlab.manifest import Experiment
 from streams import kpis
@@ -60,6 +62,7 @@ def apply_batch(
     experiment: Experiment,
     load: Callable[[str], dict[str, WindowState] | None],
     store: Callable[[str, dict[str, WindowState]], None],
+    source: list[int] | None = None,
 ) -> list[KpiValue]:
     """Add the batch's readings to every KPI window they fall in; return the updated KPIs.
 
@@ -67,6 +70,10 @@ def apply_batch(
     samples, "r": revision}``. When a manifest update changes what a KPI computes, its window
     starts afresh (the revision keeps growing, so storage takes the new value). Impact KPIs
     have one window over the experiment's whole span, shared by both groups.
+
+    ``source`` ([partition, offset] of the Kafka message) is recorded in each window it
+    updates (key ``"_o"``): a window already holding this message's readings (a replay after
+    a crash cut the message's state writes short) is not added to again, only re-emitted.
     """
     aggs = aggregators_of(experiment)
     touched: dict[str, tuple[WindowKey, dict[str, WindowState], set[str]]] = {}
@@ -92,6 +99,9 @@ def apply_batch(
                 if k not in touched:
                     touched[k] = (WindowKey(exp_id, group, kpi.window, start), dict(load(k) or {}), set())
             _, window, changed = touched[k]
+            if source is not None and window.get("_o") == source:
+                changed.add(kpi.name)  # applied before the crash: re-emit as it stands
+                continue
             state = window.get(kpi.name)
             if state is None or state.get("k") != sig:  # new, or its definition changed
                 state = {"k": sig, "s": agg.initialize(), "n": 0, "r": state["r"] if state else 0}
@@ -101,9 +111,13 @@ def apply_batch(
     by_name = {k.name: k for k in experiment.kpis}
     out = []
     for k, (key, window, changed) in touched.items():
+        replayed = source is not None and window.get("_o") == source
         for name in sorted(changed):
+            if name not in window:  # the manifest changed between the crash and the replay
+                continue
             state = window[name]
-            state["r"] += 1
+            if not replayed:
+                state["r"] += 1
             kpi = by_name[name]
             value, details = aggs[name].result(state["s"], key.device_group)
             out.append(
@@ -121,7 +135,56 @@ def apply_batch(
                     details=details,
                 )
             )
-        store(k, window)
+        if not replayed:
+            if source is not None:
+                window["_o"] = source
+            store(k, window)
+    return out
+
+
+def current_kpis(
+    batch: ReadingBatch, experiment: Experiment, load: Callable[[str], dict[str, WindowState] | None]
+) -> list[KpiValue]:
+    """The KPIs of every window this batch's readings fall in, as they stand (no update):
+    re-emitted when a message that was fully applied before a crash is delivered again, in
+    case its KPI records had not reached the broker (storage keeps the highest revision)."""
+    aggs = aggregators_of(experiment)
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for kpi in experiment.kpis:
+        agg = aggs[kpi.name]
+        for reading in batch.readings:
+            if kpi.metric not in reading.metrics:
+                continue
+            if kpi.kind == "impact":
+                if agg.period(reading.ts_ms) is None:
+                    continue
+                key = WindowKey(batch.experiment_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
+            else:
+                key = WindowKey(batch.experiment_id, batch.group, kpi.window, window_start(reading.ts_ms, kpi.window))
+            k = key.encode()
+            if (k, kpi.name) in seen:
+                continue
+            seen.add((k, kpi.name))
+            state = (load(k) or {}).get(kpi.name)
+            if state is None or state.get("k") != kpi.signature():
+                continue
+            value, details = agg.result(state["s"], key.device_group)
+            out.append(
+                KpiValue(
+                    experiment_id=key.experiment_id,
+                    kpi=kpi.name,
+                    metric=kpi.metric,
+                    kind=kpi.kind,
+                    device_group=key.device_group,
+                    window_size_s=key.window_size_s,
+                    window_start_ms=key.window_start_ms,
+                    value=value,
+                    sample_count=state["n"],
+                    revision=state["r"],
+                    details=details,
+                )
+            )
     return out
 
 
@@ -247,3 +310,108 @@ def screen(batch: ReadingBatch, seen: dict | None, horizon_ms: int) -> tuple[Scr
         too_late=tuple(late),
     )
     return screened, {"hwm": hwm, "seen": known}
+
+
+# --- replays after a crash -------------------------------------------------------------------
+#
+# The worker keeps every state in one Faust table, so all the writes one message causes go to
+# one changelog partition, in order: de-duplication, windows, experiment clock, and last the
+# applied-offset mark. A crash keeps a prefix of them. The functions below let a replayed
+# message find what of it was already written and neither add it twice nor lose it: each state
+# records the source message ([partition, offset]) that last changed it, with what that
+# message did to it.
+
+
+def screen_once(
+    batch: ReadingBatch, seen: dict | None, horizon_ms: int, source: list[int]
+) -> tuple[Screened, dict]:
+    """``screen``, remembering its outcome for ``source``: screening the same message again
+    (a replay) gives the same outcome instead of calling its readings duplicates."""
+    fx = (seen or {}).get("fx")
+    if fx is not None and fx["o"] == source:
+        def readings(rows):
+            return tuple(Reading(seq, ts, metrics) for seq, ts, metrics in rows)
+
+        fresh = ReadingBatch(
+            batch.experiment_id, batch.device_id, batch.group, batch.received_ms, readings(fx["f"])
+        )
+        return Screened(fresh=fresh, duplicates=fx["d"], too_late=readings(fx["l"])), seen
+    screened, state = screen(batch, seen, horizon_ms)
+    state["fx"] = {
+        "o": source,
+        "f": [[r.seq, r.ts_ms, r.metrics] for r in screened.fresh.readings],
+        "l": [[r.seq, r.ts_ms, r.metrics] for r in screened.too_late],
+        "d": screened.duplicates,
+    }
+    return screened, state
+
+
+def watermark_before(clock: dict | None, source: list[int]) -> int | None:
+    """The experiment's watermark as it was before ``source`` was applied."""
+    if clock is None:
+        return None
+    return clock["wb"] if clock.get("o") == source else clock["wm"]
+
+
+def advance_once(
+    clock: dict | None, batch: ReadingBatch, experiment: Experiment, source: list[int]
+) -> tuple[dict, list[DeviceStatus]]:
+    """``advance``, once per source message: a replay returns the same state and the same
+    transitions (to send again; storage keys them on device, time and status)."""
+    if clock is not None and clock.get("o") == source:
+        return clock, [DeviceStatus(**e) for e in clock["ev"]]
+    state, events = advance(clock, batch, experiment)
+    state.update(
+        o=source,
+        wb=clock["wm"] if clock else None,
+        ev=[orjson.loads(e.to_json()) for e in events],
+    )
+    return state, events
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one message makes the worker send."""
+
+    kpis: list[KpiValue]
+    late: tuple[Reading, ...]
+    transitions: list[DeviceStatus]
+
+
+def process(
+    batch: ReadingBatch,
+    experiment: Experiment,
+    get: Callable[[str], object],
+    put: Callable[[str, object], None],
+    *,
+    source: list[int],
+    horizon_ms: int,
+) -> Outcome:
+    """One Kafka message through the whole engine, on one key-value state (the worker's
+    Faust table). Writes, in this order: the device's de-duplication state ``d|device``, the
+    windows ``w|window``, the experiment clock ``x|experiment``, and last the applied mark
+    ``a|partition``. After a crash that kept any prefix of these writes, processing the same
+    message again leaves the same state and sends the same records as one clean run."""
+    partition, offset = source
+    mark = f"a|{partition}"
+    done = get(mark)
+
+    def load_window(k: str):
+        return get("w|" + k)
+
+    def store_window(k: str, window: dict) -> None:
+        put("w|" + k, window)
+
+    if done is not None and offset < done:
+        # fully applied before: count nothing, send its windows' KPIs again as they stand
+        return Outcome(current_kpis(batch, experiment, load_window), (), [])
+    device_key, clock_key = f"d|{batch.device_id}", f"x|{batch.experiment_id}"
+    screened, seen = screen_once(batch, get(device_key), horizon_ms, source)
+    put(device_key, seen)
+    clock = get(clock_key)
+    on_time, past_lateness = split_late(screened.fresh, experiment, watermark_before(clock, source))
+    updates = apply_batch(on_time, experiment, load_window, store_window, source)
+    clock, transitions = advance_once(clock, screened.fresh, experiment, source)
+    put(clock_key, clock)
+    put(mark, offset + 1)
+    return Outcome(updates, (*screened.too_late, *past_lateness), transitions)
