@@ -77,6 +77,26 @@ def reading_columns(batches: Iterable[ReadingBatch]) -> tuple[list, ...]:
 
 
 def write_readings(conn: psycopg.Connection, batches: Iterable[ReadingBatch]) -> int:
+    """COPY into a transaction-local staging table, then merge on the natural key: measured
+    1.2-2.5x faster than ``unnest`` across batch sizes (bench/bench_sink.py), and as idempotent."""
+    cols = reading_columns(batches)
+    if not cols[0]:
+        return 0
+    conn.execute("CREATE TEMP TABLE readings_staging (LIKE readings) ON COMMIT DROP")
+    with conn.cursor().copy(
+        "COPY readings_staging (ts, experiment_id, device_id, device_group, metric, value, seq, received_at) FROM STDIN"
+    ) as cp:
+        for row in zip(*cols, strict=True):
+            cp.write_row(row)
+    n = conn.execute(
+        "INSERT INTO readings SELECT * FROM readings_staging ON CONFLICT (device_id, metric, ts) DO NOTHING"
+    ).rowcount
+    conn.execute("DROP TABLE readings_staging")  # several writes may share one transaction
+    return n
+
+
+def write_readings_unnest(conn: psycopg.Connection, batches: Iterable[ReadingBatch]) -> int:
+    """The same upsert in one statement without COPY (for servers that cannot COPY, e.g. PGlite)."""
     cols = reading_columns(batches)
     if not cols[0]:
         return 0

@@ -145,17 +145,17 @@ def expected_baseline_vs_intervention(ds: Dataset) -> dict[str, tuple[float, flo
 
 def load(conn, ds: Dataset, batches_per_statement: int | None = None) -> dict[str, int]:
     """Write the dataset through the sink's writers in one transaction; returns rows written.
-    ``batches_per_statement`` keeps each statement small (PGlite over a socket fails on a
-    protocol message over 64 KiB)."""
+    ``batches_per_statement`` (PGlite) keeps each statement small, since PGlite over a socket
+    fails on a protocol message over 64 KiB and on COPY: readings then go through the
+    one-statement ``unnest`` upsert instead of COPY + merge."""
     from storage import writer  # noqa: PLC0415
 
     step = batches_per_statement or len(ds.batches)
+    write_readings = writer.write_readings_unnest if batches_per_statement else writer.write_readings
     with conn.transaction():
         return {
             "experiments": writer.write_experiments(conn, [ds.experiment]),
-            "readings": sum(
-                writer.write_readings(conn, ds.batches[k : k + step]) for k in range(0, len(ds.batches), step)
-            ),
+            "readings": sum(write_readings(conn, ds.batches[k : k + step]) for k in range(0, len(ds.batches), step)),
             "kpis": writer.write_kpis(conn, ds.kpis),
             "device_status": writer.write_device_status(conn, ds.statuses),
             "rejections": writer.write_rejections(conn, ds.rejections),
