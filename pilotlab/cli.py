@@ -138,6 +138,20 @@ def db_migrate() -> None:
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
+@db_app.command("status")
+def db_status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The database mode (timescaledb or postgresql) and the applied / pending migrations."""
+    from storage.migrate import status  # noqa: PLC0415
+
+    st = status(cfg.load(cfg.SinkSettings).database_url)
+    if json_out:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    typer.echo(f"database mode: {st['mode']}")
+    typer.echo(f"applied: {', '.join(st['applied']) or '-'}")
+    typer.echo(f"pending: {', '.join(st['pending']) or '-'}")
+
+
 @exp_app.command("apply")
 def experiments_apply(path: Path, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Validate manifests (a file or a directory) and register them; running services pick
@@ -533,12 +547,13 @@ def dashboards_push(
 ) -> None:
     """Create or replace every dashboard by its UID in the folder PilotLab (idempotent)."""
     from grafana_client.client import GrafanaException  # noqa: PLC0415
+    from niquests.exceptions import RequestException  # noqa: PLC0415
 
     from dashboards.build import push  # noqa: PLC0415
 
     try:
         pushed = push(url, token, log=typer.echo)
-    except GrafanaException as exc:
+    except (GrafanaException, RequestException) as exc:
         _fail(f"grafana at {url}: {exc}")
     for p in pushed:
         typer.echo(f"{p.uid}: {p.status} version {p.version} {p.url or ''}")
