@@ -45,6 +45,10 @@ bench-ingest: $(STAMP)
 bench-sim: $(STAMP)
 	$(BIN)/python bench/bench_simulator.py $(ARGS)
 
+## sink write paths into PostgreSQL (unnest vs COPY+merge) against the raw COPY ceiling
+bench-sink: $(STAMP)
+	$(BIN)/python bench/bench_sink.py $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
 	$(BIN)/ruff check .
