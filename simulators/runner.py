@@ -1,7 +1,7 @@
 """Run a scenario against an MQTT broker: plan, pace, publish, and return the ground truth.
 
 The run's anchor (the end of the simulated window) is the wall-clock time at which the last
-reading is due: ``now + lead + span / speed``, rounded up to the minute. So in live mode
+reading is due: ``now + lead + span / speed``, rounded up to the second. So in live mode
 (``speed`` 1) the readings are taken "now", and accelerated the window ends when the run ends.
 """
 
@@ -27,7 +27,7 @@ __all__ = ["default_anchor", "run_scenario"]
 def default_anchor(scenario: Scenario, speed: float, lead_s: float = 3.0, now: datetime | None = None) -> datetime:
     now = utcnow() if now is None else now
     end = now + timedelta(seconds=lead_s + scenario.span().total_seconds() / speed)
-    return datetime.fromtimestamp(math.ceil(end.timestamp() / 60) * 60, tz=UTC)
+    return datetime.fromtimestamp(math.ceil(end.timestamp()), tz=UTC)  # whole seconds
 
 
 def run_scenario(
