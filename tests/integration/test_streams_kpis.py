@@ -305,6 +305,27 @@ def test_late_out_of_order_and_liveness(stack_state, stack):
                 assert got[key][1] == len(values)
                 assert abs(got[key][0] - rank_value(values, 0.95)) <= SKETCH_ALPHA * rank_value(values, 0.95)
 
+            # the sink stores what streams routed: the late reading and the liveness transitions
+            def stored_outputs():
+                late_rows = conn.execute(
+                    "SELECT device_id, metric, ts, value FROM late_readings WHERE experiment_id = %s", (exp.id,)
+                ).fetchall()
+                status_rows = conn.execute(
+                    "SELECT device_id, status, ts FROM device_status WHERE experiment_id = %s ORDER BY ts",
+                    (exp.id,),
+                ).fetchall()
+                got = (
+                    [(d, m, to_ms(ts), v) for d, m, ts, v in late_rows],
+                    [(d, st, to_ms(ts)) for d, st, ts in status_rows],
+                )
+                want = (
+                    [(t1, "no2", base + 30_000, 99.0)],
+                    [(t1, "offline", base + 120_000 + 3 * 60_000), (t1, "online", base + 21 * 60_000)],
+                )
+                return True if got == want else f"{got}"
+
+            wait_for(stored_outputs, 60, conn, "late_readings and device_status")
+
     late = read_topic(stack_state.kafka_bootstrap, KafkaTopics.LATE, exp.id, ReadingBatch.from_json, want=1)
     assert [(b.device_id, [(r.ts_ms, r.metrics) for r in b.readings]) for b in late] == [
         (t1, [(base + 30_000, {"no2": 99.0})])
