@@ -10,7 +10,9 @@ import sys
 from collections import Counter
 
 import orjson
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from pilotlab import registry
 from pilotlab.contracts import KafkaTopics, Reason, telemetry_topic, to_ms, utcnow
@@ -24,13 +26,17 @@ pytestmark = pytest.mark.integration
 MESSAGES_PER_DEVICE = 60
 
 
+SHARE_GROUP = "replicas-test"  # its own group: other tests' offline ingest sessions take no share
+
+
 def start_replica(stack_state, name: str, log_dir) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
         **os.environ,
         **stack_state.env(),
         "PILOTLAB_INGEST_METRICS_PORT": str(port),
-        "PILOTLAB_INGEST_CLIENT_ID": f"pilotlab-ingest-{name}",  # one persistent session each
+        "PILOTLAB_INGEST_CLIENT_ID": f"replicas-test-{name}",  # one persistent session each
+        "PILOTLAB_INGEST_SHARE_GROUP": SHARE_GROUP,
     }
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "ab") as log:
@@ -48,6 +54,21 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def discard_session(ep: MqttEndpoint, client_id: str) -> None:
+    """A stopped replica's persistent session stays in the shared group and keeps taking its
+    share of messages (queued until it returns): a replica removed for good must have its
+    session discarded, which a clean-session connect with its client id does."""
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    ep.configure(client)
+    client.connect(ep.host, ep.port)
+    client.loop_start()
+    try:
+        wait_until(client.is_connected, 10, f"{client_id} did not reconnect")
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def test_two_replicas_split_one_stream_without_duplicate_forwarding(stack_state, stack):
@@ -115,3 +136,5 @@ def test_two_replicas_split_one_stream_without_duplicate_forwarding(stack_state,
     finally:
         for proc, _ in procs:
             stop(proc)
+        for name in ("a", "b"):
+            discard_session(MqttEndpoint.parse(stack_state.mqtt_url), f"replicas-test-{name}")
