@@ -24,7 +24,9 @@ def ensure_topics(bootstrap: str, partitions: int, topics: tuple[str, ...] = Kaf
             wanted.append(NewTopic(name, 1, 1, config={"cleanup.policy": "compact", "retention.ms": "-1"}))
         else:
             wanted.append(NewTopic(name, partitions, 1, config={"retention.ms": str(7 * 86400 * 1000)}))
-    created = []
+    created: list[str] = []
+    if not wanted:
+        return created
     for name, fut in admin.create_topics(wanted, request_timeout=15).items():
         try:
             fut.result()
