@@ -1,6 +1,8 @@
-"""Shared fixtures. Integration tests get one real embedded stack per test session (Mosquitto,
+"""Shared fixtures. Each integration test module gets its own real embedded stack (Mosquitto,
 tansu, PostgreSQL on loopback ports in a temporary directory), started with the same code as
-``pilotlab stack up`` and stopped at the end, whatever happens."""
+``pilotlab stack up`` and stopped at the end of the module, whatever happens. A stack starts
+in about two seconds; one per module keeps consumer groups, shared subscriptions and broker
+state of one module from leaking into the next."""
 
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from storage.migrate import migrate
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pilotlab-stack")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(stack_dir: Path):
     s = Stack(stack_dir)
     try:
@@ -32,7 +34,7 @@ def stack(stack_dir: Path):
         s.down()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack_state(stack: Stack) -> StackState:
     state = stack.load()
     assert state is not None

@@ -11,8 +11,11 @@ import pytest
 
 from pilotlab import registry
 from pilotlab.contracts import to_ms
+from pilotlab.kafka_admin import ensure_topics
 from pilotlab.services import Services
+from pilotlab.stack import Stack
 from simulators.publisher import publish
+from storage.migrate import migrate
 from tests.integration.test_end_to_end import expected_kpis, make_experiment, stored_kpis
 
 pytestmark = pytest.mark.integration
@@ -47,8 +50,22 @@ def kpis_on_topic(bootstrap: str, exp_id: str) -> dict[tuple, tuple]:
     return best
 
 
+@pytest.fixture
+def own_stack(tmp_path):
+    """A fresh stack per victim: each crash starts from a clean broker and consumer groups."""
+    s = Stack(tmp_path / "stack")
+    try:
+        state = s.up()
+        migrate(state.database_url)
+        ensure_topics(state.kafka_bootstrap, partitions=4)
+        yield s, state
+    finally:
+        s.down()
+
+
 @pytest.mark.parametrize("victim", ["ingest", "streams", "sink"])
-def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(stack_state, stack, victim):
+def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(own_stack, victim):
+    stack, stack_state = own_stack
     exp = make_experiment(f"crash-{victim}", f"k{victim[:2]}", minutes=300)
     registry.publish(stack_state.kafka_bootstrap, [exp])
     result = {}

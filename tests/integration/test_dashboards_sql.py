@@ -52,9 +52,10 @@ def dashboard_experiment() -> Experiment:
 
 
 def filled_pilot(stack_state, stack) -> dict:
-    """Replay the pilot once per test session (shared by the report tests)."""
-    if "pilot" in _FILLED:
-        return _FILLED["pilot"]
+    """Replay the pilot once per stack (the report tests reuse it when they share a stack)."""
+    key = str(stack.data_dir)
+    if key in _FILLED:
+        return _FILLED[key]
     exp = dashboard_experiment()
     registry.publish(stack_state.kafka_bootstrap, [exp])
     with Services(stack_state, stack.logs / "services-dashboards").start() as services:
@@ -69,8 +70,8 @@ def filled_pilot(stack_state, stack) -> dict:
                                    "AND details ? 'ci_low'", (exp.id,)).fetchone():
                 assert time.monotonic() < deadline, "no impact KPI stored"
                 time.sleep(0.5)
-    _FILLED["pilot"] = {"experiment": exp, "truth": truth, "filled_at": utcnow()}
-    return _FILLED["pilot"]
+    _FILLED[key] = {"experiment": exp, "truth": truth, "filled_at": utcnow()}
+    return _FILLED[key]
 
 
 @pytest.fixture(scope="module")
