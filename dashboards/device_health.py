@@ -4,9 +4,8 @@ status, its completeness and its rejections by reason, so that a startup can fix
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import barchart, table, timeseries
-from grafana_foundation_sdk.builders import dashboard as dash
 
-from dashboards.sdk import DATASOURCE, TAGS, TIME_SERIES, SqlTarget, experiment_variable, grid, to_model
+from dashboards.sdk import DATASOURCE, TIME_SERIES, SqlTarget, dashboard, experiment_variable, grid, to_model
 
 UID = "pilotlab-device-health"
 TITLE = "PilotLab · Startup device health"
@@ -14,13 +13,7 @@ TITLE = "PilotLab · Startup device health"
 
 def build() -> dict:
     d = (
-        dash.Dashboard(TITLE)
-        .uid(UID)
-        .tags(TAGS)
-        .description(__doc__.split("\n\n")[0].replace("\n", " "))
-        .time("now-30d", "now")
-        .refresh("1m")
-        .timezone("utc")
+        dashboard(TITLE, UID, __doc__, "now-30d")
         .with_variable(experiment_variable())
     )
     d.with_panel(

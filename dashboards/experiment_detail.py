@@ -12,10 +12,10 @@ from grafana_foundation_sdk.models import geomap as gmodel
 
 from dashboards.sdk import (
     DATASOURCE,
-    TAGS,
     TIME_SERIES,
     SqlTarget,
     all_values,
+    dashboard,
     device_markers,
     experiment_variable,
     grid,
@@ -41,13 +41,7 @@ def kpi_variable() -> dash.QueryVariable:
 
 def build() -> dict:
     d = (
-        dash.Dashboard(TITLE)
-        .uid(UID)
-        .tags(TAGS)
-        .description(__doc__.split("\n\n")[0].replace("\n", " "))
-        .time("now-30d", "now")
-        .refresh("1m")
-        .timezone("utc")
+        dashboard(TITLE, UID, __doc__, "now-30d")
         .with_variable(experiment_variable())
         .with_variable(kpi_variable())
     )

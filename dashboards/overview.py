@@ -4,9 +4,8 @@ rejection rate, headline KPI and impact."""
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import barchart, stat, table, timeseries
-from grafana_foundation_sdk.builders import dashboard as dash
 
-from dashboards.sdk import DATASOURCE, TAGS, TIME_SERIES, SqlTarget, grid, to_model
+from dashboards.sdk import DATASOURCE, TIME_SERIES, SqlTarget, dashboard, grid, to_model
 
 UID = "pilotlab-overview"
 TITLE = "PilotLab · City Lab overview"
@@ -14,13 +13,7 @@ TITLE = "PilotLab · City Lab overview"
 
 def build() -> dict:
     d = (
-        dash.Dashboard(TITLE)
-        .uid(UID)
-        .tags(TAGS)
-        .description(__doc__.split("\n\n")[0].replace("\n", " "))
-        .time("now-24h", "now")
-        .refresh("1m")
-        .timezone("utc")
+        dashboard(TITLE, UID, __doc__, "now-24h")
     )
     d.with_panel(
         stat.Panel()

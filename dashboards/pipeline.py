@@ -7,9 +7,8 @@ clocks the pipeline runs (received_at − ts)."""
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import barchart, stat, table, timeseries
-from grafana_foundation_sdk.builders import dashboard as dash
 
-from dashboards.sdk import DATASOURCE, TAGS, TIME_SERIES, SqlTarget, grid, to_model
+from dashboards.sdk import DATASOURCE, TIME_SERIES, SqlTarget, dashboard, grid, to_model
 
 UID = "pilotlab-pipeline"
 TITLE = "PilotLab · Pipeline operations"
@@ -17,13 +16,7 @@ TITLE = "PilotLab · Pipeline operations"
 
 def build() -> dict:
     d = (
-        dash.Dashboard(TITLE)
-        .uid(UID)
-        .tags(TAGS)
-        .description(__doc__.split("\n\n")[0].replace("\n", " "))
-        .time("now-6h", "now")
-        .refresh("30s")
-        .timezone("utc")
+        dashboard(TITLE, UID, __doc__, "now-6h", refresh="30s")
     )
     d.with_panel(
         stat.Panel()

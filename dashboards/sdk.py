@@ -113,3 +113,17 @@ def variable_query(var: dict) -> str:
     """The SQL of a query variable (Grafana stores it as a string or as {query: ...})."""
     q = var.get("query")
     return q.get("query", "") if isinstance(q, dict) else str(q)
+
+
+def dashboard(title: str, uid: str, doc: str, time_from: str, refresh: str = "1m"):
+    """A dashboard with pilotlab's common header: stable UID, tags, the module docstring's
+    first paragraph as description, UTC, a time range ending now."""
+    return (
+        dash.Dashboard(title)
+        .uid(uid)
+        .tags(TAGS)
+        .description(doc.split("\n\n", maxsplit=1)[0].replace("\n", " "))
+        .time(time_from, "now")
+        .refresh(refresh)
+        .timezone("utc")
+    )

@@ -231,15 +231,20 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_manifest(path: Path) -> Experiment:
+def read_yaml(path: Path, error: type[ValueError]) -> object:
+    """A YAML file's content; unreadable, non-UTF-8 or invalid YAML raises ``error`` naming the file."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+        raise error(f"{path}: not valid YAML: {exc}") from exc
     except OSError as exc:
-        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise error(f"{path}: cannot read: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from exc
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from exc
+
+
+def load_manifest(path: Path) -> Experiment:
+    data = read_yaml(path, ManifestError)
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: an experiment manifest is a YAML mapping")
     try:

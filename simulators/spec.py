@@ -34,7 +34,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ingest.decode import Limits
@@ -49,6 +48,7 @@ from pilotlab.manifest import (
     Simulation,
     load_manifest,
     parse_duration,
+    read_yaml,
 )
 
 __all__ = [
@@ -307,12 +307,4 @@ def parse_scenario(data: object, path: Path | str = "<scenario>", base: Path | N
 
 
 def load_scenario(path: Path) -> Scenario:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{path}: not valid YAML: {exc}") from exc
-    except OSError as exc:
-        raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ScenarioError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
-    return parse_scenario(data, path, path.parent)
+    return parse_scenario(read_yaml(path, ScenarioError), path, path.parent)
