@@ -15,10 +15,18 @@ from psycopg.types.json import Jsonb
 from pilotlab.contracts import DeviceStatus, KpiValue, ReadingBatch, Rejection, from_ms
 from pilotlab.manifest import Experiment
 
+# stored_at: the storing statement's timestamp (a replayed row keeps its first one)
 _READINGS_SQL = """
-INSERT INTO readings (ts, experiment_id, device_id, device_group, metric, value, seq, received_at)
-SELECT * FROM unnest(%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[],
-                     %s::float8[], %s::int8[], %s::timestamptz[])
+INSERT INTO readings (ts, experiment_id, device_id, device_group, metric, value, seq, received_at, stored_at)
+SELECT *, statement_timestamp() FROM unnest(%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[],
+                                            %s::float8[], %s::int8[], %s::timestamptz[])
+ON CONFLICT (device_id, metric, ts) DO NOTHING
+"""
+
+_READINGS_MERGE_SQL = """
+INSERT INTO readings (ts, experiment_id, device_id, device_group, metric, value, seq, received_at, stored_at)
+SELECT ts, experiment_id, device_id, device_group, metric, value, seq, received_at, statement_timestamp()
+  FROM readings_staging
 ON CONFLICT (device_id, metric, ts) DO NOTHING
 """
 
@@ -88,9 +96,7 @@ def write_readings(conn: psycopg.Connection, batches: Iterable[ReadingBatch]) ->
     ) as cp:
         for row in zip(*cols, strict=True):
             cp.write_row(row)
-    n = conn.execute(
-        "INSERT INTO readings SELECT * FROM readings_staging ON CONFLICT (device_id, metric, ts) DO NOTHING"
-    ).rowcount
+    n = conn.execute(_READINGS_MERGE_SQL).rowcount
     conn.execute("DROP TABLE readings_staging")  # several writes may share one transaction
     return n
 
