@@ -153,7 +153,7 @@ def ensure_node_red(timeout: float = 600) -> None:
         raise PeerError("the Node-RED peers need npm to install node-red: apt-get install -y npm")
     try:
         done = subprocess.run(
-            [npm, "ci", "--prefix", str(NODE_RED_DIR), "--no-audit", "--no-fund", "--silent"],
+            [npm, "ci", "--prefix", str(NODE_RED_DIR), "--no-audit", "--no-fund", "--loglevel=error"],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -162,8 +162,14 @@ def ensure_node_red(timeout: float = 600) -> None:
     except subprocess.TimeoutExpired as exc:
         raise PeerError(f"npm ci --prefix {NODE_RED_DIR} did not finish within {timeout:.0f} s") from exc
     if done.returncode != 0 or not _node_red_installed():
-        last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
-        raise PeerError(f"npm ci --prefix {NODE_RED_DIR} failed (exit {done.returncode}): {last}")
+        raise PeerError(f"npm ci --prefix {NODE_RED_DIR} failed (exit {done.returncode}): {_npm_reason(done)}")
+
+
+def _npm_reason(done: subprocess.CompletedProcess) -> str:
+    """npm's first error sentence (it prints a code line, then the message, then usage)."""
+    lines = [ln.removeprefix("npm error").strip() for ln in (done.stderr + done.stdout).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("code ")]
+    return lines[0] if lines else "no output"
 
 
 def versions() -> dict[str, str]:
