@@ -1,14 +1,15 @@
-"""The Faust worker: a thin agent around the pure KPI engine (``streams.engine.process``).
+"""The Faust worker: a thin agent around the pure KPI engine (``streams.engine``).
 
-``compute_kpis`` decodes a reading batch, finds its experiment in the registry, runs it
-through the engine (de-duplication, allowed lateness, event-time windows, liveness) and sends
-the updated KPIs (``pilotlab.kpis``), late readings (``pilotlab.late``) and device status
-changes (``pilotlab.device-status``), all keyed by experiment. Every state lives in ONE Faust
-table, so that the writes a message causes reach one changelog partition in order; the
-applied-offset mark is the last of them. Faust is at-least-once (tansu has no transactions):
-after a crash a replayed message finds which of its writes survived and neither counts
-twice nor loses anything (see ``process``). Readings delivered twice (an MQTT redelivery) are
-screened out per device on the natural key storage uses (device, metric, ts).
+``compute_kpis`` takes reading batches in chunks (``take_events``); per partition it decodes
+them, finds each experiment in the registry and runs them through the engine on a working
+copy of the state (``streams.checkpoint.run_chunk``: de-duplication, allowed lateness,
+event-time windows, liveness). Then it sends the chunk's latest KPIs (``pilotlab.kpis``),
+late readings (``pilotlab.late``) and device status changes (``pilotlab.device-status``),
+keyed by experiment, waits for the broker, and writes each changed state key once to the
+table's changelog with the partition's applied mark last. Offsets are committed after that
+(Faust acks a chunk's events when the loop body returns). tansu has no transactions, so a
+crash is made safe by ``streams.checkpoint``: the state rolls back to the mark and the
+messages after it are replayed, neither counted twice nor lost.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import faust
 from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
-from streams.engine import process
+from streams.checkpoint import Chunk, ChunkOut, run_chunk
 
 log = logging.getLogger("pilotlab.streams")
 
@@ -57,10 +58,15 @@ def create_app(settings: StreamsSettings) -> faust.App:
     late = app.topic(
         KafkaTopics.LATE, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    # One table for every state, so that the writes of one message go to one changelog
-    # partition in order (see streams.engine.process): "w|<window>", "d|<device>",
-    # "x|<experiment>" (watermark, liveness), "a|<partition>" (applied offsets).
-    state = app.Table("pilotlab-state", default=None, partitions=settings.kafka_partitions)
+    # One table for every state (streams.checkpoint): "w|<window>", "d|<device>", "x|<experiment>"
+    # and the applied marks "a|<partition>"; raw bytes, written only by ``write_chunk``.
+    state = app.Table(
+        "pilotlab-state",
+        default=None,
+        partitions=settings.kafka_partitions,
+        key_type=bytes,  # bytes: the "raw" codec
+        value_type=bytes,
+    )
     horizon_ms = settings.streams_dedup_horizon_s * 1000
     status = app.topic(
         KafkaTopics.DEVICE_STATUS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
@@ -75,22 +81,48 @@ def create_app(settings: StreamsSettings) -> faust.App:
             waited += 0.5
         return exp
 
+    def stored(key: str) -> bytes | None:
+        return state.data.get(key.encode())
+
+    async def write_chunk(partition: int, out: ChunkOut) -> None:
+        """Outputs first, then the state entries, then the mark: each step confirmed by the
+        broker before the next (``force``: now, not attached to the chunk's last event)."""
+        sends = []
+        for exp_id, values in out.kpis.items():
+            sends.append(await kpis.send(key=exp_id.encode(), value=encode_kpis(values), force=True))
+        for held in out.late:
+            log.info("%d late readings of %s routed to %s", len(held.readings), held.device_id, KafkaTopics.LATE)
+            sends.append(await late.send(key=held.experiment_id.encode(), value=held.to_json(), force=True))
+        for t in out.transitions:
+            sends.append(await status.send(key=t.experiment_id.encode(), value=t.to_json(), force=True))
+        await asyncio.gather(*sends)
+        *entries, (mark, end) = out.writes
+        changelog = state.changelog_topic
+        sends = [
+            await changelog.send(key=k.encode(), value=v, partition=partition, force=True) for k, v in entries
+        ]
+        await asyncio.gather(*sends)
+        await (await changelog.send(key=mark.encode(), value=end, partition=partition, force=True))
+        for k, v in out.writes:
+            state.data[k.encode()] = v
+
     @app.agent(readings)
     async def compute_kpis(stream):
-        async for event in stream.events():
-            source = [event.message.partition, event.message.offset]
-            batch = ReadingBatch.from_json(event.value)
-            experiment = await experiment_for(batch.experiment_id)
-            out = process(batch, experiment, state.get, state.__setitem__, source=source, horizon_ms=horizon_ms)
-            key = batch.experiment_id.encode()
-            if out.kpis:
-                await kpis.send(key=key, value=encode_kpis(out.kpis))
-            if out.late:
-                held = ReadingBatch(batch.experiment_id, batch.device_id, batch.group, batch.received_ms, out.late)
-                log.info("%d late readings of %s routed to %s", len(out.late), batch.device_id, KafkaTopics.LATE)
-                await late.send(key=key, value=held.to_json())
-            for t in out.transitions:
-                await status.send(key=key, value=t.to_json())
+        chunk_max, within = settings.streams_chunk_max, settings.streams_chunk_wait_ms / 1000
+        async for events in stream.take_events(chunk_max, within=within):
+            by_partition: dict[int, list] = {}
+            for event in events:
+                by_partition.setdefault(event.message.partition, []).append(event)
+            for partition, part in by_partition.items():
+                chunk = Chunk(stored, partition)
+                messages = []
+                for event in part:
+                    if chunk.applied(event.message.offset):
+                        continue
+                    batch = ReadingBatch.from_json(event.value)
+                    messages.append((event.message.offset, batch, await experiment_for(batch.experiment_id)))
+                if messages:
+                    await write_chunk(partition, run_chunk(chunk, messages, horizon_ms=horizon_ms))
 
     @app.on_partitions_assigned.connect
     async def log_assignment(app, assigned, **_kw) -> None:

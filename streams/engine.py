@@ -1,17 +1,17 @@
-"""The KPI engine, free of Faust: fold a batch of readings into event-time tumbling windows.
+"""The KPI engine, free of Faust: fold readings into event-time tumbling windows.
 
-Windows are keyed by experiment, KPI, device group, window size and window start (all in
-the reading's own time, ``ts``). ``apply_batch`` reads and writes window states through two
-callables, so the same code runs on a dict in tests and on a Faust table in the worker.
-Each update raises the window's revision; storage keeps the highest revision.
+Windows are keyed by experiment, device group, window size and window start (all in the
+reading's own time, ``ts``). The engine reads and writes its state through two callables
+(``get``/``put`` of string keys), so the same code runs on a dict in tests and on the
+worker's checkpointed state (``streams.checkpoint``). ``step`` takes one message through
+de-duplication, allowed lateness, the windows and device liveness; each update raises a
+window's revision, and storage keeps the highest revision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import orjson
 
 from pilotlab.contracts import DeviceStatus, KpiValue, Reading, ReadingBatch
 from pilotlab.manifest import Experiment
@@ -62,123 +62,77 @@ def apply_batch(
     experiment: Experiment,
     load: Callable[[str], dict[str, WindowState] | None],
     store: Callable[[str, dict[str, WindowState]], None],
-    source: list[int] | None = None,
-) -> list[KpiValue]:
-    """Add the batch's readings to every KPI window they fall in; return the updated KPIs.
+) -> dict[str, set[str]]:
+    """Add the batch's readings to every KPI window they fall in; return the windows touched
+    (encoded ``WindowKey`` → names of the KPIs that changed).
 
     A stored window maps KPI name → ``{"k": kind signature, "s": aggregator state, "n":
-    samples, "r": revision}``. When a manifest update changes what a KPI computes, its window
-    starts afresh (the revision keeps growing, so storage takes the new value). Impact KPIs
-    have one window over the experiment's whole span, shared by both groups.
-
-    ``source`` ([partition, offset] of the Kafka message) is recorded in each window it
-    updates (key ``"_o"``): a window already holding this message's readings (a replay after
-    a crash cut the message's state writes short) is not added to again, only re-emitted.
+    samples, "r": revision}``; each message that changes a KPI raises its revision by one.
+    When a manifest update changes what a KPI computes, its window starts afresh (the
+    revision keeps growing, so storage takes the new value). Impact KPIs have one window over
+    the experiment's whole span, shared by both groups. ``load`` may hand out the stored
+    window itself: it is updated in place, then handed back through ``store``.
     """
     aggs = aggregators_of(experiment)
-    touched: dict[str, tuple[WindowKey, dict[str, WindowState], set[str]]] = {}
-    exp_id, group = batch.experiment_id, batch.group
+    windows: dict[str, dict[str, WindowState]] = {}
+    touched: dict[str, set[str]] = {}
+    exp_id, group, device_id, received = batch.experiment_id, batch.group, batch.device_id, batch.received_ms
     for kpi in experiment.kpis:
         agg = aggs[kpi.name]
-        sig = kpi.signature()
+        name, metric, sig = kpi.name, kpi.metric, kpi.signature()
         impact = kpi.kind == "impact"
         for reading in batch.readings:
-            value = reading.metrics.get(kpi.metric)
+            value = reading.metrics.get(metric)
             if value is None:
                 continue
             if impact:
                 if agg.period(reading.ts_ms) is None:
                     continue
                 k = f"{exp_id}|{IMPACT_GROUP}|{agg.window_size_s}|{agg.window_start_ms}"
-                if k not in touched:
-                    key = WindowKey(exp_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
-                    touched[k] = (key, dict(load(k) or {}), set())
             else:
-                start = window_start(reading.ts_ms, kpi.window)
-                k = f"{exp_id}|{group}|{kpi.window}|{start}"
-                if k not in touched:
-                    touched[k] = (WindowKey(exp_id, group, kpi.window, start), dict(load(k) or {}), set())
-            _, window, changed = touched[k]
-            if source is not None and window.get("_o") == source:
-                changed.add(kpi.name)  # applied before the crash: re-emit as it stands
-                continue
-            state = window.get(kpi.name)
-            if state is None or state.get("k") != sig:  # new, or its definition changed
-                state = {"k": sig, "s": agg.initialize(), "n": 0, "r": state["r"] if state else 0}
-            obs = kpis.Obs(value, reading.ts_ms, batch.device_id, group, batch.received_ms)
-            window[kpi.name] = {"k": sig, "s": agg.add(state["s"], obs), "n": state["n"] + 1, "r": state["r"]}
-            changed.add(kpi.name)
+                k = f"{exp_id}|{group}|{kpi.window}|{window_start(reading.ts_ms, kpi.window)}"
+            window = windows.get(k)
+            if window is None:
+                window = windows[k] = load(k) or {}
+                touched[k] = set()
+            state = window.get(name)
+            if state is None or state["k"] != sig:  # new, or its definition changed
+                state = window[name] = {"k": sig, "s": agg.initialize(), "n": 0, "r": state["r"] if state else 0}
+            state["s"] = agg.add(state["s"], kpis.Obs(value, reading.ts_ms, device_id, group, received))
+            state["n"] += 1
+            touched[k].add(name)
+    for k, window in windows.items():
+        for name in touched[k]:
+            window[name]["r"] += 1
+        store(k, window)
+    return touched
+
+
+def kpi_values(
+    experiment: Experiment, touched: dict[str, set[str]], load: Callable[[str], dict[str, WindowState] | None]
+) -> list[KpiValue]:
+    """The current value of every touched KPI window (``apply_batch``'s result, or the union
+    of several)."""
+    aggs = aggregators_of(experiment)
     by_name = {k.name: k for k in experiment.kpis}
     out = []
-    for k, (key, window, changed) in touched.items():
-        replayed = source is not None and window.get("_o") == source
-        for name in sorted(changed):
-            if name not in window:  # the manifest changed between the crash and the replay
-                continue
-            state = window[name]
-            if not replayed:
-                state["r"] += 1
-            kpi = by_name[name]
-            value, details = aggs[name].result(state["s"], key.device_group)
+    for k, names in touched.items():
+        exp_id, group, size, start = k.rsplit("|", 3)
+        window = load(k) or {}
+        for name in sorted(names):
+            state, kpi = window.get(name), by_name.get(name)
+            if state is None or kpi is None or state["k"] != kpi.signature():
+                continue  # the manifest changed since
+            value, details = aggs[name].result(state["s"], group)
             out.append(
                 KpiValue(
-                    experiment_id=key.experiment_id,
+                    experiment_id=exp_id,
                     kpi=name,
                     metric=kpi.metric,
                     kind=kpi.kind,
-                    device_group=key.device_group,
-                    window_size_s=key.window_size_s,
-                    window_start_ms=key.window_start_ms,
-                    value=value,
-                    sample_count=state["n"],
-                    revision=state["r"],
-                    details=details,
-                )
-            )
-        if not replayed:
-            if source is not None:
-                window["_o"] = source
-            store(k, window)
-    return out
-
-
-def current_kpis(
-    batch: ReadingBatch, experiment: Experiment, load: Callable[[str], dict[str, WindowState] | None]
-) -> list[KpiValue]:
-    """The KPIs of every window this batch's readings fall in, as they stand (no update):
-    re-emitted when a message that was fully applied before a crash is delivered again, in
-    case its KPI records had not reached the broker (storage keeps the highest revision)."""
-    aggs = aggregators_of(experiment)
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for kpi in experiment.kpis:
-        agg = aggs[kpi.name]
-        for reading in batch.readings:
-            if kpi.metric not in reading.metrics:
-                continue
-            if kpi.kind == "impact":
-                if agg.period(reading.ts_ms) is None:
-                    continue
-                key = WindowKey(batch.experiment_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
-            else:
-                key = WindowKey(batch.experiment_id, batch.group, kpi.window, window_start(reading.ts_ms, kpi.window))
-            k = key.encode()
-            if (k, kpi.name) in seen:
-                continue
-            seen.add((k, kpi.name))
-            state = (load(k) or {}).get(kpi.name)
-            if state is None or state.get("k") != kpi.signature():
-                continue
-            value, details = agg.result(state["s"], key.device_group)
-            out.append(
-                KpiValue(
-                    experiment_id=key.experiment_id,
-                    kpi=kpi.name,
-                    metric=kpi.metric,
-                    kind=kpi.kind,
-                    device_group=key.device_group,
-                    window_size_s=key.window_size_s,
-                    window_start_ms=key.window_start_ms,
+                    device_group=group,
+                    window_size_s=int(size),
+                    window_start_ms=int(start),
                     value=value,
                     sample_count=state["n"],
                     revision=state["r"],
@@ -312,61 +266,51 @@ def screen(batch: ReadingBatch, seen: dict | None, horizon_ms: int) -> tuple[Scr
     return screened, {"hwm": hwm, "seen": known}
 
 
-# --- replays after a crash -------------------------------------------------------------------
-#
-# The worker keeps every state in one Faust table, so all the writes one message causes go to
-# one changelog partition, in order: de-duplication, windows, experiment clock, and last the
-# applied-offset mark. A crash keeps a prefix of them. The functions below let a replayed
-# message find what of it was already written and neither add it twice nor lose it: each state
-# records the source message ([partition, offset]) that last changed it, with what that
-# message did to it.
+# --- one message through the whole engine ---------------------------------------------------
 
 
-def screen_once(
-    batch: ReadingBatch, seen: dict | None, horizon_ms: int, source: list[int]
-) -> tuple[Screened, dict]:
-    """``screen``, remembering its outcome for ``source``: screening the same message again
-    (a replay) gives the same outcome instead of calling its readings duplicates."""
-    fx = (seen or {}).get("fx")
-    if fx is not None and fx["o"] == source:
-        def readings(rows):
-            return tuple(Reading(seq, ts, metrics) for seq, ts, metrics in rows)
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one message did: the KPI windows it changed, and what to send besides."""
 
-        fresh = ReadingBatch(
-            batch.experiment_id, batch.device_id, batch.group, batch.received_ms, readings(fx["f"])
-        )
-        return Screened(fresh=fresh, duplicates=fx["d"], too_late=readings(fx["l"])), seen
-    screened, state = screen(batch, seen, horizon_ms)
-    state["fx"] = {
-        "o": source,
-        "f": [[r.seq, r.ts_ms, r.metrics] for r in screened.fresh.readings],
-        "l": [[r.seq, r.ts_ms, r.metrics] for r in screened.too_late],
-        "d": screened.duplicates,
-    }
-    return screened, state
+    touched: dict[str, set[str]]
+    late: tuple[Reading, ...]
+    transitions: list[DeviceStatus]
 
 
-def watermark_before(clock: dict | None, source: list[int]) -> int | None:
-    """The experiment's watermark as it was before ``source`` was applied."""
-    if clock is None:
-        return None
-    return clock["wb"] if clock.get("o") == source else clock["wm"]
+def step(
+    batch: ReadingBatch,
+    experiment: Experiment,
+    get: Callable[[str], object],
+    put: Callable[[str, object], None],
+    *,
+    horizon_ms: int,
+) -> Step:
+    """One Kafka message through the engine, on one key-value state: the device's
+    de-duplication state ``d|device``, the windows ``w|window`` and the experiment clock
+    ``x|experiment`` (watermark and liveness). Deterministic: the same messages in the same
+    order from the same state give the same states and outputs (what makes a replay after a
+    crash safe; see ``streams.checkpoint``)."""
+
+    def load_window(k: str):
+        return get("w|" + k)
+
+    def store_window(k: str, window: dict) -> None:
+        put("w|" + k, window)
+
+    device_key, clock_key = f"d|{batch.device_id}", f"x|{batch.experiment_id}"
+    screened, seen = screen(batch, get(device_key), horizon_ms)
+    put(device_key, seen)
+    clock = get(clock_key)
+    on_time, past_lateness = split_late(screened.fresh, experiment, clock["wm"] if clock else None)
+    touched = apply_batch(on_time, experiment, load_window, store_window)
+    clock, transitions = advance(clock, screened.fresh, experiment)
+    put(clock_key, clock)
+    return Step(touched, (*screened.too_late, *past_lateness), transitions)
 
 
-def advance_once(
-    clock: dict | None, batch: ReadingBatch, experiment: Experiment, source: list[int]
-) -> tuple[dict, list[DeviceStatus]]:
-    """``advance``, once per source message: a replay returns the same state and the same
-    transitions (to send again; storage keys them on device, time and status)."""
-    if clock is not None and clock.get("o") == source:
-        return clock, [DeviceStatus(**e) for e in clock["ev"]]
-    state, events = advance(clock, batch, experiment)
-    state.update(
-        o=source,
-        wb=clock["wm"] if clock else None,
-        ev=[orjson.loads(e.to_json()) for e in events],
-    )
-    return state, events
+def window_loader(get: Callable[[str], object]) -> Callable[[str], dict | None]:
+    return lambda k: get("w|" + k)
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,34 +328,8 @@ def process(
     get: Callable[[str], object],
     put: Callable[[str, object], None],
     *,
-    source: list[int],
     horizon_ms: int,
 ) -> Outcome:
-    """One Kafka message through the whole engine, on one key-value state (the worker's
-    Faust table). Writes, in this order: the device's de-duplication state ``d|device``, the
-    windows ``w|window``, the experiment clock ``x|experiment``, and last the applied mark
-    ``a|partition``. After a crash that kept any prefix of these writes, processing the same
-    message again leaves the same state and sends the same records as one clean run."""
-    partition, offset = source
-    mark = f"a|{partition}"
-    done = get(mark)
-
-    def load_window(k: str):
-        return get("w|" + k)
-
-    def store_window(k: str, window: dict) -> None:
-        put("w|" + k, window)
-
-    if done is not None and offset < done:
-        # fully applied before: count nothing, send its windows' KPIs again as they stand
-        return Outcome(current_kpis(batch, experiment, load_window), (), [])
-    device_key, clock_key = f"d|{batch.device_id}", f"x|{batch.experiment_id}"
-    screened, seen = screen_once(batch, get(device_key), horizon_ms, source)
-    put(device_key, seen)
-    clock = get(clock_key)
-    on_time, past_lateness = split_late(screened.fresh, experiment, watermark_before(clock, source))
-    updates = apply_batch(on_time, experiment, load_window, store_window, source)
-    clock, transitions = advance_once(clock, screened.fresh, experiment, source)
-    put(clock_key, clock)
-    put(mark, offset + 1)
-    return Outcome(updates, (*screened.too_late, *past_lateness), transitions)
+    """``step`` plus the updated KPI values: one message in, what to send out."""
+    done = step(batch, experiment, get, put, horizon_ms=horizon_ms)
+    return Outcome(kpi_values(experiment, done.touched, window_loader(get)), done.late, done.transitions)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pilotlab.contracts import KpiValue, Reading, ReadingBatch
 from pilotlab.manifest import Experiment, load_manifest
-from streams.engine import apply_batch, screen, window_start
+from streams.engine import apply_batch, kpi_values, screen, window_start
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_773_576_000_000  # 2026-03-15T12:00:00Z, an hour boundary
@@ -73,7 +73,7 @@ class Store(dict):
     def apply(self, b: ReadingBatch, exp: Experiment = EXPERIMENT) -> list[KpiValue]:
         self.loads.clear()
         self.stores.clear()
-        out = apply_batch(b, exp, self.load, self.store)
+        out = kpi_values(exp, apply_batch(b, exp, self.load, self.store), self.get)
         for v in out:
             self.latest[v.key()] = v
         return out
