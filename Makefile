@@ -33,6 +33,11 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(ARGS)
 
+## end to end on the embedded stack (MQTT → readings and → KPIs): step load, latency at 1k/10k datapoints/s, CPU
+## per process, raw ceilings and peers; writes bench/results/ (under 15 min; ARGS=--quick: 2-3 min smoke run)
+bench: $(STAMP)
+	$(BIN)/python bench/bench_e2e.py $(ARGS)
+
 ## streams worker throughput (vs a bare consumer and a no-op Faust agent) and reading→KPI latency
 bench-streams: $(STAMP)
 	$(BIN)/python bench/bench_streams.py $(ARGS)

@@ -1,0 +1,102 @@
+"""CPU seconds per process tree, read from Linux's /proc (no dependency).
+
+A tree's CPU is the user + system time of the root and of every live descendant, plus the
+time of descendants already reaped (``cutime``/``cstime`` of their parents): the difference
+of two snapshots is the CPU the tree used in between, also when a child (a PostgreSQL
+backend) started or exited in between.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds incl. reaped children) of a live process, else None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = raw.rsplit(")", 1)[1].split()
+    # after the command: state ppid ... utime(12) stime(13) cutime(14) cstime(15), 0-based
+    ppid = int(fields[1])
+    ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    return ppid, ticks / TICK
+
+
+def _all() -> dict[int, tuple[int, float]]:
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            st = _stat(int(entry.name))
+            if st is not None:
+                out[int(entry.name)] = st
+    return out
+
+
+def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process tree (0.0 for a root that is gone)."""
+    procs = _all()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {}
+    for name, root in roots.items():
+        total, todo = 0.0, [root] if root in procs else []
+        while todo:
+            pid = todo.pop()
+            total += procs[pid][1]
+            todo.extend(children.get(pid, ()))
+        out[name] = total
+    return out
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy CPU seconds, total CPU seconds) of the whole machine, all cores, from /proc/stat."""
+    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    vals = [int(v) / TICK for v in parts[:8]]
+    idle = vals[3] + vals[4]  # idle + iowait
+    total = sum(vals)
+    return total - idle, total
+
+
+@dataclass
+class CpuMeter:
+    """CPU used per named process tree between ``start()`` and ``stop()``, as cores busy
+    (CPU seconds / wall seconds), plus this process itself (``harness``: its own threads, not
+    its children), the whole machine and what nothing tracked used (other programs on the box)."""
+
+    roots: dict[str, int]
+    _t0: float = 0.0
+    _cpu0: dict[str, float] | None = None
+    _machine0: tuple[float, float] = (0.0, 0.0)
+    _self0: float = 0.0
+
+    def start(self) -> CpuMeter:
+        self._t0 = time.monotonic()
+        self._cpu0 = tree_cpu(self.roots)
+        self._machine0 = machine_busy()
+        self._self0 = time.process_time()
+        return self
+
+    def stop(self) -> dict:
+        wall = time.monotonic() - self._t0
+        cpu1 = tree_cpu(self.roots)
+        busy1, total1 = machine_busy()
+        used = {k: max(0.0, cpu1[k] - (self._cpu0 or {}).get(k, 0.0)) for k in self.roots}
+        used["harness"] = time.process_time() - self._self0
+        busy = busy1 - self._machine0[0]
+        cores = (total1 - self._machine0[1]) / wall if wall > 0 else 0.0
+        return {
+            "wall_s": round(wall, 2),
+            "cores_busy": {k: round(v / wall, 3) for k, v in used.items()} if wall > 0 else {},
+            "cpu_s": {k: round(v, 2) for k, v in used.items()},
+            "machine_cores_busy": round(busy / wall, 3) if wall > 0 else 0.0,
+            "machine_cores": round(cores),
+            "untracked_cores_busy": round(max(0.0, busy - sum(used.values())) / wall, 3) if wall > 0 else 0.0,
+        }

@@ -1,0 +1,72 @@
+"""The end-to-end benchmark harness (bench/bench_e2e.py) runs in its quick mode on tiny loads
+and writes a JSON and a markdown report with every figure; every datapoint published in every
+run is stored (and counted by the count KPI): a lost row fails the test. No timing is asserted
+(the figures are the benchmark's business); only that they were measured."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _figure(value) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
+def test_quick_run_measures_everything_and_loses_nothing(tmp_path: Path):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_e2e.py"), "--quick", "--out-dir", str(out),
+         "--phases", "ceilings,fixed,step,saturation,peers", "--peers", "paho-insert",
+         "--fixed-rates", "600", "--steps", "600,1200", "--saturation-datapoints", "3000"],
+        capture_output=True, text=True, timeout=540, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads((out / "latest.json").read_text())
+    assert (out / "latest.md").read_text().startswith("# pilotlab end-to-end benchmark")
+    assert len(list(out.glob("e2e-*.json"))) == 1 and len(list(out.glob("e2e-*.md"))) == 1
+
+    m = res["machine"]
+    assert m["cores"] >= 1 and m["cpu"] and m["mosquitto"] and m["tansu"] and m["postgres"]
+
+    c = res["ceilings"]
+    for key in ("mqtt_pubsub_datapoints_per_s", "kafka_produce_datapoints_per_s", "kafka_consume_datapoints_per_s",
+                "postgres_raw_copy_rows_per_s", "postgres_sink_copy_merge_rows_per_s"):  # fmt: skip
+        assert _figure(c[key]), key
+
+    runs = [*res["fixed"], *res["step"]["steps"], res["saturation"]]
+    names = [r["name"] for r in runs]
+    assert names[:2] == ["fixed-600", "step-600"] and names[-1] == "saturation", names  # step-1200 if 600 kept up
+    for r in runs:
+        expected = r["load"]["messages"] * res["config"]["per_message"]
+        assert r["published_datapoints"] == expected > 0, r["name"]
+        assert r["stored_datapoints"] == expected, f"{r['name']}: rows lost or duplicated"
+        assert r["all_stored"] and r["kpis_complete"], r["name"]
+        assert r["kpi"]["counted"] == r["kpi"]["expected"] == r["load"]["messages"] * res["config"]["readings"]
+        # one stored_at latency per message (every row has stored_at)
+        assert r["latency_s"]["n"] == r["load"]["messages"], r["name"]
+        for q in ("p50", "p95", "p99"):
+            assert r["latency_s"][q] is not None and r["latency_s"][q] > 0, (r["name"], q)
+        cores = r["cpu"]["cores_busy"]
+        for proc in ("ingest", "streams", "sink", "mosquitto", "tansu", "postgres", "publisher"):
+            assert proc in cores, (r["name"], proc)
+        assert cores["ingest"] > 0 and cores["postgres"] > 0, r["name"]
+    for r in res["fixed"]:
+        assert r["kpi"]["lag_s"]["p50"] is not None
+    assert _figure(res["saturation"]["readings_datapoints_per_s"]) and not res["saturation"]["readings_rate_partial"]
+    assert _figure(res["saturation"]["kpis_datapoints_per_s"])
+
+    (peer,) = res["peers"]["runs"]
+    assert peer["peer"] == "paho-insert" and "error" not in peer, peer.get("error")
+    for r in (peer["fixed"], peer["saturation"]):
+        assert r["stored_datapoints"] == r["published_datapoints"] > 0, f"{r['name']}: rows lost"
+    assert _figure(peer["ratio_throughput_pilotlab_to_peer"]) and _figure(peer["ratio_latency_p50_peer_to_pilotlab"])
+    assert set(res["timings"]) >= {"stack_up", "ceilings", "fixed", "step", "saturation", "peers", "total"}
