@@ -6,11 +6,13 @@
    * a bare confluent-kafka consumer loop (the ceiling of the machine and broker);
    * a no-op Faust agent iterating ``stream.events()`` (Faust's own overhead);
    * a no-op Faust agent iterating ``stream.take(500, within=0.1)`` (Faust's batching);
-   * the real streams worker (``pilotlab run streams``), timed from its first to its last KPI
-     record on ``pilotlab.kpis`` (Kafka CreateTime stamps).
+   * the real streams worker (``pilotlab run streams``), timed from its first KPI record on
+     ``pilotlab.kpis`` to the record whose 15-minute counts add up to every reading (Kafka
+     CreateTime stamps; the worker sends the latest KPIs of each chunk of messages).
 3. Reading-to-KPI latency: with the worker caught up, probe batches are produced one at a
-   time (every 20 ms); the latency of each is the CreateTime of the KPI record it caused
-   minus the CreateTime of the reading record (one partition: the i-th probe → i-th record).
+   time (every 20 ms), each in its own minute of event time; the latency of each is the
+   CreateTime of the first KPI record carrying its minute's mean minus the CreateTime of the
+   reading record.
 
 Prints events/s for each consumer, the ratios, and latency p50/p95/max. Run:
 ``python bench/bench_streams.py [--messages 10000]`` (or ``make bench-streams``).
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pilotlab import registry  # noqa: E402
-from pilotlab.contracts import KafkaTopics, Reading, ReadingBatch, to_ms, utcnow  # noqa: E402
+from pilotlab.contracts import KafkaTopics, KpiValue, Reading, ReadingBatch, decode_kpis, to_ms, utcnow  # noqa: E402
 from pilotlab.kafka_admin import ensure_topics  # noqa: E402
 from pilotlab.manifest import Experiment  # noqa: E402
 from pilotlab.stack import Stack  # noqa: E402
@@ -78,19 +80,25 @@ def experiment() -> Experiment:
     )
 
 
-def batches(exp: Experiment, n: int, first_seq: int = 0) -> list[bytes]:
+def batches(exp: Experiment, n: int, first_seq: int = 0, probe: bool = False) -> list[bytes]:
+    """``n`` batches of 4 readings a minute apart, cycling over the devices; probes each get
+    their own 4 minutes of event time, after all bulk data."""
     t0 = to_ms(exp.periods.baseline.start)
     out = []
     devices = exp.devices
     for i in range(first_seq, first_seq + n):
         d = devices[i % len(devices)]
-        base = t0 + (i // len(devices)) * 4 * 60_000
+        base = t0 + (first_seq // len(devices) + 1 + i - first_seq if probe else i // len(devices)) * 4 * 60_000
         readings = tuple(
             Reading(4 * i + j, base + j * 60_000, {"no2": 20.0 + (i * 7 + j) % 30, "pm25": 10.0 + (i + j) % 25})
             for j in range(4)
         )
         out.append(ReadingBatch(exp.id, d.id, d.group, base + 4 * 60_000, readings).to_json())
     return out
+
+
+def first_minute(payload: bytes) -> int:
+    return ReadingBatch.from_json(payload).readings[0].ts_ms
 
 
 def produce(bootstrap: str, payloads: list[bytes], pace_s: float = 0.0) -> list[int]:
@@ -181,21 +189,32 @@ def run_noop(bootstrap: str, n: int, mode: str) -> tuple[float, int]:
     return float(rate), int(batches_)
 
 
-def kpi_stamps(bootstrap: str, want: int, timeout: float) -> list[int]:
-    """CreateTime (ms) of the first ``want`` records on pilotlab.kpis for the bench experiment."""
+def kpi_records(bootstrap: str, until, timeout: float) -> list[tuple[int, list[KpiValue]]]:
+    """(CreateTime ms, KPI values) of the bench experiment's records on pilotlab.kpis, read
+    from the start until ``until(records)`` is true."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-unused", "enable.auto.commit": False})
     parts = consumer.list_topics(KafkaTopics.KPIS, timeout=10).topics[KafkaTopics.KPIS].partitions
     consumer.assign([TopicPartition(KafkaTopics.KPIS, p, OFFSET_BEGINNING) for p in parts])
-    stamps: list[int] = []
+    records: list[tuple[int, list[KpiValue]]] = []
     deadline = time.monotonic() + timeout
     try:
-        while len(stamps) < want and time.monotonic() < deadline:
+        while not until(records) and time.monotonic() < deadline:
             for msg in consumer.consume(1000, 0.5):
                 if not msg.error() and msg.key() == EXP_ID.encode():
-                    stamps.append(msg.timestamp()[1])
-        return stamps
+                    records.append((msg.timestamp()[1], decode_kpis(msg.value())))
+        return records
     finally:
         consumer.close()
+
+
+def counted(records: list[tuple[int, list[KpiValue]]]) -> int:
+    """Readings counted so far: the latest ``no2_count`` of each 15-minute window, summed."""
+    latest: dict[tuple, int] = {}
+    for _, values in records:
+        for v in values:
+            if v.kpi == "no2_count":
+                latest[v.key()] = v.sample_count
+    return sum(latest.values())
 
 
 def reading_stamps(bootstrap: str, skip: int, want: int) -> list[int]:
@@ -247,16 +266,28 @@ def main() -> None:
         worker = subprocess.Popen([sys.executable, "-m", "pilotlab", "run", "streams"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
         log.close()
-        stamps = kpi_stamps(state.kafka_bootstrap, n, timeout=900)
-        if len(stamps) < n:
-            raise SystemExit(f"the worker emitted {len(stamps)} of {n} KPI records; see {data / 'streams.log'}")
-        real = (n - 1) / ((stamps[-1] - stamps[0]) / 1000)
+        records = kpi_records(state.kafka_bootstrap, lambda r: counted(r) >= 4 * n, timeout=900)
+        if counted(records) < 4 * n:
+            raise SystemExit(f"the worker counted {counted(records)} of {4 * n} readings; see {data / 'streams.log'}")
+        real = n / ((records[-1][0] - records[0][0]) / 1000)
 
         probes = args.probes
-        produce(state.kafka_bootstrap, batches(exp, probes, first_seq=n), pace_s=0.02)
-        kpi_all = kpi_stamps(state.kafka_bootstrap, n + probes, timeout=120)
+        probe_batches = batches(exp, probes, first_seq=n, probe=True)
+        produce(state.kafka_bootstrap, probe_batches, pace_s=0.02)
+        minutes = [first_minute(b) for b in probe_batches]
+
+        def has_probes(recs) -> bool:
+            seen = {v.window_start_ms for _, vs in recs for v in vs if v.kpi == "no2_mean"}
+            return all(m in seen for m in minutes)
+
+        records = kpi_records(state.kafka_bootstrap, has_probes, timeout=120)
+        first_seen: dict[int, int] = {}
+        for stamp, values in records:
+            for v in values:
+                if v.kpi == "no2_mean":
+                    first_seen.setdefault(v.window_start_ms, stamp)
         sent = reading_stamps(state.kafka_bootstrap, n, probes)
-        lat = sorted(k - r for k, r in zip(kpi_all[n:], sent, strict=True))
+        lat = sorted(first_seen[m] - r for m, r in zip(minutes, sent, strict=True))
 
         print(f"\nKPI kinds per reading: {len(KPIS)}; partitions: 4; one experiment (one partition)")
         print(f"{'consumer':<42}{'events/s':>12}{'vs bare':>10}")
@@ -264,7 +295,7 @@ def main() -> None:
             ("bare confluent-kafka loop (decode only)", bare),
             ("Faust no-op agent, stream.events()", noop_events),
             (f"Faust no-op agent, stream.take(500) [{take_batches} batches]", noop_take),
-            ("streams worker (KPIs, tables, changelogs)", real),
+            ("streams worker (KPIs, state, changelog)", real),
         ):
             print(f"{name:<42}{rate:>12,.0f}{rate / bare:>10.3f}")
         print(f"streams worker / Faust no-op (events): {real / noop_events:.3f}")

@@ -21,6 +21,9 @@ class KafkaSettings(_Settings):
     kafka_partitions: int = Field(default=4, ge=1, le=256)
     # tansu makes the first group join wait about half the session timeout: keep it short
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
+    # how long a consumer's fetch may wait for data: tansu answers a fetch only when this
+    # runs out (no early return on new records), so it adds up to this much latency per hop
+    kafka_fetch_wait_ms: int = Field(default=50, ge=1, le=10_000)
 
 
 class IngestSettings(KafkaSettings):

@@ -205,6 +205,7 @@ class Sink:
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": self.settings.kafka_session_timeout_ms,
                 "heartbeat.interval.ms": max(500, self.settings.kafka_session_timeout_ms // 6),
+                "fetch.wait.max.ms": self.settings.kafka_fetch_wait_ms,
             }
         )
 

@@ -15,10 +15,12 @@ messages after it are replayed, neither counted twice nor lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 
 import faust
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
 from pilotlab.registry import RegistryFollower
@@ -28,7 +30,24 @@ from streams.checkpoint import Chunk, ChunkOut, run_chunk
 log = logging.getLogger("pilotlab.streams")
 
 
+def limit_fetch_wait(ms: int) -> None:
+    """Faust creates its aiokafka consumer with ``fetch_max_wait_ms=1500`` and offers no
+    setting for it; tansu answers a fetch only when that wait runs out, so every quiet
+    moment would cost up to 1.5 s of latency. Set the worker's own value instead."""
+    create = AIOKafkaConsumerThread.__dict__["_create_worker_consumer"]
+    create = getattr(create, "__wrapped__", create)
+
+    @functools.wraps(create)
+    def _create_worker_consumer(self, transport):
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = ms  # read when the consumer starts its fetcher
+        return consumer
+
+    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
+
+
 def create_app(settings: StreamsSettings) -> faust.App:
+    limit_fetch_wait(settings.kafka_fetch_wait_ms)
     app = faust.App(
         settings.streams_app_id,
         broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap.split(",")],
