@@ -172,6 +172,10 @@ class Simulation(_Model):
     bad_message_rate: float = Field(default=0.0, ge=0, le=1)
 
 
+# devices tuple id → (the tuple, id → device): Experiment.device in O(1) (a frozen model's cache)
+_DEVICE_INDEX: dict[int, tuple[tuple, dict]] = {}
+
+
 class Experiment(_Model):
     id: Identifier
     title: str
@@ -199,7 +203,12 @@ class Experiment(_Model):
         return items
 
     def device(self, device_id: str) -> Device | None:
-        return next((d for d in self.devices if d.id == device_id), None)
+        index = _DEVICE_INDEX.get(id(self.devices))
+        if index is None or index[0] is not self.devices:
+            if len(_DEVICE_INDEX) > 256:
+                _DEVICE_INDEX.clear()
+            index = _DEVICE_INDEX[id(self.devices)] = (self.devices, {d.id: d for d in self.devices})
+        return index[1].get(device_id)
 
     def shifted(self, delta: timedelta) -> Experiment:
         """The same experiment with both periods moved by ``delta`` (the demo anchors them to now)."""

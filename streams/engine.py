@@ -177,28 +177,37 @@ def split_late(
 def advance(
     state: dict | None, batch: ReadingBatch, experiment: Experiment
 ) -> tuple[dict, list[DeviceStatus]]:
-    """Move the experiment's event-time state on by one (screened) batch.
+    """Move the experiment's event-time state on by one (screened) batch; updates ``state``
+    in place and returns it with the transitions.
 
-    State: ``{"wm": newest ts seen, "dev": {device: [last ts seen, "online"|"offline"]}}``.
-    A device seen again after being offline is reported online at that reading's ``ts``; any
-    online device whose last reading is ``offline_after`` of its intervals behind the
-    watermark is reported offline at ``last + offline_after · interval``. Liveness runs in
-    event time, so replays and out-of-order delivery give the same transitions."""
-    st = state or {"wm": None, "dev": {}}
-    wm = st["wm"]
-    devices = {d: list(v) for d, v in st["dev"].items()}
+    State: ``{"wm": newest ts seen, "dev": {device: [last ts seen, "online"|"offline"]},
+    "due": a lower bound of the time the next online device falls silent}``. A device seen
+    again after being offline is reported online at that reading's ``ts``; any online device
+    whose last reading is ``offline_after`` of its intervals behind the watermark is reported
+    offline at ``last + offline_after · interval``. Liveness runs in event time, so replays and
+    out-of-order delivery give the same transitions. The devices are only scanned when the
+    watermark passes ``due``."""
+    st = state if state is not None else {"wm": None, "dev": {}, "due": None}
+    devices = st["dev"]
     events: list[DeviceStatus] = []
     if batch.readings:
         newest = max(r.ts_ms for r in batch.readings)
-        last, status = devices.get(batch.device_id, [None, None])
+        last, status = devices.get(batch.device_id, (None, None))
         if status == "offline" and newest > last:
             events.append(
                 DeviceStatus(batch.experiment_id, batch.device_id, "online", newest, last, "reporting again")
             )
-            status = "online"
-        devices[batch.device_id] = [newest if last is None else max(last, newest), status or "online"]
-        wm = newest if wm is None else max(wm, newest)
-    if wm is not None:
+            status = None
+        if status is None:  # new or back: it may fall silent before the current bound
+            device = experiment.device(batch.device_id)
+            if device is not None:
+                silent_at = newest + experiment.offline_after * device.interval * 1000
+                st["due"] = silent_at if st.get("due") is None else min(st["due"], silent_at)
+        devices[batch.device_id] = [newest if last is None else max(last, newest), "online"]
+        st["wm"] = newest if st["wm"] is None else max(st["wm"], newest)
+    wm, due = st["wm"], st.get("due")
+    if wm is not None and (due is None or due <= wm):
+        due = None
         for device_id in sorted(devices):
             last, status = devices[device_id]
             device = experiment.device(device_id)
@@ -217,7 +226,10 @@ def advance(
                         f"silent for {experiment.offline_after} expected intervals of {device.interval} s",
                     )
                 )
-    return {"wm": wm, "dev": devices}, events
+            else:
+                due = silent_at if due is None else min(due, silent_at)
+        st["due"] = due
+    return st, events
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,11 +244,13 @@ class Screened:
 def screen(batch: ReadingBatch, seen: dict | None, horizon_ms: int) -> tuple[Screened, dict]:
     """Drop readings already counted (same device, metric and ``ts``: the natural key storage
     uses too) and hold back readings older than the device's newest ``ts`` minus the horizon,
-    which can no longer be told apart from a duplicate. ``seen`` is the device's state:
-    ``{"hwm": newest ts, "seen": {ts: [metrics]}}``, pruned to the horizon so it stays small."""
-    state = seen or {"hwm": None, "seen": {}}
+    which can no longer be told apart from a duplicate. ``seen`` is the device's state,
+    updated in place: ``{"hwm": newest ts, "seen": {ts: [metrics]}, "pruned": floor of the
+    last pruning}``; entries are pruned to the horizon whenever the floor has moved on by a
+    quarter of it, so the state stays small (older entries never decide anything)."""
+    state = seen if seen is not None else {"hwm": None, "seen": {}}
     hwm = state["hwm"]
-    known: dict[str, list[str]] = dict(state["seen"])
+    known: dict[str, list[str]] = state["seen"]
     fresh: list[Reading] = []
     late: list[Reading] = []
     duplicates = 0
@@ -245,17 +259,24 @@ def screen(batch: ReadingBatch, seen: dict | None, horizon_ms: int) -> tuple[Scr
             late.append(r)
             continue
         key = str(r.ts_ms)
-        already = known.get(key, [])
-        new_metrics = {m: v for m, v in r.metrics.items() if m not in already}
-        duplicates += len(r.metrics) - len(new_metrics)
-        if not new_metrics:
-            continue
-        known[key] = [*already, *new_metrics]
-        fresh.append(Reading(r.seq, r.ts_ms, new_metrics))
+        already = known.get(key)
+        if already is None:
+            known[key] = list(r.metrics)
+            fresh.append(r)
+        else:
+            new_metrics = {m: v for m, v in r.metrics.items() if m not in already}
+            duplicates += len(r.metrics) - len(new_metrics)
+            if not new_metrics:
+                continue
+            already.extend(new_metrics)
+            fresh.append(Reading(r.seq, r.ts_ms, new_metrics))
         hwm = r.ts_ms if hwm is None else max(hwm, r.ts_ms)
+    state["hwm"] = hwm
     if hwm is not None:
         floor = hwm - horizon_ms
-        known = {k: v for k, v in known.items() if int(k) > floor}
+        if floor - state.get("pruned", floor - horizon_ms) >= horizon_ms // 4:
+            state["seen"] = {k: v for k, v in known.items() if int(k) > floor}
+            state["pruned"] = floor
     screened = Screened(
         fresh=ReadingBatch(
             batch.experiment_id, batch.device_id, batch.group, batch.received_ms, tuple(fresh)
@@ -263,7 +284,7 @@ def screen(batch: ReadingBatch, seen: dict | None, horizon_ms: int) -> tuple[Scr
         duplicates=duplicates,
         too_late=tuple(late),
     )
-    return screened, {"hwm": hwm, "seen": known}
+    return screened, state
 
 
 # --- one message through the whole engine ---------------------------------------------------
