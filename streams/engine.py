@@ -203,7 +203,8 @@ def advance(
             if device is not None:
                 silent_at = newest + experiment.offline_after * device.interval * 1000
                 st["due"] = silent_at if st.get("due") is None else min(st["due"], silent_at)
-        devices[batch.device_id] = [newest if last is None else max(last, newest), "online"]
+            status = "online"
+        devices[batch.device_id] = [newest if last is None else max(last, newest), status]
         st["wm"] = newest if st["wm"] is None else max(st["wm"], newest)
     wm, due = st["wm"], st.get("due")
     if wm is not None and (due is None or due <= wm):

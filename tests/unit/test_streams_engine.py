@@ -219,6 +219,48 @@ def test_device_goes_offline_after_n_intervals_and_online_on_return() -> None:
     assert [(s.device_id, s.status, s.ts_ms) for s in p.status[1:]] == [("t1", "online", T0 + 5 * MIN)]
 
 
+def reference_liveness(stream: list[ReadingBatch]) -> list[tuple]:
+    """Liveness by the definition, scanning every device after every batch (no due time)."""
+    wm, devices, out = None, {}, []
+    for b in stream:
+        if b.readings:
+            newest = max(r.ts_ms for r in b.readings)
+            last, status = devices.get(b.device_id, (None, None))
+            if status == "offline" and newest > last:
+                out.append((b.device_id, "online", newest))
+                status = "online"
+            devices[b.device_id] = (newest if last is None else max(last, newest), status or "online")
+            wm = newest if wm is None else max(wm, newest)
+        for d in sorted(devices):
+            last, status = devices[d]
+            silent_at = last + EXP.offline_after * EXP.device(d).interval * 1000
+            if status == "online" and wm is not None and silent_at <= wm:
+                devices[d] = (last, "offline")
+                out.append((d, "offline", silent_at))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["t1", "t2", "c1"]), st.integers(0, 40)), max_size=60))
+def test_liveness_equals_scanning_every_device_after_every_batch(plan) -> None:
+    stream = [batch(d, [Reading(i, T0 + minute * MIN, {"pm25": 1.0})]) for i, (d, minute) in enumerate(plan)]
+    clock, got = None, []
+    for b in stream:
+        clock, events = advance(clock, b, EXP)
+        clock = json.loads(json.dumps(clock))
+        got.extend((e.device_id, e.status, e.ts_ms) for e in events)
+    assert got == reference_liveness(stream)
+
+
+def test_an_offline_device_sending_an_older_reading_stays_offline() -> None:
+    p = Pipeline()
+    p.feed(batch("t1", [Reading(1, T0 + 2 * MIN, {"pm25": 1.0})]))
+    p.feed(batch("t2", [Reading(1, T0 + 20 * MIN, {"pm25": 1.0})]))  # t1 offline
+    p.feed(batch("t1", [Reading(2, T0 + MIN, {"pm25": 1.0})]))  # older than its last: not a return
+    p.feed(batch("t1", [Reading(3, T0 + 21 * MIN, {"pm25": 1.0})]))  # back
+    assert [(s.device_id, s.status) for s in p.status] == [("t1", "offline"), ("t1", "online")]
+
+
 def test_liveness_state_is_json_and_replays_identically() -> None:
     stream = readings_stream(random.Random(5), 60)
     stream.insert(30, batch("c1", [Reading(999, T0 + 60 * MIN, {"pm25": 1.0})]))  # a jump: others offline
