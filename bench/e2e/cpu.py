@@ -84,11 +84,15 @@ class CpuMeter:
         self._self0 = time.process_time()
         return self
 
-    def stop(self) -> dict:
+    def stop(self, exited: dict[str, float] | None = None) -> dict:
+        """``exited``: the CPU seconds that tracked processes which exited (and were reaped)
+        meanwhile reported themselves; /proc no longer knows them."""
         wall = time.monotonic() - self._t0
         cpu1 = tree_cpu(self.roots)
         busy1, total1 = machine_busy()
         used = {k: max(0.0, cpu1[k] - (self._cpu0 or {}).get(k, 0.0)) for k in self.roots}
+        for k, v in (exited or {}).items():
+            used[k] = max(used.get(k, 0.0), v)
         used["harness"] = time.process_time() - self._self0
         busy = busy1 - self._machine0[0]
         cores = (total1 - self._machine0[1]) / wall if wall > 0 else 0.0

@@ -59,6 +59,7 @@ class LoadResult:
     kept_up: bool  # achieved >= 98% of the target (always true when unpaced)
     seq_base: int
     readings_per_message: int
+    cpu_s: float = 0.0  # this process's CPU (all threads) over its whole life, start-up included
 
 
 def payload(seq0: int, last_ms: int, readings: int) -> bytes:
@@ -138,6 +139,7 @@ def run(
         kept_up=rate <= 0 or n == 1 or achieved >= 0.98 * rate,
         seq_base=seq_base,
         readings_per_message=readings,
+        cpu_s=time.process_time(),
     )
 
 
