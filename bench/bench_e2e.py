@@ -645,6 +645,14 @@ def pipeline_run(b: Bench, name: str, **kw) -> dict:
     return run_load(b, name, services_check=b.services.check_alive, **kw)
 
 
+def measure_idle(b: Bench, seconds: float) -> dict:
+    """CPU per process with the services up and nothing published: the pipeline's idle cost
+    (consumers polling the broker, timers), the baseline of the loaded figures."""
+    meter = CpuMeter(b.cpu_roots(None)).start()
+    time.sleep(seconds)
+    return {"name": "idle (no load)", "cpu": meter.stop()}
+
+
 def phase_fixed(b: Bench) -> list[dict]:
     out = []
     for rate in b.cfg.fixed_rates:
@@ -952,7 +960,7 @@ def markdown(res: dict) -> str:
             "every 200 ms); ingest = `received_at`.",
             "",
         ]
-    runs = list(res.get("fixed") or []) + ([sat] if sat else [])
+    runs = ([res["idle"]] if res.get("idle") else []) + list(res.get("fixed") or []) + ([sat] if sat else [])
     if step:
         runs += step["steps"]
     for p in (res.get("peers") or {}).get("runs") or []:
@@ -1144,6 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     wait_pipeline_idle(b)
                     b.timings["services_up_and_warm_up"] = time.monotonic() - t
+                    res["idle"] = measure_idle(b, 3 if cfg.quick else 10)
                     if "fixed" in phases:
                         t = time.monotonic()
                         print("fixed loads", flush=True)

@@ -61,6 +61,7 @@ def test_quick_run_measures_everything_and_loses_nothing(tmp_path: Path):
         assert cores["ingest"] > 0 and cores["postgres"] > 0, r["name"]
     for r in res["fixed"]:
         assert r["kpi"]["lag_s"]["p50"] is not None
+    assert set(res["idle"]["cpu"]["cores_busy"]) >= {"ingest", "streams", "sink", "tansu", "postgres"}
     assert _figure(res["saturation"]["readings_datapoints_per_s"]) and not res["saturation"]["readings_rate_partial"]
     assert _figure(res["saturation"]["kpis_datapoints_per_s"])
 
