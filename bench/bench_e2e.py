@@ -27,7 +27,9 @@ Phases (each on the same stack, one after the other):
   peer of bench/peers (Node-RED per message and batched, paho → per-message INSERT).
 
 Writes ``bench/results/e2e-<UTC>.json`` and ``.md`` plus ``latest.json``/``latest.md`` (with
-machine info), prints the markdown. ``--quick`` is a 2-3 minute smoke run of tiny loads.
+machine info), prints the markdown. ``--quick`` is a 1-3 minute smoke run of tiny loads (written
+as ``e2e-quick-<UTC>.*`` / ``latest-quick.*``). The machine is measured as a whole too: the
+CPU table's "not tracked" column is what other programs on the box used meanwhile.
 """
 
 from __future__ import annotations
@@ -1076,15 +1078,18 @@ def markdown(res: dict) -> str:
 
 
 def save(res: dict, out_dir: Path) -> tuple[Path, Path]:
+    """``e2e-<UTC>.json``/``.md`` and ``latest.json``/``.md``; a quick run writes
+    ``e2e-quick-<UTC>.*`` and ``latest-quick.*`` (it never replaces a full run's ``latest``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = res["started_at"].replace(":", "").replace("-", "")
-    j, md = out_dir / f"e2e-{stamp}.json", out_dir / f"e2e-{stamp}.md"
+    kind = "-quick" if res["config"]["quick"] else ""
+    j, md = out_dir / f"e2e{kind}-{stamp}.json", out_dir / f"e2e{kind}-{stamp}.md"
     text = json.dumps(res, indent=2, default=str)
     mdt = markdown(res)
     j.write_text(text)
     md.write_text(mdt)
-    (out_dir / "latest.json").write_text(text)
-    (out_dir / "latest.md").write_text(mdt)
+    (out_dir / f"latest{kind}.json").write_text(text)
+    (out_dir / f"latest{kind}.md").write_text(mdt)
     return j, md
 
 
@@ -1189,7 +1194,7 @@ def main(argv: list[str] | None = None) -> int:
     j, md = save(res, a.out_dir)
     print()
     print(markdown(res))
-    print(f"written: {j} and {md} (and latest.json / latest.md)")
+    print(f"written: {j} and {md} (and {'latest-quick' if cfg.quick else 'latest'}.json / .md beside them)")
     return 0
 
 

@@ -30,9 +30,10 @@ def test_quick_run_measures_everything_and_loses_nothing(tmp_path: Path):
         capture_output=True, text=True, timeout=540, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    res = json.loads((out / "latest.json").read_text())
-    assert (out / "latest.md").read_text().startswith("# pilotlab end-to-end benchmark")
-    assert len(list(out.glob("e2e-*.json"))) == 1 and len(list(out.glob("e2e-*.md"))) == 1
+    res = json.loads((out / "latest-quick.json").read_text())
+    assert (out / "latest-quick.md").read_text().startswith("# pilotlab end-to-end benchmark")
+    assert len(list(out.glob("e2e-quick-*.json"))) == 1 and len(list(out.glob("e2e-quick-*.md"))) == 1
+    assert not (out / "latest.json").exists()  # a quick run never replaces a full run's figures
 
     m = res["machine"]
     assert m["cores"] >= 1 and m["cpu"] and m["mosquitto"] and m["tansu"] and m["postgres"]
