@@ -1129,6 +1129,9 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pilotlab-bench-e2e-") as tmpdir:
         tmp = Path(tmpdir)
+        # reachable by the unprivileged user PostgreSQL runs as when we are root: its data then
+        # stays inside this directory and goes with it (else the stack puts it in /tmp for good)
+        tmp.chmod(0o755)
         stack = Stack(tmp / "stack")
         try:
             t = time.monotonic()
