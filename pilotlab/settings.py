@@ -63,6 +63,9 @@ class StreamsSettings(KafkaSettings):
         ge=60,
         description="readings this much older than a device's newest are held back as late",
     )
+    streams_dedup_instants: int = Field(
+        default=512, ge=16, le=100_000, description="instants of each device the duplicate screen remembers"
+    )
     # messages per chunk: each state key a chunk changes is written once (streams.checkpoint)
     streams_chunk_max: int = Field(default=1000, ge=1, le=100_000)
     streams_chunk_wait_ms: int = Field(default=100, ge=1, le=60_000, description="close a chunk after this wait")

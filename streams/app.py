@@ -65,6 +65,10 @@ def create_app(settings: StreamsSettings) -> faust.App:
         web_enabled=settings.streams_web_port > 0,
         web_port=settings.streams_web_port or 6066,
         table_cleanup_interval=3600,
+        # tansu 0.6.0 reports a partition's end offset as its last record batch's base offset + 1:
+        # a worker that read a changelog to its real end would stop with ConsistencyError at the
+        # next rebalance, then leave the group (which can wedge it; README, Workers dying and rejoining)
+        recovery_consistency_check=False,
     )
     registry = RegistryFollower(settings.kafka_bootstrap)
 
@@ -86,7 +90,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
         key_type=bytes,  # bytes: the "raw" codec
         value_type=bytes,
     )
-    horizon_ms = settings.streams_dedup_horizon_s * 1000
+    horizon_ms, memory = settings.streams_dedup_horizon_s * 1000, settings.streams_dedup_instants
     status = app.topic(
         KafkaTopics.DEVICE_STATUS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
@@ -141,7 +145,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
                     batch = ReadingBatch.from_json(event.value)
                     messages.append((event.message.offset, batch, await experiment_for(batch.experiment_id)))
                 if messages:
-                    await write_chunk(partition, run_chunk(chunk, messages, horizon_ms=horizon_ms))
+                    await write_chunk(partition, run_chunk(chunk, messages, horizon_ms=horizon_ms, memory=memory))
 
     @app.on_partitions_assigned.connect
     async def log_assignment(app, assigned, **_kw) -> None:

@@ -32,7 +32,7 @@ import orjson
 
 from pilotlab.contracts import DeviceStatus, KpiValue, ReadingBatch
 from pilotlab.manifest import Experiment
-from streams.engine import kpi_values, step, window_loader
+from streams.engine import DEDUP_MEMORY, kpi_values, step, window_loader
 
 
 def mark_key(partition: int) -> str:
@@ -120,7 +120,11 @@ class ChunkOut:
 
 
 def run_chunk(
-    chunk: Chunk, messages: Iterable[tuple[int, ReadingBatch, Experiment]], *, horizon_ms: int
+    chunk: Chunk,
+    messages: Iterable[tuple[int, ReadingBatch, Experiment]],
+    *,
+    horizon_ms: int,
+    memory: int = DEDUP_MEMORY,
 ) -> ChunkOut:
     """Run one partition's messages (offset, batch, its experiment) through the engine."""
     out = ChunkOut()
@@ -130,7 +134,7 @@ def run_chunk(
             out.skipped += 1
             continue
         chunk.take(offset)
-        done = step(batch, experiment, chunk.get, chunk.put, horizon_ms=horizon_ms)
+        done = step(batch, experiment, chunk.get, chunk.put, horizon_ms=horizon_ms, memory=memory)
         if done.late:
             held = ReadingBatch(batch.experiment_id, batch.device_id, batch.group, batch.received_ms, done.late)
             out.late.append(held)

@@ -242,21 +242,30 @@ class Screened:
     too_late: tuple[Reading, ...]
 
 
-def screen(batch: ReadingBatch, seen: dict | None, horizon_ms: int) -> tuple[Screened, dict]:
+DEDUP_MEMORY = 512  # instants remembered per device (see ``screen``)
+
+
+def screen(
+    batch: ReadingBatch, seen: dict | None, horizon_ms: int, memory: int = DEDUP_MEMORY
+) -> tuple[Screened, dict]:
     """Drop readings already counted (same device, metric and ``ts``: the natural key storage
-    uses too) and hold back readings older than the device's newest ``ts`` minus the horizon,
-    which can no longer be told apart from a duplicate. ``seen`` is the device's state,
-    updated in place: ``{"hwm": newest ts, "seen": {ts: [metrics]}, "pruned": floor of the
-    last pruning}``; entries are pruned to the horizon whenever the floor has moved on by a
-    quarter of it, so the state stays small (older entries never decide anything)."""
+    uses too) and hold back readings the screen can no longer tell from a duplicate: older
+    than the device's newest ``ts`` minus the horizon, or at or below the newest instant it
+    has forgotten. ``seen`` is the device's state, updated in place: ``{"hwm": newest ts,
+    "seen": {ts: [metrics]}, "floor": newest instant forgotten, "pruned": horizon floor of the
+    last pruning}``. It remembers at most ``memory`` instants (forgetting the oldest, a
+    quarter at a time) and none beyond the horizon (pruned whenever the horizon has moved
+    on by a quarter), so the state stays small: a device reporting every minute keeps its
+    whole 6-hour horizon with the default 512, a device reporting ten times a second
+    remembers its last ~50 s."""
     state = seen if seen is not None else {"hwm": None, "seen": {}}
-    hwm = state["hwm"]
+    hwm, forgotten = state["hwm"], state.get("floor")
     known: dict[str, list[str]] = state["seen"]
     fresh: list[Reading] = []
     late: list[Reading] = []
     duplicates = 0
     for r in batch.readings:
-        if hwm is not None and r.ts_ms <= hwm - horizon_ms:
+        if (hwm is not None and r.ts_ms <= hwm - horizon_ms) or (forgotten is not None and r.ts_ms <= forgotten):
             late.append(r)
             continue
         key = str(r.ts_ms)
@@ -276,8 +285,13 @@ def screen(batch: ReadingBatch, seen: dict | None, horizon_ms: int) -> tuple[Scr
     if hwm is not None:
         floor = hwm - horizon_ms
         if floor - state.get("pruned", floor - horizon_ms) >= horizon_ms // 4:
-            state["seen"] = {k: v for k, v in known.items() if int(k) > floor}
+            state["seen"] = known = {k: v for k, v in known.items() if int(k) > floor}
             state["pruned"] = floor
+    if len(known) > memory + memory // 4:
+        instants = sorted(known, key=int)
+        cut = len(instants) - memory
+        state["floor"] = max(forgotten or int(instants[cut - 1]), int(instants[cut - 1]))
+        state["seen"] = {k: known[k] for k in instants[cut:]}
     screened = Screened(
         fresh=ReadingBatch(
             batch.experiment_id, batch.device_id, batch.group, batch.received_ms, tuple(fresh)
@@ -307,6 +321,7 @@ def step(
     put: Callable[[str, object], None],
     *,
     horizon_ms: int,
+    memory: int = DEDUP_MEMORY,
 ) -> Step:
     """One Kafka message through the engine, on one key-value state: the device's
     de-duplication state ``d|device``, the windows ``w|window`` and the experiment clock
@@ -321,7 +336,7 @@ def step(
         put("w|" + k, window)
 
     device_key, clock_key = f"d|{batch.device_id}", f"x|{batch.experiment_id}"
-    screened, seen = screen(batch, get(device_key), horizon_ms)
+    screened, seen = screen(batch, get(device_key), horizon_ms, memory)
     put(device_key, seen)
     clock = get(clock_key)
     on_time, past_lateness = split_late(screened.fresh, experiment, clock["wm"] if clock else None)

@@ -484,6 +484,26 @@ def test_screen_holds_back_readings_beyond_the_horizon() -> None:
     assert list(seen["seen"]) == [str(T0 + 10 * HORIZON_MS)]
 
 
+def test_screen_remembers_a_bounded_number_of_instants_and_holds_back_what_it_forgot() -> None:
+    seen = None
+    for i in range(100):  # a fast device: 100 instants, one second apart
+        _, seen = screen(batch("t-1", [Reading(i, T0 + i * 1000, {"no2": 1.0})]), seen, HORIZON_MS, memory=16)
+        assert len(seen["seen"]) <= 16 + 4
+    oldest_kept = min(int(k) for k in seen["seen"])
+    assert seen["floor"] == oldest_kept - 1000  # the newest instant it forgot
+    out, seen = screen(
+        batch("t-1", [Reading(1, seen["floor"], {"no2": 1.0}), Reading(2, oldest_kept, {"no2": 1.0})]),
+        seen,
+        HORIZON_MS,
+        memory=16,
+    )
+    assert [r.ts_ms for r in out.too_late] == [seen["floor"]]  # cannot be told from a duplicate
+    assert out.fresh.readings == () and out.duplicates == 1  # still remembered: a duplicate
+    between = T0 + 95_500  # never seen, newer than anything forgotten: counted
+    out, _ = screen(batch("t-1", [Reading(3, between, {"no2": 1.0})]), seen, HORIZON_MS, memory=16)
+    assert [r.ts_ms for r in out.fresh.readings] == [between]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
