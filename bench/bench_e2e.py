@@ -1187,7 +1187,7 @@ def main(argv: list[str] | None = None) -> int:
                 b.timings["peers"] = time.monotonic() - t
         finally:
             t = time.monotonic()
-            stack.down()
+            stack.down(purge=True)
             if "b" in locals():
                 b.timings["stack_down"] = time.monotonic() - t
         if "b" in locals():

@@ -216,7 +216,7 @@ def main() -> int:
                 results["ingest_single_msgs_per_s"] = through_ingest(ep, services, single)
                 results["ingest_batched_msgs_per_s"] = through_ingest(ep, services, batched)
         finally:
-            stack.down()
+            stack.down(purge=True)
 
     r = results
     figures = {

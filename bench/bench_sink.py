@@ -144,7 +144,7 @@ def main() -> None:
         try:
             bench(stack.up().database_url, args.rows, sizes)
         finally:
-            stack.down()
+            stack.down(purge=True)
 
 
 if __name__ == "__main__":

@@ -311,7 +311,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
-        stack.down()
+        stack.down(purge=True)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def pilotlab_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
         yield state
     finally:
         if not was_up:
-            stack.down()
+            stack.down(purge=not given)  # a throwaway stack in a temporary directory
 
 
 class Pipeline:

@@ -241,11 +241,22 @@ class Stack:
             return previous.port  # keep endpoints stable across down/up
         return free_port()
 
-    def down(self, timeout: float = 20.0) -> list[str]:
-        """Stop exactly the processes ``up`` recorded. Returns the names stopped."""
+    def down(self, timeout: float = 20.0, purge: bool = False) -> list[str]:
+        """Stop exactly the processes ``up`` recorded. Returns the names stopped. ``purge``
+        (throwaway stacks: tests, benchmarks) also deletes PostgreSQL's data when it had to
+        live outside the data directory (see ``_postgres_dir``); the data directory itself is
+        the caller's."""
         state = self.load()
         if state is None:
             return []
+        try:
+            return self._stop_all(state, timeout)
+        finally:
+            outside = Path(state.postgres_data) if state.postgres_data else None
+            if purge and outside is not None and self.data_dir.resolve() not in outside.resolve().parents:
+                shutil.rmtree(outside, ignore_errors=True)
+
+    def _stop_all(self, state: StackState, timeout: float) -> list[str]:
         stopped = []
         for name in reversed(SERVICES):
             svc = state.services.get(name)

@@ -31,7 +31,7 @@ def stack(stack_dir: Path):
         ensure_topics(state.kafka_bootstrap, partitions=4)
         yield s
     finally:
-        s.down()
+        s.down(purge=True)
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def main() -> int:
                       f"{lat['messages']} messages; published at {published:,.0f} datapoints/s; "
                       f"ready in {ready_s:.1f} s)", flush=True)  # fmt: skip
         finally:
-            stack.down()
+            stack.down(purge=True)
     return 0
 
 

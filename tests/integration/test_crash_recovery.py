@@ -60,7 +60,7 @@ def own_stack(tmp_path):
         ensure_topics(state.kafka_bootstrap, partitions=4)
         yield s, state
     finally:
-        s.down()
+        s.down(purge=True)
 
 
 @pytest.mark.parametrize("victim", ["ingest", "streams", "sink"])

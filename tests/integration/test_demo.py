@@ -29,7 +29,7 @@ def test_demo_json_recovers_true_effects_and_stops_everything(tmp_path: Path):
         left = [s.name for s in state.services.values() if pid_alive(s.pid, s.binary)]
         assert not left, f"demo left running: {left}"
     finally:
-        Stack(data).down()
+        Stack(data).down(purge=True)
     assert [e["id"] for e in doc["experiments"]] == [
         "adaptive-lighting-borgo-po", "lez-san-salvario", "smart-parking-crocetta",
     ]

@@ -80,3 +80,19 @@ def test_missing_binary_says_what_to_install(tmp_path: Path):
     assert errors == [f"error: PILOTLAB_PG_BINDIR={tmp_path / 'no-such-dir'} holds no initdb and postgres programs; "
                       "fix or unset it"]
     assert "Traceback" not in result.stderr
+
+
+def test_purging_down_deletes_postgres_data_kept_outside_the_data_dir(tmp_path: Path):
+    from pilotlab.stack import Stack  # noqa: PLC0415
+
+    stack = Stack(tmp_path / "stack")
+    state = stack.up()
+    try:
+        pg_data = Path(state.postgres_data)
+        assert pg_data.exists()
+        outside = (tmp_path / "stack").resolve() not in pg_data.resolve().parents
+    finally:
+        stack.down(purge=True)
+    if not outside:
+        pytest.skip("PostgreSQL could keep its data inside the data dir here (not running as root)")
+    assert not pg_data.exists()  # tests and benchmarks no longer leave /tmp/pilotlab-postgres-* behind
