@@ -68,7 +68,7 @@ class StreamsSettings(KafkaSettings):
     )
     # messages per chunk: each state key a chunk changes is written once (streams.checkpoint)
     streams_chunk_max: int = Field(default=1000, ge=1, le=100_000)
-    streams_chunk_wait_ms: int = Field(default=100, ge=1, le=60_000, description="close a chunk after this wait")
+    streams_chunk_wait_ms: int = Field(default=300, ge=1, le=60_000, description="close a chunk after this wait")
 
 
 class SinkSettings(KafkaSettings):
