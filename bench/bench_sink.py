@@ -56,19 +56,13 @@ def chunks(batches: list[ReadingBatch], rows_per_txn: int) -> list[list[ReadingB
 
 def via_unnest(conn: psycopg.Connection, group: list[ReadingBatch]) -> None:
     with conn.transaction():
-        writer.write_readings(conn, group)
+        writer.write_readings_unnest(conn, group)
 
 
 def via_copy_merge(conn: psycopg.Connection, group: list[ReadingBatch]) -> None:
-    cols = writer.reading_columns(group)
+    """The sink's own writer (COPY into staging, merge on the natural key)."""
     with conn.transaction():
-        conn.execute("CREATE TEMP TABLE staging (LIKE readings) ON COMMIT DROP")
-        with conn.cursor().copy(
-            "COPY staging (ts, experiment_id, device_id, device_group, metric, value, seq, received_at) FROM STDIN"
-        ) as cp:
-            for row in zip(*cols, strict=True):
-                cp.write_row(row)
-        conn.execute("INSERT INTO readings SELECT * FROM staging ON CONFLICT (device_id, metric, ts) DO NOTHING")
+        writer.write_readings(conn, group)
 
 
 def via_raw_copy(conn: psycopg.Connection, group: list[ReadingBatch]) -> None:
