@@ -10,6 +10,7 @@ window's revision, and storage keeps the highest revision.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -251,47 +252,66 @@ def screen(
     """Drop readings already counted (same device, metric and ``ts``: the natural key storage
     uses too) and hold back readings the screen can no longer tell from a duplicate: older
     than the device's newest ``ts`` minus the horizon, or at or below the newest instant it
-    has forgotten. ``seen`` is the device's state, updated in place: ``{"hwm": newest ts,
-    "seen": {ts: [metrics]}, "floor": newest instant forgotten, "pruned": horizon floor of the
-    last pruning}``. It remembers at most ``memory`` instants (forgetting the oldest, a
-    quarter at a time) and none beyond the horizon (pruned whenever the horizon has moved
-    on by a quarter), so the state stays small: a device reporting every minute keeps its
-    whole 6-hour horizon with the default 512, a device reporting ten times a second
-    remembers its last ~50 s."""
-    state = seen if seen is not None else {"hwm": None, "seen": {}}
+    has forgotten.
+
+    ``seen`` is the device's state, updated in place and kept compact because every chunk
+    rewrites it: ``{"hwm": newest ts, "t": [instants seen, ascending], "u": the device's usual
+    metrics, "x": {ts: metrics} for instants whose metrics differ from "u", "floor": newest
+    instant forgotten, "pruned": horizon floor of the last pruning}``. It remembers at most
+    ``memory`` instants (forgetting the oldest, a quarter at a time) and none beyond the
+    horizon (pruned whenever the horizon has moved on by a quarter): a device reporting every
+    minute keeps its whole 6-hour horizon with the default 512; a device reporting ten times
+    a second remembers its last ~50 s."""
+    state = seen if seen is not None else {"hwm": None, "t": [], "u": None, "x": {}}
+    if "seen" in state:  # the earlier {ts: metrics} form, from an older changelog
+        old = state.pop("seen")
+        state.update(t=sorted(int(k) for k in old), u=None, x=old)
     hwm, forgotten = state["hwm"], state.get("floor")
-    known: dict[str, list[str]] = state["seen"]
+    instants: list[int] = state["t"]
+    odd: dict[str, list[str]] = state["x"]
+    usual = state["u"]
+    usual_set = set(usual) if usual is not None else None
     fresh: list[Reading] = []
     late: list[Reading] = []
     duplicates = 0
     for r in batch.readings:
-        if (hwm is not None and r.ts_ms <= hwm - horizon_ms) or (forgotten is not None and r.ts_ms <= forgotten):
+        ts = r.ts_ms
+        if (hwm is not None and ts <= hwm - horizon_ms) or (forgotten is not None and ts <= forgotten):
             late.append(r)
             continue
-        key = str(r.ts_ms)
-        already = known.get(key)
-        if already is None:
-            known[key] = list(r.metrics)
+        i = bisect_left(instants, ts)
+        if i == len(instants) or instants[i] != ts:  # a new instant
+            instants.insert(i, ts)
+            if usual is None:
+                usual = state["u"] = sorted(r.metrics)
+                usual_set = set(usual)
+            if r.metrics.keys() != usual_set:
+                odd[str(ts)] = list(r.metrics)
             fresh.append(r)
         else:
+            already = odd.get(str(ts), usual)
             new_metrics = {m: v for m, v in r.metrics.items() if m not in already}
             duplicates += len(r.metrics) - len(new_metrics)
             if not new_metrics:
                 continue
-            already.extend(new_metrics)
-            fresh.append(Reading(r.seq, r.ts_ms, new_metrics))
-        hwm = r.ts_ms if hwm is None else max(hwm, r.ts_ms)
+            odd[str(ts)] = [*already, *new_metrics]
+            fresh.append(Reading(r.seq, ts, new_metrics))
+        hwm = ts if hwm is None else max(hwm, ts)
     state["hwm"] = hwm
+    cut = 0
     if hwm is not None:
         floor = hwm - horizon_ms
         if floor - state.get("pruned", floor - horizon_ms) >= horizon_ms // 4:
-            state["seen"] = known = {k: v for k, v in known.items() if int(k) > floor}
+            cut = bisect_right(instants, floor)
             state["pruned"] = floor
-    if len(known) > memory + memory // 4:
-        instants = sorted(known, key=int)
+    if len(instants) - cut > memory + memory // 4:
         cut = len(instants) - memory
-        state["floor"] = max(forgotten or int(instants[cut - 1]), int(instants[cut - 1]))
-        state["seen"] = {k: known[k] for k in instants[cut:]}
+        state["floor"] = instants[cut - 1] if forgotten is None else max(forgotten, instants[cut - 1])
+    if cut:
+        state["t"] = instants[cut:]
+        if odd:
+            oldest = state["t"][0] if state["t"] else hwm
+            state["x"] = {k: v for k, v in odd.items() if int(k) >= oldest}
     screened = Screened(
         fresh=ReadingBatch(
             batch.experiment_id, batch.device_id, batch.group, batch.received_ms, tuple(fresh)

@@ -465,6 +465,13 @@ def test_screen_passes_new_readings_and_drops_a_redelivery() -> None:
     assert seen2 == json.loads(json.dumps(seen2))
 
 
+def test_screen_reads_the_earlier_state_form_from_an_older_changelog() -> None:
+    old = {"hwm": T0, "seen": {str(T0): ["no2"], str(T0 - 1000): ["no2", "pm25"]}}
+    out, state = screen(batch("t-1", [Reading(1, T0 - 1000, {"pm25": 1.0, "noise": 2.0})]), old, HORIZON_MS)
+    assert out.fresh.readings == (Reading(1, T0 - 1000, {"noise": 2.0}),) and out.duplicates == 1
+    assert state["t"] == [T0 - 1000, T0] and "seen" not in state
+
+
 def test_screen_keeps_only_the_new_metrics_of_a_known_instant() -> None:
     _, seen = screen(batch("t-1", [Reading(1, T0, {"no2": 1.0})]), None, HORIZON_MS)
     out, _ = screen(batch("t-1", [Reading(1, T0, {"no2": 1.0, "pm25": 2.0})]), seen, HORIZON_MS)
@@ -481,15 +488,15 @@ def test_screen_holds_back_readings_beyond_the_horizon() -> None:
     assert out.fresh.readings == (in_time,)
     # the seen set is pruned to the horizon
     _, seen = screen(batch("t-1", [Reading(4, T0 + 10 * HORIZON_MS, {"no2": 1.0})]), seen, HORIZON_MS)
-    assert list(seen["seen"]) == [str(T0 + 10 * HORIZON_MS)]
+    assert seen["t"] == [T0 + 10 * HORIZON_MS]
 
 
 def test_screen_remembers_a_bounded_number_of_instants_and_holds_back_what_it_forgot() -> None:
     seen = None
     for i in range(100):  # a fast device: 100 instants, one second apart
         _, seen = screen(batch("t-1", [Reading(i, T0 + i * 1000, {"no2": 1.0})]), seen, HORIZON_MS, memory=16)
-        assert len(seen["seen"]) <= 16 + 4
-    oldest_kept = min(int(k) for k in seen["seen"])
+        assert len(seen["t"]) <= 16 + 4
+    oldest_kept = seen["t"][0]
     assert seen["floor"] == oldest_kept - 1000  # the newest instant it forgot
     out, seen = screen(
         batch("t-1", [Reading(1, seen["floor"], {"no2": 1.0}), Reading(2, oldest_kept, {"no2": 1.0})]),
@@ -529,3 +536,31 @@ def test_screened_redeliveries_do_not_change_the_kpis(raw, redelivered) -> None:
         screened, seen[b.device_id] = screen(b, seen.get(b.device_id), 24 * HORIZON_MS)
         store.apply(screened.fresh)
     assert_same_values(store.values(), recompute(readings))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 30), st.sets(st.sampled_from(["no2", "pm25", "noise"]), min_size=1)),
+        max_size=60,
+    ),
+    st.integers(1, 5),
+)
+def test_screen_passes_exactly_the_unseen_device_metric_instants(stream, per_message) -> None:
+    """Against a plain set of (metric, ts) seen: within the horizon and memory, what passes is
+    exactly what was not seen before, whatever the order and the metric sets."""
+    seen, state = set(), None
+    for start in range(0, len(stream), per_message):
+        part = stream[start : start + per_message]
+        readings = [Reading(i, T0 + s * 1000, dict.fromkeys(sorted(ms), 1.0)) for i, (s, ms) in enumerate(part)]
+        out, state = screen(batch("t-1", readings), state, HORIZON_MS)
+        state = json.loads(json.dumps(state))
+        passed = [(m, r.ts_ms) for r in out.fresh.readings for m in r.metrics]
+        want = []
+        for r in readings:
+            for m in r.metrics:
+                if (m, r.ts_ms) not in seen:
+                    seen.add((m, r.ts_ms))
+                    want.append((m, r.ts_ms))
+        assert sorted(passed) == sorted(want)
+        assert out.too_late == ()
