@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 import faust
+from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
@@ -46,8 +47,30 @@ def limit_fetch_wait(ms: int) -> None:
     AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
 
 
+def rewind_uncommitted() -> None:
+    """When a rebalance starts (or flow stops) Faust drops the records it fetched but had not
+    handed to a stream yet and seeks back to the committed offsets to fetch them again
+    (``Consumer.perform_seek``). aiokafka's ``seek_to_committed`` skips a partition without a
+    committed offset (none, or 0): it stays where the fetcher stood, and the dropped records of
+    a partition the group never committed were skipped for good (a whole partition of
+    readings, in the two-worker kill test). Seek those stream partitions to their start."""
+    perform_seek = FaustConsumer.__dict__["perform_seek"]
+    perform_seek = getattr(perform_seek, "__wrapped__", perform_seek)
+
+    @functools.wraps(perform_seek)
+    async def _perform_seek(self) -> None:
+        await perform_seek(self)
+        changelogs = self.app.tables.changelog_topics
+        for tp in self.assignment():
+            if tp.topic not in changelogs and not self._committed_offset.get(tp):
+                await self.seek(tp, 0)  # before the log start: aiokafka resets to the earliest
+
+    FaustConsumer.perform_seek = _perform_seek
+
+
 def create_app(settings: StreamsSettings) -> faust.App:
     limit_fetch_wait(settings.kafka_fetch_wait_ms)
+    rewind_uncommitted()
     app = faust.App(
         settings.streams_app_id,
         broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap.split(",")],

@@ -340,12 +340,6 @@ def test_late_out_of_order_and_liveness(stack_state, stack):
 # --- two workers, kill and restart ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="tansu (the embedded Kafka-compatible broker) can loop in a rebalance when a killed member and a "
-    "restarted one meet: the survivor re-joins every 8 s at the same generation and never gets its partitions "
-    "(seen in a clean-clone CI run, 2026-11-22). Kept running so a fix or a broker upgrade shows as XPASS.",
-)
 def test_two_workers_share_partitions_and_a_killed_one_recovers_without_double_counting(stack_state, stack):
     kpis = [k for k in ALL_KINDS_KPIS if k["kind"] in ("count", "mean", "quantile", "availability", "impact")]
     exps = [experiment(f"streams-two-{i}", f"s2{i}", minutes=300, kpis=kpis) for i in range(4)]
@@ -393,7 +387,11 @@ def test_two_workers_share_partitions_and_a_killed_one_recovers_without_double_c
     # the partitions were shared: each worker's last assignment held some, together all of them
     last = {}
     for name in ("streams.log", "streams-2.log"):
-        lines = [ln for ln in (log_dir / name).read_text().splitlines() if "assigned pilotlab.readings" in ln]
+        text = (log_dir / name).read_text()
+        # no Faust service crashed on the way (a recovery ConsistencyError, say, is logged, then
+        # the worker leaves the group: with tansu 0.6.0 that can wedge the group, see README)
+        assert not [ln for ln in text.splitlines() if "[ERROR]" in ln or "[CRITICAL]" in ln], name
+        lines = [ln for ln in text.splitlines() if "assigned pilotlab.readings" in ln]
         assert lines, f"{name}: no assignment logged"
         last[name] = set(orjson.loads(lines[-1].rsplit(":", 1)[1]))
     assert all(last.values()), last
