@@ -68,9 +68,67 @@ def rewind_uncommitted() -> None:
     FaustConsumer.perform_seek = _perform_seek
 
 
+def commit_contiguous() -> None:
+    """Faust commits the end of the first run of consecutive acked offsets, after filling in
+    the "gaps" it saw in the offsets it read (for compacted or transactional topics; ours
+    have neither). After a seek back (a rebalance), a message read before the seek arrives
+    after it and looks like a jump: its gap was filled on top of the redelivered offsets, the
+    acked list held duplicates and the committed offset crawled one offset per commit (a
+    partition's lag stuck for minutes). Faust also commits past the committed offset when only
+    that message is missing. Commit the acked run that starts at the committed offset, only."""
+
+    async def _add_gap(self, tp, offset_from: int, offset_to: int) -> None:
+        return None
+
+    def _new_offset(self, tp):
+        acked = self._acked[tp]
+        if not acked:
+            return None
+        committed = self._committed_offset[tp]
+        offsets = sorted({o for o in acked if committed is None or o >= committed})
+        end = offsets[0] if offsets and committed is None else committed
+        for offset in offsets:
+            if offset != end:
+                break
+            end += 1
+        acked[:] = [o for o in offsets if o >= end]
+        index = self._acked_index[tp]
+        index.difference_update([o for o in index if o < end])
+        return end if offsets and end != committed else None
+
+    FaustConsumer._add_gap = _add_gap
+    FaustConsumer._new_offset = _new_offset
+
+
+class _NoReadOffsets(dict):
+    """Faust's read offsets, kept but never consulted (see ``read_every_delivery``)."""
+
+    def __getitem__(self, tp):
+        return None
+
+
+def read_every_delivery() -> None:
+    """Faust's fetch loop drops a record below the last offset it read from that partition.
+    After a seek back (a rebalance) a record read before the seek can still arrive after it
+    and raise that mark, so the records the seek fetches again were dropped, unacked: a
+    partition stopped committing (lag stuck). Let every delivery through: the stream skips
+    the records of an older generation itself, and the chunk skips offsets already applied."""
+    drain = FaustConsumer.__dict__["_drain_messages"]
+    drain = getattr(drain, "__wrapped__", drain)
+
+    @functools.wraps(drain)
+    async def _drain_messages(self, fetcher) -> None:
+        self._read_offset = _NoReadOffsets()
+        await drain(self, fetcher)
+
+    FaustConsumer._drain_messages = _drain_messages
+
+
 def create_app(settings: StreamsSettings) -> faust.App:
     limit_fetch_wait(settings.kafka_fetch_wait_ms)
     rewind_uncommitted()
+    commit_contiguous()
+    read_every_delivery()
     app = faust.App(
         settings.streams_app_id,
         broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap.split(",")],
