@@ -26,18 +26,10 @@ def window_start(ts_ms: int, size_s: int) -> int:
     return ts_ms - ts_ms % size_ms
 
 
-@dataclass(frozen=True, slots=True)
-class WindowKey:
+def window_key(experiment_id: str, group: str, size_s: int, start_ms: int) -> str:
     """One stored window: every KPI of an experiment group with the same window size shares
-    it, so a batch updates one table entry per window rather than one per KPI."""
-
-    experiment_id: str
-    device_group: str
-    window_size_s: int
-    window_start_ms: int
-
-    def encode(self) -> str:
-        return f"{self.experiment_id}|{self.device_group}|{self.window_size_s}|{self.window_start_ms}"
+    it, so a batch updates one state entry per window rather than one per KPI."""
+    return f"{experiment_id}|{group}|{size_s}|{start_ms}"
 
 
 _MADE: dict[tuple[str, int], tuple[Experiment, dict]] = {}
@@ -65,7 +57,7 @@ def apply_batch(
     store: Callable[[str, dict[str, WindowState]], None],
 ) -> dict[str, set[str]]:
     """Add the batch's readings to every KPI window they fall in; return the windows touched
-    (encoded ``WindowKey`` → names of the KPIs that changed).
+    (``window_key`` → names of the KPIs that changed).
 
     A stored window maps KPI name → ``{"k": kind signature, "s": aggregator state, "n":
     samples, "r": revision}``; each message that changes a KPI raises its revision by one.
@@ -89,9 +81,9 @@ def apply_batch(
             if impact:
                 if agg.period(reading.ts_ms) is None:
                     continue
-                k = f"{exp_id}|{IMPACT_GROUP}|{agg.window_size_s}|{agg.window_start_ms}"
+                k = window_key(exp_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
             else:
-                k = f"{exp_id}|{group}|{kpi.window}|{window_start(reading.ts_ms, kpi.window)}"
+                k = window_key(exp_id, group, kpi.window, window_start(reading.ts_ms, kpi.window))
             window = windows.get(k)
             if window is None:
                 window = windows[k] = load(k) or {}
@@ -349,18 +341,12 @@ def step(
     order from the same state give the same states and outputs (what makes a replay after a
     crash safe; see ``streams.checkpoint``)."""
 
-    def load_window(k: str):
-        return get("w|" + k)
-
-    def store_window(k: str, window: dict) -> None:
-        put("w|" + k, window)
-
     device_key, clock_key = f"d|{batch.device_id}", f"x|{batch.experiment_id}"
     screened, seen = screen(batch, get(device_key), horizon_ms, memory)
     put(device_key, seen)
     clock = get(clock_key)
     on_time, past_lateness = split_late(screened.fresh, experiment, clock["wm"] if clock else None)
-    touched = apply_batch(on_time, experiment, load_window, store_window)
+    touched = apply_batch(on_time, experiment, window_loader(get), lambda k, window: put("w|" + k, window))
     clock, transitions = advance(clock, screened.fresh, experiment)
     put(clock_key, clock)
     return Step(touched, (*screened.too_late, *past_lateness), transitions)
@@ -369,24 +355,3 @@ def step(
 def window_loader(get: Callable[[str], object]) -> Callable[[str], dict | None]:
     return lambda k: get("w|" + k)
 
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one message makes the worker send."""
-
-    kpis: list[KpiValue]
-    late: tuple[Reading, ...]
-    transitions: list[DeviceStatus]
-
-
-def process(
-    batch: ReadingBatch,
-    experiment: Experiment,
-    get: Callable[[str], object],
-    put: Callable[[str, object], None],
-    *,
-    horizon_ms: int,
-) -> Outcome:
-    """``step`` plus the updated KPI values: one message in, what to send out."""
-    done = step(batch, experiment, get, put, horizon_ms=horizon_ms)
-    return Outcome(kpi_values(experiment, done.touched, window_loader(get)), done.late, done.transitions)
