@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -37,18 +39,70 @@ def ensure_topics(bootstrap: str, partitions: int, topics: tuple[str, ...] = Kaf
     return created
 
 
+def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout: float = 10.0) -> dict[tuple[str, int], int]:
+    """Each partition's end offset: the offset its next record will get.
+
+    A ListOffsets answer (``get_watermark_offsets``) is not enough on tansu 0.6: it reports the
+    last record batch's base offset + 1, so 30 records written as one batch at offsets 50..79
+    report an end of 51. A fetch response carries the true high watermark, so this reads from
+    the reported end - 1 until end-of-partition, whose offset is the true end. On Apache Kafka
+    that read returns at once with the same value ListOffsets gave.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "pilotlab-end-offsets",  # required by librdkafka; never committed
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    try:
+        ends: dict[tuple[str, int], int] = {}
+        tail: list[TopicPartition] = []
+        for topic, partition in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+            ends[(topic, partition)] = high
+            if high > low:
+                tail.append(TopicPartition(topic, partition, high - 1))
+        if not tail:
+            return ends
+        consumer.assign(tail)
+        waiting = {(tp.topic, tp.partition) for tp in tail}
+        deadline = time.monotonic() + timeout
+        while waiting:
+            if time.monotonic() > deadline:
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"no end of partition for {sorted(waiting)}"))
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            key = (msg.topic(), msg.partition())
+            err = msg.error()
+            if err is None:
+                ends[key] = max(ends[key], msg.offset() + 1)
+            elif err.code() == KafkaError._PARTITION_EOF:
+                ends[key] = max(ends[key], msg.offset())
+                waiting.discard(key)
+            else:
+                raise KafkaException(err)
+        return ends
+    finally:
+        consumer.close()
+
+
 def group_lag(bootstrap: str, group: str, topics: tuple[str, ...]) -> int:
-    """Messages on ``topics`` not yet committed by consumer group ``group`` (all partitions)."""
+    """Records on ``topics`` not yet committed by consumer group ``group`` (all partitions),
+    against the true end offsets (see ``end_offsets``)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         meta = consumer.list_topics(timeout=10)
         tps = [TopicPartition(t, p) for t in topics if t in meta.topics for p in meta.topics[t].partitions]
         committed = consumer.committed(tps, timeout=10)
-        lag = 0
-        for tp in committed:
-            _low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=10)
-            done = tp.offset if tp.offset >= 0 else 0
-            lag += max(0, high - done)
-        return lag
     finally:
         consumer.close()
+    ends = end_offsets(bootstrap, [(tp.topic, tp.partition) for tp in tps])
+    lag = 0
+    for tp in committed:
+        done = tp.offset if tp.offset >= 0 else 0
+        lag += max(0, ends[(tp.topic, tp.partition)] - done)
+    return lag

@@ -25,6 +25,7 @@ from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
+from pilotlab.kafka_admin import end_offsets
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
 from streams.checkpoint import Chunk, ChunkOut, run_chunk
@@ -46,6 +47,27 @@ def limit_fetch_wait(ms: int) -> None:
         return consumer
 
     AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
+
+
+def true_highwaters(bootstrap: str) -> None:
+    """Faust's recovery reads a changelog partition up to its high watermark from ListOffsets,
+    which tansu 0.6.0 understates: the last record batch's base offset + 1. A partition taken
+    over from another worker was recovered without the rest of that batch (the last chunk's
+    state entries and its applied mark), so the chunk read as rolled back while its readings
+    were committed. Take the end offsets a fetch reports instead (``end_offsets``; on Apache
+    Kafka the same values)."""
+    highwaters = AIOKafkaConsumerThread.__dict__["_highwaters"]
+    highwaters = getattr(highwaters, "__wrapped__", highwaters)
+
+    @functools.wraps(highwaters)
+    async def _highwaters(self, partitions):
+        reported = dict(await highwaters(self, partitions))
+        if self.consumer.in_transaction or not reported:
+            return reported
+        ends = await asyncio.to_thread(end_offsets, bootstrap, [(tp.topic, tp.partition) for tp in reported])
+        return {tp: max(value or 0, ends[(tp.topic, tp.partition)]) for tp, value in reported.items()}
+
+    AIOKafkaConsumerThread._highwaters = _highwaters
 
 
 def rewind_uncommitted() -> None:
@@ -171,6 +193,7 @@ def keep_kept_partitions() -> None:
 
 def create_app(settings: StreamsSettings) -> faust.App:
     limit_fetch_wait(settings.kafka_fetch_wait_ms)
+    true_highwaters(settings.kafka_bootstrap)
     keep_kept_partitions()
     rewind_uncommitted()
     commit_contiguous()
@@ -192,9 +215,9 @@ def create_app(settings: StreamsSettings) -> faust.App:
         web_enabled=settings.streams_web_port > 0,
         web_port=settings.streams_web_port or 6066,
         table_cleanup_interval=3600,
-        # tansu 0.6.0 reports a partition's end offset as its last record batch's base offset + 1:
-        # a worker that read a changelog to its real end would stop with ConsistencyError at the
-        # next rebalance, then leave the group (which can wedge it; README, Workers dying and rejoining)
+        # the check guards on-disk (RocksDB) stores against a truncated changelog; ours is in memory.
+        # Before true_highwaters, tansu's understated end offsets made it stop a worker that had read
+        # a changelog to its real end, which then left the group (README, Workers dying and rejoining)
         recovery_consistency_check=False,
     )
     registry = RegistryFollower(settings.kafka_bootstrap)

@@ -8,10 +8,11 @@ import time
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pilotlab import registry
 from pilotlab.contracts import to_ms
-from pilotlab.kafka_admin import ensure_topics
+from pilotlab.kafka_admin import end_offsets, ensure_topics
 from pilotlab.services import Services
 from pilotlab.stack import Stack
 from simulators.publisher import publish
@@ -31,7 +32,7 @@ def kpis_on_topic(bootstrap: str, exp_id: str) -> dict[tuple, tuple]:
     meta = consumer.list_topics(KafkaTopics.KPIS, timeout=10)
     parts = list(meta.topics[KafkaTopics.KPIS].partitions)
     consumer.assign([TopicPartition(KafkaTopics.KPIS, p, 0) for p in parts])
-    ends = {p: consumer.get_watermark_offsets(TopicPartition(KafkaTopics.KPIS, p))[1] for p in parts}
+    ends = {p: end for (_t, p), end in end_offsets(bootstrap, [(KafkaTopics.KPIS, p) for p in parts]).items()}
     best: dict[tuple, tuple] = {}
     done = {p for p, e in ends.items() if e == 0}
     while len(done) < len(parts):
@@ -48,6 +49,19 @@ def kpis_on_topic(bootstrap: str, exp_id: str) -> dict[tuple, tuple]:
                 best[key] = max(best.get(key, (0, 0)), (v.revision, v.sample_count))
     consumer.close()
     return best
+
+
+def busy(database_url: str, victim: str, exp_id: str, timeout: float = 30.0) -> None:
+    """Until the victim has done part of its work (its output is in the database): a worker
+    killed before it joined its consumer group would test nothing."""
+    table = "kpi_values" if victim == "streams" else "readings"
+    query = sql.SQL("SELECT count(*) FROM {} WHERE experiment_id = %s").format(sql.Identifier(table))
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while conn.execute(query, (exp_id,)).fetchone()[0] == 0:
+            if time.monotonic() > deadline:
+                pytest.fail(f"no rows in {table} for {exp_id} after {timeout} s")
+            time.sleep(0.2)
 
 
 @pytest.fixture
@@ -74,11 +88,12 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(own_stack, vict
         services.wait_ingest_ready()
         publisher = threading.Thread(
             target=lambda: result.setdefault(
-                "truth", publish(stack_state.mqtt_url, [exp], seed=5, duration_s=6, batch=1)
+                "truth", publish(stack_state.mqtt_url, [exp], seed=5, duration_s=10, batch=1)
             )
         )
         publisher.start()
-        time.sleep(2.5)  # mid-stream
+        busy(stack_state.database_url, victim, exp.id)
+        assert publisher.is_alive(), "the publisher finished before the kill: not mid-stream"
         services.kill(victim)
         time.sleep(1.0)
         services.start(victim)

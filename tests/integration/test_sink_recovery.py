@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pilotlab.contracts import KafkaTopics, encode_kpis, to_ms
-from pilotlab.kafka_admin import group_lag
+from pilotlab.kafka_admin import end_offsets, group_lag
 from storage.sink import TOPICS
 from tests.timescale.data import Dataset, build
 
@@ -34,12 +34,9 @@ def start_at_end(bootstrap: str, group: str) -> None:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         meta = c.list_topics(timeout=10)
-        offsets = []
-        for t in TOPICS:
-            for p in meta.topics[t].partitions:
-                _low, high = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)
-                offsets.append(TopicPartition(t, p, high))
-        c.commit(offsets=offsets, asynchronous=False)
+        parts = [(t, p) for t in TOPICS for p in meta.topics[t].partitions]
+        ends = end_offsets(bootstrap, parts)
+        c.commit(offsets=[TopicPartition(t, p, ends[(t, p)]) for t, p in parts], asynchronous=False)
     finally:
         c.close()
 
