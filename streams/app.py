@@ -52,10 +52,10 @@ def limit_fetch_wait(ms: int) -> None:
 def true_highwaters(bootstrap: str) -> None:
     """Faust's recovery reads a changelog partition up to its high watermark from ListOffsets,
     which tansu 0.6.0 understates: the last record batch's base offset + 1. A partition taken
-    over from another worker was recovered without the rest of that batch (the last chunk's
-    state entries and its applied mark), so the chunk read as rolled back while its readings
-    were committed. Take the end offsets a fetch reports instead (``end_offsets``; on Apache
-    Kafka the same values)."""
+    over from another worker was recovered without the rest of that batch (state entries of a
+    chunk whose mark was not written yet, which read as rolled back either way; the mark is
+    sent alone), left for a later recovery to read. Take the end offsets a fetch reports
+    (``end_offsets``; on Apache Kafka the same values), so recovery reads what is there."""
     highwaters = AIOKafkaConsumerThread.__dict__["_highwaters"]
     highwaters = getattr(highwaters, "__wrapped__", highwaters)
 
