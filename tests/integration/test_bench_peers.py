@@ -6,20 +6,17 @@ packages are installed by .ci/run, or by ensure_node_red here)."""
 from __future__ import annotations
 
 import shutil
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
-import paho.mqtt.client as mqtt
 import psycopg
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.peers import NODE_RED_FLOWS, PEERS, PROBE_DEVICE, latency_ms, peer, stored_count
 from pilotlab.contracts import telemetry_topic
-from pilotlab.credentials import MqttEndpoint
 from pilotlab.stack import StackState
+from tests.integration.test_end_to_end import publish_raw
 
 pytestmark = pytest.mark.integration
 
@@ -46,22 +43,6 @@ def workload() -> tuple[list[tuple[str, bytes]], set[tuple]]:
     return messages, rows
 
 
-def publish(state: StackState, messages: list[tuple[str, bytes]]) -> None:
-    ep = MqttEndpoint.parse(state.mqtt_url)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-peers-{uuid.uuid4().hex[:8]}")
-    ep.configure(client)
-    client.connect(ep.host, ep.port)
-    client.loop_start()
-    try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(30)
-            assert info.is_published()
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 @pytest.mark.parametrize("name", PEERS)
 def test_peer_stores_exactly_what_was_published(name: str, stack_state: StackState, tmp_path: Path) -> None:
     if name in NODE_RED_FLOWS and shutil.which("node") is None:
@@ -69,7 +50,7 @@ def test_peer_stores_exactly_what_was_published(name: str, stack_state: StackSta
     messages, expected = workload()
     # small batches so the batched peer flushes both on size and on its timer
     with peer(name, stack_state, tmp_path, batch_rows=50, batch_ms=100) as p:
-        publish(stack_state, messages)
+        publish_raw(stack_state.mqtt_url, messages)
         p.wait_stored(len(expected), timeout=120)
         with psycopg.connect(p.dsn) as conn:
             stored = set(
