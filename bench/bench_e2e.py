@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import os
 import platform
@@ -291,6 +292,15 @@ class Bench:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
+
+    @contextlib.contextmanager
+    def timed(self, name: str, banner: str | None = None):
+        """Time the block into ``timings[name]`` (when it finishes), announcing it first."""
+        if banner:
+            print(banner, flush=True)
+        t = time.monotonic()
+        yield
+        self.timings[name] = time.monotonic() - t
 
     def cpu_roots(self, publisher_pid: int | None) -> dict[str, int]:
         roots: dict[str, int] = {}
@@ -1143,10 +1153,8 @@ def main(argv: list[str] | None = None) -> int:
             b = Bench(cfg, state, tmp, t0=t_all)
             b.timings["stack_up"] = time.monotonic() - t
             if "ceilings" in phases:
-                t = time.monotonic()
-                print("ceilings: raw Mosquitto, raw Kafka, PostgreSQL COPY", flush=True)
-                res["ceilings"] = phase_ceilings(b)
-                b.timings["ceilings"] = time.monotonic() - t
+                with b.timed("ceilings", "ceilings: raw Mosquitto, raw Kafka, PostgreSQL COPY"):
+                    res["ceilings"] = phase_ceilings(b)
             if {"fixed", "step", "saturation"} & set(phases):
                 t = time.monotonic()
                 with Services(state, tmp / "services").start("ingest", "streams", "sink") as services:
@@ -1162,29 +1170,21 @@ def main(argv: list[str] | None = None) -> int:
                     b.timings["services_up_and_warm_up"] = time.monotonic() - t
                     res["idle"] = measure_idle(b, 3 if cfg.quick else 10)
                     if "fixed" in phases:
-                        t = time.monotonic()
-                        print("fixed loads", flush=True)
-                        res["fixed"] = phase_fixed(b)
-                        b.timings["fixed"] = time.monotonic() - t
+                        with b.timed("fixed", "fixed loads"):
+                            res["fixed"] = phase_fixed(b)
                     if "step" in phases:
-                        t = time.monotonic()
-                        print("step load", flush=True)
                         reserve = (90 if "saturation" in phases else 0) + (240 if "peers" in phases else 0)
-                        res["step"] = phase_step(b, reserve_s=0 if cfg.quick else reserve)
-                        b.timings["step"] = time.monotonic() - t
+                        with b.timed("step", "step load"):
+                            res["step"] = phase_step(b, reserve_s=0 if cfg.quick else reserve)
                     if "saturation" in phases:
-                        t = time.monotonic()
-                        print("saturation", flush=True)
-                        res["saturation"] = phase_saturation(b)
-                        b.timings["saturation"] = time.monotonic() - t
+                        with b.timed("saturation", "saturation"):
+                            res["saturation"] = phase_saturation(b)
                     b.services = None
                 discard_ingest_session(state)
             if "peers" in phases:
-                t = time.monotonic()
-                print("peers", flush=True)
                 only = [x.strip() for x in a.peers.split(",")] if a.peers else None
-                res["peers"] = phase_peers(b, res, only)
-                b.timings["peers"] = time.monotonic() - t
+                with b.timed("peers", "peers"):
+                    res["peers"] = phase_peers(b, res, only)
         finally:
             t = time.monotonic()
             stack.down(purge=True)
