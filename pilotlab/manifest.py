@@ -120,7 +120,7 @@ KpiKind = Literal[
     "availability",  # share of the group's registered devices reporting in the window
     "completeness",  # received / expected samples (from the devices' declared intervals)
     "freshness",  # p95 of the ingest delay (received - ts), in seconds
-    "impact",  # difference-in-differences over the experiment's periods, with a 95% CI
+    "impact",  # device-level difference-in-differences over the periods, 95% CI and verdict
 ]
 
 
@@ -135,6 +135,12 @@ class Kpi(_Model):
     q: float | None = Field(default=None, gt=0, lt=1)
     # exceedance only: the level a sample must exceed, in the metric's unit (PM2.5: 25)
     threshold: float | None = None
+    # impact only, for planning (`pilotlab plan`): the effect the pilot hopes for (relative,
+    # -0.2 = -20%, for ratio-scale metrics; in the metric's unit for interval-scale ones) and
+    # the spread across devices of a device's change between two periods without intervention
+    # (log ratio, ~ relative, for ratio-scale metrics; in the unit otherwise)
+    expected_effect: float | None = None
+    change_sd: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _known_metric(self) -> Kpi:
@@ -152,6 +158,15 @@ class Kpi(_Model):
             raise ValueError("an exceedance KPI needs threshold, e.g. threshold: 25")
         if self.kind != "exceedance" and self.threshold is not None:
             raise ValueError(f"threshold applies to exceedance KPIs only, not {self.kind}")
+        for name in ("expected_effect", "change_sd"):
+            if self.kind != "impact" and getattr(self, name) is not None:
+                raise ValueError(f"{name} applies to impact KPIs only, not {self.kind}")
+        if (
+            self.expected_effect is not None
+            and METRICS[self.metric].scale == "ratio"
+            and self.expected_effect <= -1
+        ):
+            raise ValueError("expected_effect is relative for this metric: -0.2 is -20%; it must be above -1")
         return self
 
     def signature(self) -> str:

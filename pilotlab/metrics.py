@@ -7,6 +7,7 @@ a wrong unit, never a reading to average in.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +17,9 @@ class Metric:
     low: float
     high: float
     description: str
+    # "ratio": a true zero, so "−20%" means something (NO2, energy, counts); "interval": an
+    # arbitrary zero (°C, dB(A), degrees), so changes are differences in the unit
+    scale: Literal["ratio", "interval"] = "ratio"
 
 
 METRICS: dict[str, Metric] = {
@@ -27,14 +31,14 @@ METRICS: dict[str, Metric] = {
         Metric("vehicles_per_hour", "veh/h", 0, 20000, "traffic count"),
         Metric("mean_speed", "km/h", 0, 250, "mean vehicle speed"),
         Metric("occupancy", "ratio", 0, 1, "share of parking bays occupied"),
-        Metric("noise", "dB(A)", 0, 194, "equivalent sound level"),
+        Metric("noise", "dB(A)", 0, 194, "equivalent sound level", "interval"),
         Metric("energy", "kWh", 0, 100, "street-light energy per sampling interval"),
         Metric("dimming", "ratio", 0, 1, "light output as a share of full power"),
         Metric("trips", "count", 0, 100000, "e-mobility trips in the interval"),
-        Metric("lat", "deg", -90, 90, "latitude"),
-        Metric("lon", "deg", -180, 180, "longitude"),
+        Metric("lat", "deg", -90, 90, "latitude", "interval"),
+        Metric("lon", "deg", -180, 180, "longitude", "interval"),
         Metric("fill_level", "ratio", 0, 1, "waste-bin fill level"),
-        Metric("temperature", "degC", -60, 70, "air temperature"),
+        Metric("temperature", "degC", -60, 70, "air temperature", "interval"),
     )
 }
 

@@ -21,16 +21,15 @@ Kinds (see the README, "KPI kinds"):
 * ``completeness`` — samples received / samples expected, where a device declaring an
   interval of i seconds is expected to send ``window / i`` samples per window.
 * ``freshness`` — p95 of the ingest delay (ingest time − ``ts``) in seconds, same sketch.
-* ``impact`` — difference-in-differences of the metric's mean, treatment vs control and
-  intervention vs baseline, with a 95% confidence interval, from running moments per cell
-  (see :func:`impact_estimate`).
+* ``impact`` — device-level difference-in-differences, treatment vs control and
+  intervention vs baseline, with a 95% interval across devices and a verdict
+  (:mod:`streams.impact`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any
 
 from ddsketch import DDSketch
@@ -38,11 +37,11 @@ from ddsketch.mapping import LogarithmicMapping
 
 from pilotlab.contracts import to_ms
 from pilotlab.manifest import Experiment, Kpi
+from streams import impact
 from streams.aggregators import AGGREGATORS
 
 SKETCH_ALPHA = 0.01  # relative accuracy of quantiles (the DDSketch guarantee)
 _MAPPING = LogarithmicMapping(SKETCH_ALPHA)
-_Z95 = NormalDist().inv_cdf(0.975)
 
 WINDOWED = ("count", "sum", "mean", "min", "max", "quantile", "exceedance", "availability",
             "completeness", "freshness")  # fmt: skip
@@ -227,108 +226,30 @@ class Completeness:
 # --- impact --------------------------------------------------------------------------------
 
 
-def moments_add(m: list, x: float) -> list:
-    """Welford: [n, mean, M2] with M2 the sum of squared deviations."""
-    n, mean, m2 = m
-    n += 1
-    delta = x - mean
-    mean += delta / n
-    return [n, mean, m2 + delta * (x - mean)]
-
-
-def moments_merge(a: list, b: list) -> list:
-    """Chan et al.'s parallel combination of two moment triples."""
-    na, ma, m2a = a
-    nb, mb, m2b = b
-    n = na + nb
-    if n == 0:
-        return [0, 0.0, 0.0]
-    delta = mb - ma
-    return [n, ma + delta * nb / n, m2a + m2b + delta * delta * na * nb / n]
-
-
-def _cell_stats(m: list) -> tuple[int, float, float]:
-    n, mean, m2 = m
-    var = m2 / (n - 1) if n > 1 else math.nan
-    return n, mean, var
-
-
-def impact_estimate(cells: dict[str, dict[str, list]], has_control: bool) -> Result:
-    """Relative difference-in-differences of means with a 95% CI (delta method on logs).
-
-    ``cells[group][period]`` holds running moments [n, mean, M2]. With a control group the
-    estimate is (T_int/T_base) / (C_int/C_base) − 1; without one, T_int/T_base − 1. Its log
-    is a sum of log-means whose variances are ≈ s²/(n·mean²) (independent samples, large n),
-    so the 95% CI is exp(log estimate ± 1.96·se) − 1. The absolute DiD,
-    (T_int − T_base) − (C_int − C_base) with se = √Σ s²/n, is reported alongside.
-    """
-    groups = ("treatment", "control") if has_control else ("treatment",)
-    empty = [0, 0.0, 0.0]
-    stats = {g: {p: _cell_stats(cells.get(g, {}).get(p, empty)) for p in ("baseline", "intervention")}
-             for g in groups}  # fmt: skip
-    details: dict[str, Any] = {
-        "method": "difference-in-differences vs control" if has_control else "intervention vs baseline",
-        "n": {g: {p: s[0] for p, s in ps.items()} for g, ps in stats.items()},
-        "mean": {g: {p: (s[1] if s[0] else None) for p, s in ps.items()} for g, ps in stats.items()},
-        "estimate": None,
-        "ci_low": None,
-        "ci_high": None,
-    }
-    if any(s[0] < 2 for ps in stats.values() for s in ps.values()):
-        return None, details
-    sign = {"treatment": 1, "control": -1}
-    diff = sum(sign[g] * (ps["intervention"][1] - ps["baseline"][1]) for g, ps in stats.items())
-    se_abs = math.sqrt(sum(s[2] / s[0] for ps in stats.values() for s in ps.values()))
-    details["absolute"] = {"estimate": diff, "ci_low": diff - _Z95 * se_abs, "ci_high": diff + _Z95 * se_abs}
-    if any(s[1] <= 0 for ps in stats.values() for s in ps.values()):
-        details["method"] += " (absolute: a mean is not positive, no relative estimate)"
-        return None, details
-    log_est = sum(
-        sign[g] * (math.log(ps["intervention"][1]) - math.log(ps["baseline"][1])) for g, ps in stats.items()
-    )
-    se = math.sqrt(sum(s[2] / (s[0] * s[1] * s[1]) for ps in stats.values() for s in ps.values()))
-    estimate = math.expm1(log_est)
-    details.update(
-        estimate=estimate,
-        ci_low=math.expm1(log_est - _Z95 * se),
-        ci_high=math.expm1(log_est + _Z95 * se),
-        se_log=se,
-    )
-    return estimate, details
-
-
 class Impact:
-    """One state per experiment over its whole span: moments per (group, period) cell."""
+    """One state per experiment over its whole span: per device, its readings and their sum
+    in each half of the baseline and in the intervention (``streams.impact``)."""
 
-    def __init__(self, experiment: Experiment) -> None:
-        p = experiment.periods
-        self._base = (to_ms(p.baseline.start), to_ms(p.baseline.end))
-        self._int = (to_ms(p.intervention.start), to_ms(p.intervention.end))
+    def __init__(self, experiment: Experiment, kpi: Kpi) -> None:
+        self.design = impact.design(experiment, kpi)
         self.has_control = any(d.group == "control" for d in experiment.devices)
-        self.window_start_ms = self._base[0]
-        self.window_size_s = (self._int[1] - self._base[0]) // 1000
+        self.window_start_ms = self.design.baseline[0]
+        self.window_size_s = (self.design.intervention[1] - self.design.baseline[0]) // 1000
 
     def period(self, ts_ms: int) -> str | None:
-        if self._base[0] <= ts_ms < self._base[1]:
-            return "baseline"
-        if self._int[0] <= ts_ms < self._int[1]:
-            return "intervention"
-        return None
+        cell = self.design.cell(ts_ms)
+        return None if cell is None else "intervention" if cell == "i" else "baseline"
 
     def initialize(self) -> dict:
-        return {}
+        return impact.initialize()
 
     def add(self, state: dict, obs: Obs) -> dict:
-        period = self.period(obs.ts_ms)
-        if period is None:
-            return state
-        out = {g: dict(ps) for g, ps in state.items()}
-        cell = out.setdefault(obs.group, {}).get(period, [0, 0.0, 0.0])
-        out[obs.group][period] = moments_add(cell, obs.value)
-        return out
+        """Updates ``state`` in place (the engine hands out its own decoded copy)."""
+        return impact.add(state, self.design, obs.device_id, obs.group, obs.ts_ms, obs.value)
 
     def result(self, state: dict, group: str) -> Result:
-        return impact_estimate(state, self.has_control)
+        r = impact.analyse(state, self.design, self.has_control)
+        return r.estimate, r.as_dict()
 
 
 def make(kpi: Kpi, experiment: Experiment):
@@ -346,5 +267,5 @@ def make(kpi: Kpi, experiment: Experiment):
     if kpi.kind == "freshness":
         return Freshness()
     if kpi.kind == "impact":
-        return Impact(experiment)
+        return Impact(experiment, kpi)
     raise KeyError(kpi.kind)
