@@ -134,7 +134,7 @@ def design(experiment: Experiment, kpi: Kpi) -> Design:
     )
 
 
-def add(state: dict, design_: Design, device_id: str, group: str, ts_ms: int, value: float) -> dict:
+def add(state: dict, design_: Design, device_id: str, group: str, ts_ms: int, value: float) -> dict:  # noqa: PLR0917 - one reading
     """Add one reading; updates ``state`` in place (a worker's state is its own decoded copy)
     and returns it. Readings outside both periods are not part of the impact."""
     cell = design_.cell(ts_ms)
@@ -157,7 +157,7 @@ def merge(a: dict, b: dict) -> dict:
     for src in (a, b):
         for dev, row in src["d"].items():
             have = out["d"].get(dev)
-            out["d"][dev] = list(row) if have is None else [have[0], *(x + y for x, y in zip(have[1:], row[1:]))]
+            out["d"][dev] = list(row) if have is None else [have[0], *(x + y for x, y in zip(have[1:], row[1:], strict=True))]
     return out
 
 
@@ -246,7 +246,9 @@ def _interval(diff: float, se: float | None, df: float | None, relative: bool) -
         half = stats.t.ppf(0.5 + LEVEL / 2, df) * se
         lo, hi = diff - half, diff + half
     if relative:
-        return Interval(math.expm1(diff), None if lo is None else math.expm1(lo), None if hi is None else math.expm1(hi))
+        return Interval(
+            math.expm1(diff), None if lo is None else math.expm1(lo), None if hi is None else math.expm1(hi)
+        )
     return Interval(diff, lo, hi)
 
 
@@ -274,9 +276,7 @@ def analyse(state: dict, d: Design, has_control: bool) -> ImpactResult:
     both = {dev: row for dev, row in rows.items() if (row[1] + row[3]) and row[5]}
     if len(both) < len(rows):
         warnings.append("devices_excluded")
-    if any(
-        min(row[1] + row[3], row[5]) < LOW_COMPLETENESS * d.expected.get(dev, 0) for dev, row in both.items()
-    ):
+    if any(min(row[1] + row[3], row[5]) < LOW_COMPLETENESS * d.expected.get(dev, 0) for dev, row in both.items()):
         warnings.append("low_completeness")
     relative = d.scale == "relative"
     if relative and any(
@@ -296,8 +296,7 @@ def analyse(state: dict, d: Design, has_control: bool) -> ImpactResult:
     means = {
         g: {
             p: (
-                math.fsum(r[i + 1] for r in rows.values() if r[0] == g for i in cells)
-                / readings[g][p]
+                math.fsum(r[i + 1] for r in rows.values() if r[0] == g for i in cells) / readings[g][p]
                 if readings[g][p]
                 else None
             )
@@ -378,9 +377,7 @@ def analyse(state: dict, d: Design, has_control: bool) -> ImpactResult:
 # --- the pure entry point -----------------------------------------------------------------------
 
 
-def estimate_impact(
-    experiment: Experiment, kpi_name: str, readings: Iterable[tuple[str, int, float]]
-) -> ImpactResult:
+def estimate_impact(experiment: Experiment, kpi_name: str, readings: Iterable[tuple[str, int, float]]) -> ImpactResult:
     """The impact of ``experiment``'s KPI ``kpi_name`` from ``(device_id, ts_ms, value)``
     readings of its metric, in any order — the same result the streams worker stores for
     the same readings. A device the experiment does not list is an error (its group is
@@ -459,9 +456,7 @@ def baseline_change_sd(state: dict, d: Design) -> float | None:
     return math.sqrt(ss / df) if df else None
 
 
-def plan(
-    experiment: Experiment, kpi: Kpi, *, baseline_state: dict | None = None, power: float = 0.8
-) -> Plan:
+def plan(experiment: Experiment, kpi: Kpi, *, baseline_state: dict | None = None, power: float = 0.8) -> Plan:
     """The plan of one impact KPI: from ``kpi.change_sd`` when stated, else from a baseline
     already collected (``baseline_state``, as :func:`add` builds it)."""
     d = design(experiment, kpi)

@@ -28,14 +28,12 @@ Kinds (see the README, "KPI kinds"):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from ddsketch import DDSketch
 from ddsketch.mapping import LogarithmicMapping
 
-from pilotlab.contracts import to_ms
 from pilotlab.manifest import Experiment, Kpi
 from streams import impact
 from streams.aggregators import AGGREGATORS

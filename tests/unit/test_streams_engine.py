@@ -15,6 +15,7 @@ from pilotlab.contracts import KpiValue, Reading, ReadingBatch, to_ms
 from pilotlab.manifest import Experiment
 from streams.checkpoint import Chunk, decode_entry, run_chunk
 from streams.engine import IMPACT_GROUP, advance, apply_batch, closes_at, kpi_values, split_late
+from streams.impact import estimate_impact
 
 MIN = 60_000
 EXP = Experiment.model_validate(
@@ -180,24 +181,39 @@ def test_new_kinds_through_the_engine() -> None:
     assert impact.sample_count == 16 and impact.value is None  # no intervention data yet
 
 
-def test_impact_window_spans_the_experiment_and_collects_both_groups() -> None:
+def test_impact_window_spans_the_experiment_and_equals_estimate_impact() -> None:
+    """The engine's impact (as the worker stores it) is streams.impact.estimate_impact of the
+    same readings, fed in another order."""
     p = Pipeline()
     rng = random.Random(1)
     t_int = to_ms(EXP.periods.intervention.start)
+    sent = []
     for start in (T0, t_int):
         for i in range(50):
-            for device in ("t1", "c1"):
-                eff = 0.7 if device == "t1" and start == t_int else 1.0
+            for device in ("t1", "t2", "c1"):
+                eff = 0.7 if device != "c1" and start == t_int else 1.0
                 ts = start + i * MIN
-                p.feed(batch(device, [Reading(i, ts, {"pm25": 30 * eff * rng.uniform(0.9, 1.1)})]))
+                value = 30 * eff * rng.uniform(0.9, 1.1)
+                sent.append((device, ts, value))
+                p.feed(batch(device, [Reading(i, ts, {"pm25": value})]))
     assert p.late == []
     v = p.latest[("ev", "pm_impact", IMPACT_GROUP, 7200, T0)]
-    assert v.details["n"] == {
-        "treatment": {"baseline": 50, "intervention": 50},
+    assert v.details["readings"] == {
+        "treatment": {"baseline": 100, "intervention": 100},
         "control": {"baseline": 50, "intervention": 50},
     }
-    assert v.details["ci_low"] <= -0.3 <= v.details["ci_high"]
+    assert v.details["devices"] == {"treatment": 2, "control": 1}
     assert v.value == pytest.approx(-0.3, abs=0.05)
+    rng.shuffle(sent)
+    want = estimate_impact(EXP, "pm_impact", sent).as_dict()
+    assert v.value == pytest.approx(want["estimate"], rel=1e-12)
+    for key in ("ci_low", "ci_high", "se", "df"):
+        assert v.details[key] == pytest.approx(want[key], rel=1e-9), key
+    for key in ("verdict", "warnings", "devices", "readings", "scale", "method", "final"):
+        assert v.details[key] == want[key], key
+    # one control device and a one-hour pilot: an interval, but no verdict
+    assert v.details["verdict"] == "inconclusive"
+    assert {"no_replication", "short_period"} <= set(v.details["warnings"])
 
 
 # --- liveness ------------------------------------------------------------------------------------
