@@ -126,5 +126,7 @@ def generate(spec: PilotSpec, seed: int) -> tuple[Experiment, list[tuple[str, in
         base = spec.level + levels[:, None] * 10 + (pattern + weather)[None, :] * 5 + trend[None, :]
         values = base + np.where(treated[:, None] & after[None, :], spec.effect, 0.0) + noise
     ts_ms = (ts * 1000).astype(np.int64).tolist()
-    readings = [(dev, t, v) for dev, row in zip(ids, values.tolist(), strict=True) for t, v in zip(ts_ms, row, strict=True)]
+    readings = [
+        (dev, t, v) for dev, row in zip(ids, values.tolist(), strict=True) for t, v in zip(ts_ms, row, strict=True)
+    ]
     return exp, readings

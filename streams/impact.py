@@ -157,7 +157,9 @@ def merge(a: dict, b: dict) -> dict:
     for src in (a, b):
         for dev, row in src["d"].items():
             have = out["d"].get(dev)
-            out["d"][dev] = list(row) if have is None else [have[0], *(x + y for x, y in zip(have[1:], row[1:], strict=True))]
+            out["d"][dev] = (
+                list(row) if have is None else [have[0], *(x + y for x, y in zip(have[1:], row[1:], strict=True))]
+            )
     return out
 
 
