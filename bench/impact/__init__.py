@@ -1,0 +1,1 @@
+"""The impact benchmark's pieces: the replaced reading-level estimator, for comparison."""
