@@ -33,7 +33,8 @@ from pilotlab.manifest import Experiment
 from pilotlab.services import Services
 from simulators.publisher import publish
 from streams.engine import window_start
-from streams.kpis import SKETCH_ALPHA, impact_estimate
+from streams.impact import estimate_impact
+from streams.kpis import SKETCH_ALPHA
 from tests.integration.test_end_to_end import publish_raw
 
 pytestmark = pytest.mark.integration
@@ -150,20 +151,11 @@ def recompute(exp: Experiment, rows: list[tuple]) -> dict[tuple, dict]:
     return out
 
 
-def recompute_impact(exp: Experiment, rows: list[tuple], metric: str) -> tuple[float, dict]:
-    b, i = exp.periods.baseline, exp.periods.intervention
-    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for _device, group, m, value, ts, _rec in rows:
-        if m != metric:
-            continue
-        period = "baseline" if b.contains(ts) else "intervention" if i.contains(ts) else None
-        if period:
-            groups[group][period].append(value)
-    cells = {
-        g: {p: [len(v), float(np.mean(v)), float(np.var(v) * len(v))] for p, v in ps.items()}
-        for g, ps in groups.items()
-    }
-    return impact_estimate(cells, has_control=True)
+def recompute_impact(exp: Experiment, rows: list[tuple], metric: str):
+    """streams.impact.estimate_impact on the readings storage holds: the worker must have
+    stored exactly this."""
+    readings = [(device, to_ms(ts), value) for device, _group, m, value, ts, _rec in rows if m == metric]
+    return estimate_impact(exp, f"{metric}_impact", readings)
 
 
 def wait_for(check, timeout: float, conn: psycopg.Connection | None = None, what: str = ""):
@@ -210,20 +202,26 @@ def test_every_kind_equals_a_batch_recomputation_and_impact_covers_the_truth(sta
 
             def impact_matches():
                 rows = raw_readings(conn, exp.id)
-                want_value, want = recompute_impact(exp, rows, "no2")
+                want = recompute_impact(exp, rows, "no2").as_dict()
                 got = stored(conn, exp.id).get(("no2_impact", "all", to_ms(exp.periods.baseline.start)))
-                if got is None or got[2]["n"] != want["n"]:
-                    return f"impact cells {got and got[2]['n']} vs {want['n']}"
-                for field in ("estimate", "ci_low", "ci_high"):
-                    assert got[2][field] == pytest.approx(want[field], rel=1e-6)
-                assert got[0] == pytest.approx(want_value, rel=1e-6)
+                if got is None or got[2]["readings"] != want["readings"]:
+                    return f"impact readings {got and got[2]['readings']} vs {want['readings']}"
+                for field in ("estimate", "ci_low", "ci_high", "se", "df", "p_value"):
+                    assert got[2][field] == pytest.approx(want[field], rel=1e-6), field
+                for field in ("verdict", "warnings", "devices", "scale", "unit", "method", "design", "final"):
+                    assert got[2][field] == want[field], field
+                assert got[0] == pytest.approx(want["estimate"], rel=1e-6)
                 return True
 
             wait_for(impact_matches, 60, conn, "impact vs recomputation")
             value, n, details = stored(conn, exp.id)[("no2_impact", "all", to_ms(exp.periods.baseline.start))]
+            # three devices a group: the interval (t, 4 df) covers the true effect, the estimate inside it
             assert details["ci_low"] <= -0.2 <= details["ci_high"], details
-            assert value == pytest.approx(-0.2, abs=0.05), details
-            assert n == sum(c for g in details["n"].values() for c in g.values())
+            assert details["ci_low"] < value < details["ci_high"], details
+            assert n == sum(c for g in details["readings"].values() for c in g.values())
+            assert details["devices"] == {"treatment": 3, "control": 3}
+            # a four-hour pilot: an estimate and an interval, but no verdict on so short a period
+            assert details["verdict"] == "inconclusive" and "short_period" in details["warnings"]
 
 
 # --- late and out-of-order --------------------------------------------------------------------
