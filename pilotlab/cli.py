@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import typer
@@ -176,14 +177,93 @@ def experiments_apply(path: Path, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
 
 @exp_app.command("validate")
 def experiments_validate(path: Path) -> None:
-    """Check manifests without registering them."""
+    """Check manifests without registering them; warn (exit 0) when an impact KPI cannot get a
+    verdict by design or its expected effect is below what the pilot can detect."""
     from pilotlab.manifest import ManifestError, load_manifests  # noqa: PLC0415
+    from streams.impact import PLAN_WARNINGS, plan  # noqa: PLC0415
 
     try:
-        for exp in load_manifests(path):
-            typer.echo(f"ok {exp.id}")
+        experiments = load_manifests(path)
     except ManifestError as exc:
         _fail(str(exc))
+    for exp in experiments:
+        typer.echo(f"ok {exp.id}")
+        for kpi in exp.kpis:
+            if kpi.kind != "impact":
+                continue
+            p = plan(exp, kpi)
+            for code in p.warnings:
+                if code == "unknown_variability" and kpi.expected_effect is None:
+                    continue  # nothing to check against: `pilotlab plan` says more
+                detail = PLAN_WARNINGS[code]
+                if code == "effect_below_mde":
+                    bound = p.mde_decrease if (kpi.expected_effect or 0) < 0 else p.mde_increase
+                    detail += f" (expected {_effect(kpi.expected_effect, p)}, detectable {_effect(bound, p)})"
+                typer.echo(f"  warning {exp.id}/{kpi.name}: {code}: {detail}")
+
+
+def _effect(value: float | None, p) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:+.1f}%" if p.scale == "relative" else f"{value:+.3g} {p.unit}"
+
+
+@app.command("plan")
+def plan_cmd(
+    path: Annotated[Path, typer.Argument(help="An experiment manifest (or a directory of them).")],
+    power: Annotated[float, typer.Option(min=0.5, max=0.99, help="The power to plan for.")] = 0.8,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The minimum detectable effect of each impact KPI at the given power (two-sided, 95%),
+    from the devices, the periods and either the manifest's `change_sd` or a baseline already
+    in the database (PILOTLAB_DATABASE_URL, when set: the experiment's stored baseline)."""
+    from pilotlab.manifest import ManifestError, load_manifests  # noqa: PLC0415
+    from streams.impact import PLAN_WARNINGS, plan, state_from_cells  # noqa: PLC0415
+
+    s = cfg.load(cfg.PlanSettings)
+    try:
+        experiments = load_manifests(path)
+    except ManifestError as exc:
+        _fail(str(exc))
+    conn = None
+    if s.database_url:
+        import psycopg  # noqa: PLC0415
+
+        try:
+            conn = psycopg.connect(s.database_url, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            _fail(f"cannot read baselines from PILOTLAB_DATABASE_URL: {exc}".strip())
+    out = []
+    try:
+        for exp in experiments:
+            for kpi in exp.kpis:
+                if kpi.kind != "impact":
+                    continue
+                baseline = None
+                if conn is not None and kpi.change_sd is None:
+                    from storage.queries import impact_device_periods  # noqa: PLC0415
+
+                    cells = impact_device_periods(conn, exp.id, kpi.metric)
+                    baseline = state_from_cells(c for c in cells if c.cell != "i") if cells else None
+                p = plan(exp, kpi, baseline_state=baseline, power=power)
+                out.append({"experiment": exp.id, "kpi": kpi.name, "metric": kpi.metric, **p.as_dict()})
+    finally:
+        if conn is not None:
+            conn.close()
+    if json_out:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    for row in out:
+        p = SimpleNamespace(**row)
+        sd = "unknown" if p.change_sd is None else f"{p.change_sd:.4g}"
+        typer.echo(f"{p.experiment}/{p.kpi} ({p.metric}): {p.devices['treatment']} treatment vs "
+                   f"{p.devices['control']} control devices; device change SD {sd} ({p.source})")  # fmt: skip
+        if p.mde_decrease is not None:
+            expected = f"; expected {_effect(p.expected_effect, p)}" if p.expected_effect is not None else ""
+            typer.echo(f"  detectable with {100 * p.power:.0f}% power: a change of {_effect(p.mde_decrease, p)}"
+                       f" or {_effect(p.mde_increase, p)}{expected}")  # fmt: skip
+        for code in p.warnings:
+            typer.echo(f"  warning: {code}: {PLAN_WARNINGS[code]}")
 
 
 # --- device credentials ------------------------------------------------------------------------

@@ -125,3 +125,16 @@ class ReportSettings(_Settings):
         if not v.startswith(("postgresql://", "postgres://")):
             raise ValueError("must look like postgresql://user@host:port/dbname")
         return v
+
+
+class PlanSettings(_Settings):
+    """``pilotlab plan``: a database to read a baseline from is optional."""
+
+    database_url: str | None = Field(default=None, description="postgresql://user@host:port/db")
+
+    @field_validator("database_url")
+    @classmethod
+    def _pg_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must look like postgresql://user@host:port/dbname")
+        return v

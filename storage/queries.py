@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,20 @@ def table_counts(conn: psycopg.Connection) -> dict[str, int]:
         query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
         out[table] = conn.execute(query).fetchone()[0]
     return out
+
+
+@dataclass(frozen=True)
+class DevicePeriodSum:
+    """One device's readings of a metric in one cell of an impact analysis: the first (b1)
+    or second (b2) half of the baseline, or the intervention (i)."""
+
+    device_id: str
+    device_group: str
+    cell: str
+    readings: int
+    total: float
+
+
+def impact_device_periods(conn: psycopg.Connection, experiment_id: str, metric: str) -> list[DevicePeriodSum]:
+    with conn.cursor(row_factory=class_row(DevicePeriodSum)) as cur:
+        return cur.execute("SELECT * FROM impact_device_periods(%s, %s)", (experiment_id, metric)).fetchall()

@@ -151,6 +151,19 @@ def add(state: dict, design_: Design, device_id: str, group: str, ts_ms: int, va
     return state
 
 
+def state_from_cells(cells: Iterable) -> dict:
+    """A state from per-device cell totals, as a database aggregates stored readings
+    (``storage.queries.impact_device_periods``: device_id, device_group, cell, readings,
+    total). The newest reading time is not known from totals (``t`` stays None)."""
+    state: dict = {"t": None, "d": {}}
+    for c in cells:
+        row = state["d"].setdefault(c.device_id, [c.device_group, 0, 0.0, 0, 0.0, 0, 0.0])
+        i = _CELL[c.cell]
+        row[i] += c.readings
+        row[i + 1] += c.total
+    return state
+
+
 def merge(a: dict, b: dict) -> dict:
     """The state of the union of two sets of readings (neither input is changed)."""
     out = {"t": max((t for t in (a["t"], b["t"]) if t is not None), default=None), "d": {}}
