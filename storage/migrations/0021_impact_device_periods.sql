@@ -17,3 +17,8 @@ LANGUAGE sql STABLE AS $$
      GROUP BY 1, 2, 3
      ORDER BY 1, 3
 $$;
+
+-- kpi_impact (0006) divided group means of all readings: a reading-level ratio with no
+-- interval, which disagreed with the streams worker's device-level impact. The impact of a
+-- pilot is what streams stored (streams_impact, 0020), with its interval and verdict.
+DROP FUNCTION IF EXISTS kpi_impact(text);
