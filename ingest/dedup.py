@@ -58,3 +58,43 @@ class SeqMemory:
         seqs[seq] = token
         while len(seqs) > self.per_device:
             seqs.popitem(last=False)
+
+
+class ValueMemory:
+    """The values a device's recent readings were accepted with: ``(device, ts) → {metric:
+    value}``, with the token of the hand-off that carried them. A reading that repeats an
+    accepted (device, metric, ts) with another value is a ``conflicting_reading`` (storage
+    keeps one value per key: the second would vanish without a word); with the same value it
+    is an exact repeat, dropped idempotently.
+
+    Bounded like :class:`SeqMemory`: the last ``per_device`` instants of each device and at
+    most ``max_devices`` devices, in this process only. Beyond it (an older instant, another
+    replica, a restart), storage keeps the first value it stored for the key and the streams
+    worker counts the later copy as a duplicate (see docs). Pure, not thread-safe."""
+
+    def __init__(self, per_device: int = 256, max_devices: int = 100_000) -> None:
+        if per_device < 1 or max_devices < 1:
+            raise ValueError("per_device and max_devices must be at least 1")
+        self.per_device = per_device
+        self.max_devices = max_devices
+        self._devices: OrderedDict[str, OrderedDict[int, tuple[dict[str, float], object]]] = OrderedDict()
+
+    def lookup(self, device: str, ts_ms: int) -> tuple[dict[str, float], object] | None:
+        instants = self._devices.get(device)
+        return None if instants is None else instants.get(ts_ms)
+
+    def remember(self, device: str, ts_ms: int, metrics: dict[str, float], token: object = None) -> None:
+        instants = self._devices.get(device)
+        if instants is None:
+            instants = self._devices[device] = OrderedDict()
+            while len(self._devices) > self.max_devices:
+                self._devices.popitem(last=False)
+        else:
+            self._devices.move_to_end(device)
+        have = instants.get(ts_ms)
+        if have is None:
+            instants[ts_ms] = (dict(metrics), token)
+            while len(instants) > self.per_device:
+                instants.popitem(last=False)
+        else:
+            have[0].update(metrics)

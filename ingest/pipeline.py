@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ingest.decode import ItemError, Limits, TopicAddress, decode, parse_topic
-from ingest.dedup import SeqMemory
-from pilotlab.contracts import ReadingBatch, Reason, Rejection, excerpt
+from ingest.dedup import SeqMemory, ValueMemory
+from pilotlab.contracts import Reading, ReadingBatch, Reason, Rejection, excerpt, from_ms
 from pilotlab.registry import Refusal, Registry
 
 
@@ -89,9 +89,73 @@ def screen_duplicates(out: Outcome, memory: SeqMemory, topic: str, payload: byte
     return tokens
 
 
-def remember(out: Outcome, memory: SeqMemory, token: object = None) -> None:
-    """Record the forwarded native readings' seqs, with the token of their hand-off."""
-    if out.batch is None or out.senml:
+@dataclass(slots=True)
+class Conflicts:
+    """What ``screen_conflicts`` found: tokens of the hand-offs to wait for, and how many
+    metric values repeated an accepted one exactly (dropped)."""
+
+    tokens: list[object] = field(default_factory=list)
+    repeats: int = 0
+
+
+def screen_conflicts(out: Outcome, memory: ValueMemory, topic: str, payload: bytes) -> Conflicts:
+    """Each reading's metrics against the values already accepted for the same (device,
+    metric, ts), in ``memory`` or earlier in this message: another value is refused as
+    ``conflicting_reading`` (one refusal per item, naming each metric), the same value is an
+    exact repeat and dropped. Native and SenML alike. Call after ``screen_duplicates``;
+    remembers nothing (``remember`` does, once the batch is handed to Kafka)."""
+    found = Conflicts()
+    if out.batch is None:
+        return found
+    device = out.batch.device_id
+    here: dict[tuple[int, str], float] = {}
+    keep: list[Reading] = []
+    kept_indexes: list[int | None] = []
+    indexes = out.indexes if len(out.indexes) == len(out.batch.readings) else [None] * len(out.batch.readings)
+    changed = False
+    for reading, index in zip(out.batch.readings, indexes, strict=True):
+        earlier = memory.lookup(device, reading.ts_ms)
+        fresh: dict[str, float] = {}
+        clashes = []
+        for metric, value in reading.metrics.items():
+            prev = here.get((reading.ts_ms, metric))
+            if prev is None and earlier is not None:
+                prev = earlier[0].get(metric)
+                if prev is not None and earlier[1] is not None:
+                    found.tokens.append(earlier[1])
+            if prev is None:
+                fresh[metric] = value
+                here[(reading.ts_ms, metric)] = value
+            elif prev == value:
+                found.repeats += 1
+            else:
+                clashes.append(f"{metric} {value!r} (accepted before: {prev!r})")
+        if clashes:
+            when = from_ms(reading.ts_ms).isoformat().replace("+00:00", "Z")
+            detail = f"{device} at {when}: {', '.join(clashes)}; one value per metric and instant is kept"
+            err = ItemError(Reason.CONFLICTING_READING, detail, index)
+            out.rejections.append(_reject(err, topic, payload, out.batch.received_ms, out.address))
+        if len(fresh) < len(reading.metrics):
+            changed = True
+            if not fresh:
+                continue
+            keep.append(Reading(reading.seq, reading.ts_ms, fresh))
+        else:
+            keep.append(reading)
+        kept_indexes.append(index)
+    if changed:
+        out.indexes = kept_indexes if out.indexes else []
+        out.batch = replace(out.batch, readings=tuple(keep)) if keep else None
+    return found
+
+
+def remember(out: Outcome, memory: SeqMemory, token: object = None, values: ValueMemory | None = None) -> None:
+    """Record the forwarded readings — native seqs in ``memory``, every reading's values in
+    ``values`` — with the token of their hand-off."""
+    if out.batch is None:
         return
     for reading in out.batch.readings:
-        memory.remember(out.batch.device_id, reading.seq, token)
+        if not out.senml:
+            memory.remember(out.batch.device_id, reading.seq, token)
+        if values is not None:
+            values.remember(out.batch.device_id, reading.ts_ms, reading.metrics, token)

@@ -20,8 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ingest.decode import Limits
-from ingest.dedup import SeqMemory
-from ingest.pipeline import handle, remember, screen_duplicates
+from ingest.dedup import SeqMemory, ValueMemory
+from ingest.pipeline import handle, remember, screen_conflicts, screen_duplicates
 from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, feedback_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.registry import RegistryFollower
@@ -35,6 +35,10 @@ FORWARDED = Counter("pilotlab_ingest_forwarded_readings_total", "Readings Kafka 
 ACKED = Counter("pilotlab_ingest_acked_messages_total", "MQTT messages acknowledged after Kafka confirmed")
 INFLIGHT = Gauge("pilotlab_ingest_inflight_messages", "MQTT messages awaiting Kafka confirmation")
 REJECTED = Counter("pilotlab_ingest_rejections_total", "Rejected messages or items", ["reason"])
+REPEATED = Counter(
+    "pilotlab_ingest_repeated_readings_total",
+    "Metric values repeating an accepted (device, metric, ts) with the same value: dropped, idempotent",
+)
 SUBSCRIBED = Gauge("pilotlab_ingest_subscribed", "1 once the telemetry subscription is acknowledged")
 PRODUCE_LATENCY = Histogram(
     "pilotlab_ingest_produce_seconds",
@@ -117,6 +121,7 @@ class IngestService:
             settings.mqtt_password.get_secret_value() if settings.mqtt_password else None,
         )
         self.seqs = SeqMemory(settings.ingest_dedup_per_device, settings.ingest_dedup_devices)
+        self.values = ValueMemory(settings.ingest_conflict_instants, settings.ingest_dedup_devices)
         self.ack_lock = threading.Lock()
         self.inflight = threading.BoundedSemaphore(settings.ingest_max_inflight)
         self.stopping = threading.Event()
@@ -172,6 +177,10 @@ class IngestService:
         now_ms = to_ms(utcnow())
         outcome = handle(msg.topic, msg.payload, now_ms, self.registry.registry, self.limits)
         originals = screen_duplicates(outcome, self.seqs, msg.topic, msg.payload)
+        conflicts = screen_conflicts(outcome, self.values, msg.topic, msg.payload)
+        originals.extend(conflicts.tokens)
+        if conflicts.repeats:
+            REPEATED.inc(conflicts.repeats)
         records: list[tuple[str, bytes, bytes]] = []
         key = (outcome.address.experiment_id if outcome.address else "").encode()
         if outcome.batch is not None:
@@ -193,9 +202,9 @@ class IngestService:
         pending = _PendingAck(
             self, client, msg.mid, msg.qos, remaining=len(records) + 1, forwarded=forwarded
         )
-        for original in originals:
+        for original in {id(o): o for o in originals}.values():
             pending.wait_for(original)
-        remember(outcome, self.seqs, pending)
+        remember(outcome, self.seqs, pending, self.values)
         for topic, k, value in records:
             self._produce(topic, k, value, pending)
         pending.delivered(None, None)  # the +1 above: every record and dependency is now counted

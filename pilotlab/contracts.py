@@ -69,6 +69,8 @@ class Reason(enum.StrEnum):
     UNKNOWN_UNIT = "unknown_unit"  # a unit the metric table cannot convert to the canonical one
     UNSUPPORTED_SENML = "unsupported_senml"  # SenML features pilotlab does not take (vs, vb, vd, ...)
     DUPLICATE = "duplicate"  # a device's seq seen again (ingest's bounded memory; see README)
+    # the same (device, metric, ts) accepted before with another value (storage keeps one)
+    CONFLICTING_READING = "conflicting_reading"
     # raised by the sink when the database refuses a row
     STORAGE_REFUSED = "storage_refused"
 

@@ -45,6 +45,9 @@ class IngestSettings(KafkaSettings):
     # the `duplicate` check's bounded memory: seqs per device, devices
     ingest_dedup_per_device: int = Field(default=1024, ge=1)
     ingest_dedup_devices: int = Field(default=100_000, ge=1)
+    # instants per device whose accepted values ingest remembers to refuse a different value
+    # for the same (device, metric, ts) as conflicting_reading
+    ingest_conflict_instants: int = Field(default=256, ge=1)
 
     @field_validator("mqtt_url")
     @classmethod

@@ -63,6 +63,7 @@ def test_reason_codes_are_stable_strings() -> None:
         "unknown_unit",
         "unsupported_senml",
         "duplicate",
+        "conflicting_reading",
     }
     for r in Reason:
         assert str(r) == r.value == f"{r}"
