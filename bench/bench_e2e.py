@@ -636,14 +636,14 @@ def wait_pipeline_idle(b: Bench, timeout: float = 120.0) -> dict:
     returns how long it waited and whether it got there (the next run then starts with a
     backlog, which its figures record)."""
     from pilotlab.contracts import KafkaTopics  # noqa: PLC0415
-    from pilotlab.kafka_admin import group_lag  # noqa: PLC0415
+    from pilotlab.kafka_admin import lag_or_reason  # noqa: PLC0415
     from storage.sink import TOPICS as SINK_TOPICS  # noqa: PLC0415
 
     start = time.monotonic()
     while True:
         b.services.check_alive()
-        s = group_lag(b.state.kafka_bootstrap, "pilotlab-streams", (KafkaTopics.READINGS,))
-        k = group_lag(b.state.kafka_bootstrap, "pilotlab-sink", SINK_TOPICS)
+        s = lag_or_reason(b.state.kafka_bootstrap, "pilotlab-streams", (KafkaTopics.READINGS,))
+        k = lag_or_reason(b.state.kafka_bootstrap, "pilotlab-sink", SINK_TOPICS)
         waited = round(time.monotonic() - start, 1)
         if s == 0 and k == 0:
             return {"idle": True, "waited_s": waited}

@@ -90,19 +90,39 @@ def end_offsets(bootstrap: str, partitions: list[tuple[str, int]], timeout: floa
         consumer.close()
 
 
-def group_lag(bootstrap: str, group: str, topics: tuple[str, ...]) -> int:
+class LagUnavailable(RuntimeError):
+    """The broker could not tell a consumer group's lag in time (overloaded or restarting):
+    the lag is unknown, not zero; ask again later."""
+
+
+def group_lag(bootstrap: str, group: str, topics: tuple[str, ...], timeout: float = 10.0) -> int:
     """Records on ``topics`` not yet committed by consumer group ``group`` (all partitions),
-    against the true end offsets (see ``end_offsets``)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    against the true end offsets (see ``end_offsets``). Raises :class:`LagUnavailable`, naming
+    the cause, when the broker does not answer in time; never another exception type."""
     try:
-        meta = consumer.list_topics(timeout=10)
-        tps = [TopicPartition(t, p) for t in topics if t in meta.topics for p in meta.topics[t].partitions]
-        committed = consumer.committed(tps, timeout=10)
-    finally:
-        consumer.close()
-    ends = end_offsets(bootstrap, [(tp.topic, tp.partition) for tp in tps])
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+        try:
+            meta = consumer.list_topics(timeout=timeout)
+            tps = [TopicPartition(t, p) for t in topics if t in meta.topics for p in meta.topics[t].partitions]
+            committed = consumer.committed(tps, timeout=timeout)
+        finally:
+            consumer.close()
+        failed = [tp for tp in committed if tp.error is not None]
+        if failed:
+            raise KafkaException(failed[0].error)
+        ends = end_offsets(bootstrap, [(tp.topic, tp.partition) for tp in tps], timeout=timeout)
+    except KafkaException as exc:
+        raise LagUnavailable(f"lag of group {group} on {', '.join(topics)} unknown: {exc.args[0]}") from exc
     lag = 0
     for tp in committed:
         done = tp.offset if tp.offset >= 0 else 0
         lag += max(0, ends[(tp.topic, tp.partition)] - done)
     return lag
+
+
+def lag_or_reason(bootstrap: str, group: str, topics: tuple[str, ...]) -> int | str:
+    """For polling loops: the lag, or why it is unknown right now (a string to show)."""
+    try:
+        return group_lag(bootstrap, group, topics)
+    except LagUnavailable as exc:
+        return str(exc)

@@ -236,7 +236,7 @@ class Harness:
     def wait_for_truth(self, truth, timeout: float = 180.0) -> None:
         """Until every datapoint the ground truth says should be stored is stored, every
         expected rejection is recorded, and the services have no backlog."""
-        from pilotlab.kafka_admin import group_lag  # noqa: PLC0415
+        from pilotlab.kafka_admin import lag_or_reason  # noqa: PLC0415
         from storage.sink import TOPICS as SINK_TOPICS  # noqa: PLC0415
 
         keys = list(truth.stored)
@@ -260,8 +260,8 @@ class Harness:
             if stored < len(keys) or rejected < len(rejection_ids):
                 return False, seen
             lags = (
-                group_lag(self.state.kafka_bootstrap, "pilotlab-sink", SINK_TOPICS),
-                group_lag(self.state.kafka_bootstrap, "pilotlab-streams", (KafkaTopics.READINGS,)),
+                lag_or_reason(self.state.kafka_bootstrap, "pilotlab-sink", SINK_TOPICS),
+                lag_or_reason(self.state.kafka_bootstrap, "pilotlab-streams", (KafkaTopics.READINGS,)),
             )
             return lags == (0, 0), f"{seen}, consumer lag (sink, streams) {lags}"
 

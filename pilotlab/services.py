@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 
 from pilotlab.contracts import KafkaTopics
-from pilotlab.kafka_admin import group_lag
+from pilotlab.kafka_admin import lag_or_reason
 from pilotlab.stack import StackState, free_port
 from storage.sink import TOPICS as SINK_TOPICS
 
@@ -105,8 +105,8 @@ class Services:
                 ).fetchone()[0]
             streams_lag = sink_lag = None
             if readings >= expected_readings and rejections >= expected_rejections:
-                streams_lag = group_lag(bootstrap, "pilotlab-streams", (KafkaTopics.READINGS,))
-                sink_lag = group_lag(bootstrap, "pilotlab-sink", SINK_TOPICS)
+                streams_lag = lag_or_reason(bootstrap, "pilotlab-streams", (KafkaTopics.READINGS,))
+                sink_lag = lag_or_reason(bootstrap, "pilotlab-sink", SINK_TOPICS)
                 if streams_lag == 0 and sink_lag == 0:
                     return time.monotonic() - start
             if time.monotonic() - start > timeout:

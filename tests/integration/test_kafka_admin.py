@@ -5,12 +5,14 @@ were stored)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pilotlab.kafka_admin import end_offsets, group_lag
-from pilotlab.stack import StackState
+from pilotlab.kafka_admin import LagUnavailable, end_offsets, group_lag, lag_or_reason
+from pilotlab.stack import StackState, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -49,3 +51,14 @@ def test_group_lag_counts_the_unread_tail_of_the_last_batch(written: str):
     finally:
         consumer.close()
     assert group_lag(written, group, (TOPIC,)) == (80 - 51) + 1
+
+
+def test_group_lag_says_clearly_when_the_broker_cannot_answer():
+    """No broker at the address (as during a restart): a LagUnavailable naming the group,
+    within the timeout, never a librdkafka exception; polling loops get the reason instead."""
+    port = free_port()  # nobody listens here
+    started = time.monotonic()
+    with pytest.raises(LagUnavailable, match="lag of group g on t1 unknown"):
+        group_lag(f"127.0.0.1:{port}", "g", ("t1",), timeout=2)
+    assert time.monotonic() - started < 15
+    assert lag_or_reason(f"127.0.0.1:{port}", "g", ("t1",)).startswith("lag of group g")
