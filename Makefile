@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: demo test unit integration bench bench-impact bench-sim lint clean install
+.PHONY: demo test unit integration bench bench-impact bench-export bench-sim lint clean install
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ bench: $(STAMP)
 ## false alarms on null pilots, interval width; device-level (new) beside reading-level (old); writes bench/results/
 bench-impact: $(STAMP)
 	$(BIN)/python bench/bench_impact.py $(ARGS)
+
+## `pilotlab export` of 10 million readings as CSV and Parquet: time, rows/s and peak RSS of the exporting process
+bench-export: $(STAMP)
+	$(BIN)/python bench/bench_export.py $(ARGS)
 
 ## streams worker throughput (vs a bare consumer and a no-op Faust agent) and reading→KPI latency
 bench-streams: $(STAMP)
