@@ -59,14 +59,35 @@ def fill(owner_url: str, rows: int) -> str:
 def export(env: dict, experiment_id: str, fmt: str, out: Path) -> dict:
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", _MEASURE, sys.executable, "-m", "pilotlab", "export", experiment_id,
-         "--out", str(out), "--format", fmt, "--table", "readings"],  # fmt: skip
-        env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _MEASURE,
+            sys.executable,
+            "-m",
+            "pilotlab",
+            "export",
+            experiment_id,
+            "--out",
+            str(out),
+            "--format",
+            fmt,
+            "--table",
+            "readings",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     seconds = time.monotonic() - started
     size = (out / f"readings.{fmt}").stat().st_size
-    return {"format": fmt, "seconds": round(seconds, 1), "peak_rss_mb": round(int(proc.stdout.split()[-1]) / 1024, 1),
-            "file_mb": round(size / 2**20, 1)}  # fmt: skip
+    return {
+        "format": fmt,
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(int(proc.stdout.split()[-1]) / 1024, 1),
+        "file_mb": round(size / 2**20, 1),
+    }
 
 
 def main() -> int:
@@ -112,7 +133,7 @@ def main() -> int:
             f"| {r['format']} | {r['seconds']} | {r['rows_per_s']:,} | {r['peak_rss_mb']} MB | {r['file_mb']} MB | "
             f"{raw_copy_s / r['seconds']:.2f} |"
             for r in results
-        ),  # fmt: skip
+        ),
         "",
     ]
     text = "\n".join(lines)
