@@ -179,12 +179,65 @@ class Kpi(_Model):
 
 
 class Simulation(_Model):
-    """For simulated pilots only: the truth the pipeline should recover."""
+    """For simulated pilots only: the truth the pipeline should recover, and how realistic
+    (hard to analyse) the simulated readings are (see :mod:`simulators.models`).
+
+    The defaults give what real street sensors have: each device drifts slowly on its own
+    (``device_noise_sd`` 8% with a 2 h correlation time, so neighbouring readings are far
+    from independent), and every device of the pilot shares the weather (``weather_sd``);
+    ``trend`` adds a city-wide drift over the pilot, the same for treatment and control.
+    """
 
     true_effects: dict[str, float] = Field(
-        default_factory=dict, description="metric → relative change on treatment devices, e.g. -0.3"
+        default_factory=dict,
+        description=(
+            "metric → change on treatment devices from the intervention start: relative for "
+            "ratio-scale metrics (-0.3 = -30%), absolute in the metric's unit for interval-scale "
+            "ones (noise: dB(A), lat/lon: degrees)"
+        ),
     )
     bad_message_rate: float = Field(default=0.0, ge=0, le=1)
+    device_noise_sd: float = Field(
+        default=0.08,
+        ge=0,
+        le=1,
+        description=(
+            "marginal SD of each device's own slow multiplicative factor exp(z), z an AR(1) "
+            "process (relative: 0.08 ≈ ±8%; for the sound level, of its sound energy); 0 turns it off"
+        ),
+    )
+    device_noise_correlation: Seconds = Field(
+        default=2 * 3600,
+        description=(
+            "correlation time tau of the device factor: readings dt apart have correlation "
+            "exp(-dt/tau), whatever the device's interval"
+        ),
+    )
+    trend: float = Field(
+        default=0.0,
+        gt=-1,
+        le=10,
+        description=(
+            "shared linear trend: the relative change from the baseline start to the intervention "
+            "end, the same for treatment and control devices (0.1 = +10%; for the sound level, of its "
+            "sound energy)"
+        ),
+    )
+    weather_sd: float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        description="SD (log scale) of the slow weather factor shared by the devices of the experiment",
+    )
+
+    @field_validator("true_effects")
+    @classmethod
+    def _relative_above_minus_one(cls, effects: dict[str, float]) -> dict[str, float]:
+        for metric, effect in effects.items():
+            m = METRICS.get(metric)
+            if m is not None and m.scale == "ratio" and effect <= -1:
+                raise ValueError(f"the effect on {metric} is relative: -0.3 is -30%; it must be above -1")
+        return effects
 
 
 # devices tuple id → (the tuple, id → device): Experiment.device in O(1) (a frozen model's cache)

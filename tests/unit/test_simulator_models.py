@@ -34,6 +34,7 @@ def make_experiment(
     intervention_days: int = 14,
     true_effects: dict[str, float] | None = None,
     exp_id: str = "sim-test",
+    simulation: dict | None = None,
 ) -> Experiment:
     mid = T0 + timedelta(days=baseline_days)
     data = {
@@ -52,8 +53,8 @@ def make_experiment(
         "devices": devices,
         "kpis": [{"name": "kpi", "metric": "energy", "kind": "mean", "window": "1h"}],
     }
-    if true_effects is not None:
-        data["simulation"] = {"true_effects": true_effects}
+    if true_effects is not None or simulation is not None:
+        data["simulation"] = {**(simulation or {}), **({"true_effects": true_effects} if true_effects else {})}
     return Experiment.model_validate(data)
 
 
@@ -111,7 +112,7 @@ def test_every_value_within_the_metric_range_over_14_days():
         "dimming": 0.5,
         "energy": -0.3,
         "trips": 2.0,
-        "noise": -0.1,
+        "noise": -8.0,  # dB(A): the sound level's effect is added in its unit
     }
     exp = make_experiment(all_kinds(), baseline_days=7, intervention_days=7, true_effects=effects)
     kinds = {d.id: d.kind for d in exp.devices}
@@ -324,3 +325,211 @@ def test_local_time_follows_the_turin_clock():
         assert hour == pytest.approx(local.hour + local.minute / 60, abs=1e-9), t
         assert weekday == local.weekday(), t
         t += timedelta(minutes=37)
+
+
+# --- what real sensors have: a slow factor per device, a shared trend, additive dB effects ---
+
+
+def _lag1(series: list[list[float]]) -> float:
+    """Lag-1 autocorrelation pooled over runs of consecutive readings (already centred on
+    their device's mean), over the pairs only: short runs do not bias it towards 0."""
+    num = den = 0.0
+    for run in series:
+        for a, b in itertools.pairwise(run):
+            num += a * b
+            den += (a * a + b * b) / 2
+    return num / den
+
+
+def _night_log_residuals(samples: list[Sample]) -> dict[str, list[list[float]]]:
+    """Per street light, runs of consecutive dark readings of ``log(energy / dimming)``,
+    centred on the device's mean. Energy is lamp power × light output × the device's slow
+    factor × 2% meter noise and ``dimming`` is the light output, so the ratio is the device's
+    factor times meter noise: no daily cycle, no level."""
+    runs: dict[str, list[list[float]]] = defaultdict(list)
+    last: dict[str, int] = {}
+    for s in samples:
+        if s.metrics["dimming"] <= 0.0 or s.metrics["energy"] <= 0.0:
+            continue
+        value = math.log(s.metrics["energy"] / s.metrics["dimming"])
+        if last.get(s.device_id) == s.seq - 1:
+            runs[s.device_id][-1].append(value)
+        else:
+            runs[s.device_id].append([value])
+        last[s.device_id] = s.seq
+    out: dict[str, list[list[float]]] = {}
+    for device, device_runs in runs.items():
+        values = [v for run in device_runs for v in run]
+        mean = sum(values) / len(values)
+        out[device] = [[v - mean for v in run] for run in device_runs if len(run) > 1]
+    return out
+
+
+def test_a_devices_readings_are_autocorrelated_and_device_noise_sd_0_removes_it():
+    exp = make_experiment(lights(3, 3), baseline_days=7, intervention_days=7)
+    assert exp.simulation is None  # the defaults: 8%, 2 h
+    residuals = _night_log_residuals(list(simulate_experiment(exp, seed=21)))
+    assert len(residuals) == 6
+    # 15-minute readings, tau = 2 h: exp(-0.25 / 2) ≈ 0.88, diluted a little by the meter noise
+    for device, runs in residuals.items():
+        assert _lag1(runs) > 0.7, device
+    values = [v for runs in residuals.values() for run in runs for v in run]
+    sd = math.sqrt(sum(v * v for v in values) / len(values))
+    assert sd == pytest.approx(math.hypot(0.08, 0.02), rel=0.3)
+
+    flat = make_experiment(
+        lights(3, 3), baseline_days=7, intervention_days=7, simulation={"device_noise_sd": 0}
+    )
+    residuals = _night_log_residuals(list(simulate_experiment(flat, seed=21)))
+    pooled = [run for runs in residuals.values() for run in runs]
+    assert abs(_lag1(pooled)) < 0.1  # only the independent meter noise is left
+    values = [v for run in pooled for v in run]
+    assert math.sqrt(sum(v * v for v in values) / len(values)) == pytest.approx(0.02, rel=0.2)
+
+
+@pytest.mark.parametrize(("interval", "minutes"), [("15m", 15), ("1h", 60)])
+def test_the_device_factor_is_the_same_process_whatever_the_interval(interval, minutes):
+    devices = [{"id": f"l{i}", "kind": "street_light", "interval": interval} for i in range(8)]
+    exp = make_experiment(devices, simulation={"device_noise_correlation": "3h"})
+    assert exp.simulation.device_noise_correlation == 3 * 3600
+    residuals = _night_log_residuals(list(simulate_experiment(exp, seed=8)))
+    pooled = [run for runs in residuals.values() for run in runs]
+    # the meter noise (2%) dilutes the factor's (8%) correlation by 0.08² / (0.08² + 0.02²)
+    expected = math.exp(-minutes / 180) * 0.08**2 / (0.08**2 + 0.02**2)
+    assert _lag1(pooled) == pytest.approx(expected, abs=0.05)
+
+
+def test_device_noise_has_its_own_random_stream():
+    # with and without the device factor, every other draw is the same: the commanded
+    # dimming is identical and the energy differs by a smooth per-device factor only
+    noisy = make_experiment(lights(2, 2), baseline_days=2, intervention_days=2)
+    quiet = make_experiment(lights(2, 2), baseline_days=2, intervention_days=2, simulation={"device_noise_sd": 0})
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for a, b in zip(simulate_experiment(noisy, 3), simulate_experiment(quiet, 3), strict=True):
+        assert (a.device_id, a.seq, a.ts_ms) == (b.device_id, b.seq, b.ts_ms)
+        assert a.metrics["dimming"] == b.metrics["dimming"]
+        if b.metrics["energy"] > 0:
+            ratios[a.device_id].append(a.metrics["energy"] / b.metrics["energy"])
+    for device, r in ratios.items():
+        assert min(r) > 0.6 and max(r) < 1.6, device
+        assert max(abs(math.log(y / x)) for x, y in itertools.pairwise(r)) < 0.15, device  # smooth
+
+
+def test_a_trend_shifts_the_later_period_for_treatment_and_control_alike():
+    effects = {"energy": -0.3}
+    flat = make_experiment(lights(), true_effects=effects)
+    rising = make_experiment(lights(), true_effects=effects, simulation={"trend": 0.2})
+    flat_samples = list(simulate_experiment(flat, seed=42))
+    rising_samples = list(simulate_experiment(rising, seed=42))
+    # reading by reading: the shared linear factor, 1 at the baseline start, 1.2 at the end
+    t0 = int(T0.timestamp() * 1000)
+    span = 28 * 86_400_000
+    for a, b in zip(rising_samples, flat_samples, strict=True):
+        assert a.metrics["energy"] == pytest.approx(
+            b.metrics["energy"] * (1 + 0.2 * (a.ts_ms - t0) / span), rel=1e-9, abs=1e-12
+        )
+        assert a.metrics["dimming"] == b.metrics["dimming"]
+    # before/after moves by about (1 + 0.2·3/4) / (1 + 0.2/4) for both groups (equal periods,
+    # nights spread evenly); the difference-in-differences does not move
+    shift = (1 + 0.15) / (1 + 0.05)
+    flat_means = group_means(flat, flat_samples, "energy")
+    rising_means = group_means(rising, rising_samples, "energy")
+    for group in ("treatment", "control"):
+        before_after_flat = getattr(flat_means, f"{group}_intervention") / getattr(flat_means, f"{group}_baseline")
+        before_after = getattr(rising_means, f"{group}_intervention") / getattr(rising_means, f"{group}_baseline")
+        assert before_after / before_after_flat == pytest.approx(shift, abs=0.003), group
+    assert did_from_samples(rising, rising_samples, "energy") == pytest.approx(
+        did_from_samples(flat, flat_samples, "energy"), abs=0.003
+    )
+    assert did_from_samples(rising, rising_samples, "energy") == pytest.approx(-0.3, abs=0.03)
+
+
+def test_noise_and_position_effects_are_added_in_their_unit():
+    devices = [
+        {"id": f"{kind}-{group[0]}{i}", "kind": kind, "group": group, "interval": "15m"}
+        for kind in ("noise", "e_mobility")
+        for group in ("treatment", "control")
+        for i in range(4)
+    ]
+    effects = {"noise": -3.0, "lat": 0.001, "lon": -0.002}
+    with_effect = make_experiment(devices, baseline_days=7, intervention_days=7, true_effects=effects)
+    without = make_experiment(devices, baseline_days=7, intervention_days=7)
+    start_ms = int(with_effect.periods.intervention.start.timestamp() * 1000)
+    treated = {d.id for d in with_effect.devices if d.group == "treatment"}
+    with_samples = list(simulate_experiment(with_effect, 5))
+    for a, b in zip(with_samples, simulate_experiment(without, 5), strict=True):
+        assert (a.device_id, a.seq, a.ts_ms) == (b.device_id, b.seq, b.ts_ms)
+        if a.device_id in treated and a.ts_ms >= start_ms:
+            for metric, effect in effects.items():
+                if metric in a.metrics:
+                    assert a.metrics[metric] == pytest.approx(b.metrics[metric] + effect, abs=1e-9), metric
+            assert a.metrics.get("trips") == b.metrics.get("trips")
+        else:
+            assert a == b
+    # the difference-in-differences of mean levels, in dB(A), is the effect
+    m = group_means(with_effect, with_samples, "noise")
+    did_db = (m.treatment_intervention - m.treatment_baseline) - (m.control_intervention - m.control_baseline)
+    assert did_db == pytest.approx(-3.0, abs=0.5)
+
+
+def test_a_trend_on_sound_energy_adds_decibels():
+    devices = [{"id": "mic", "kind": "noise", "interval": "1h"}]
+    flat = make_experiment(devices, baseline_days=2, intervention_days=2)
+    rising = make_experiment(devices, baseline_days=2, intervention_days=2, simulation={"trend": 1.0})
+    t0 = int(T0.timestamp() * 1000)
+    for a, b in zip(simulate_experiment(rising, 1), simulate_experiment(flat, 1), strict=True):
+        added = 10 * math.log10(1 + (a.ts_ms - t0) / (4 * 86_400_000))
+        assert a.metrics["noise"] == pytest.approx(b.metrics["noise"] + added, abs=1e-9)
+
+
+def test_same_seed_same_samples_with_every_realism_knob_set():
+    simulation = {"device_noise_sd": 0.2, "device_noise_correlation": "30m", "trend": -0.1, "weather_sd": 0.5}
+    exp = make_experiment(
+        all_kinds("10m"), baseline_days=1, intervention_days=1, true_effects={"noise": 2.0}, simulation=simulation
+    )
+    first = list(simulate_experiment(exp, seed=7))
+    assert first == list(simulate_experiment(exp, seed=7))
+    assert first == list(simulate_experiment(Experiment.from_json(exp.to_json()), seed=7))
+    assert first != list(simulate_experiment(exp, seed=8))
+    defaults = make_experiment(all_kinds("10m"), baseline_days=1, intervention_days=1, true_effects={"noise": 2.0})
+    assert first != list(simulate_experiment(defaults, seed=7))
+
+
+def test_weather_sd_scales_the_shared_weather():
+    devices = [{"id": "aq", "kind": "air_quality", "interval": "1h"}]
+    calm = make_experiment(devices, simulation={"weather_sd": 0, "device_noise_sd": 0})
+    stormy = make_experiment(devices, simulation={"weather_sd": 0.6, "device_noise_sd": 0})
+    assert build_models(calm, 1)["aq"].weather.factor(T0.timestamp() + 5000) == 1.0
+
+    def daily_log_means(exp):
+        daily: dict[int, list[float]] = defaultdict(list)
+        for s in simulate_experiment(exp, seed=1):
+            daily[s.ts_ms // 86_400_000].append(math.log(s.metrics["pm10"]))
+        means = [sum(v) / len(v) for v in daily.values()]
+        mean = sum(means) / len(means)
+        return math.sqrt(sum((x - mean) ** 2 for x in means) / len(means))
+
+    assert daily_log_means(stormy) > 2 * daily_log_means(calm)
+
+
+@pytest.mark.parametrize(
+    ("simulation", "field"),
+    [
+        ({"device_noise_sd": -0.1}, "device_noise_sd"),
+        ({"device_noise_sd": 8}, "device_noise_sd"),  # 8 meant as 8%: refused
+        ({"device_noise_correlation": "0s"}, "device_noise_correlation"),
+        ({"device_noise_correlation": "soon"}, "device_noise_correlation"),
+        ({"trend": -1.0}, "trend"),
+        ({"weather_sd": -0.3}, "weather_sd"),
+        ({"true_effects": {"energy": -1.2}}, "true_effects"),
+    ],
+)
+def test_simulation_settings_are_validated(simulation, field):
+    with pytest.raises(ValueError, match=field):
+        make_experiment(lights(1, 1), simulation=simulation)
+
+
+def test_simulation_defaults_and_interval_scale_effects():
+    sim = make_experiment(lights(1, 1), true_effects={"noise": -3.0, "lat": 0.01}).simulation
+    assert sim is not None and sim.true_effects == {"noise": -3.0, "lat": 0.01}  # not relative: no -1 bound
+    assert (sim.device_noise_sd, sim.device_noise_correlation, sim.trend, sim.weather_sd) == (0.08, 7200, 0.0, 0.3)
