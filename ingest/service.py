@@ -15,15 +15,16 @@ import time
 
 import orjson
 import paho.mqtt.client as mqtt
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, Producer
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ingest.decode import Limits
 from ingest.dedup import SeqMemory, ValueMemory
 from ingest.pipeline import handle, remember, screen_conflicts, screen_duplicates
-from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, feedback_topic, to_ms, utcnow
+from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, Reason, feedback_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
+from pilotlab.errorlog import ErrorLog
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import IngestSettings
 
@@ -40,6 +41,18 @@ REPEATED = Counter(
     "Metric values repeating an accepted (device, metric, ts) with the same value: dropped, idempotent",
 )
 SUBSCRIBED = Gauge("pilotlab_ingest_subscribed", "1 once the telemetry subscription is acknowledged")
+# broker trouble: counted and logged with its cause (pilotlab.errorlog); ingest waits, never exits on it
+KAFKA_ERRORS = Counter(
+    "pilotlab_ingest_kafka_errors_total", "Kafka client errors and failed deliveries (broker down...)", ["error"]
+)
+KAFKA_CONNECTED = Gauge("pilotlab_ingest_kafka_connected", "0 while the Kafka client reports every broker down")
+REPRODUCED = Counter(
+    "pilotlab_ingest_reproduced_records_total", "Records produced again after Kafka did not confirm them"
+)
+REDELIVERED = Counter(
+    "pilotlab_ingest_redelivered_messages_total", "Messages the MQTT broker sent again that ingest had handled"
+)
+MQTT_DISCONNECTS = Counter("pilotlab_ingest_mqtt_disconnects_total", "Connections to the MQTT broker lost or refused")
 PRODUCE_LATENCY = Histogram(
     "pilotlab_ingest_produce_seconds",
     "MQTT receive → Kafka confirm",
@@ -51,7 +64,19 @@ class _PendingAck:
     """Acknowledge one MQTT message once all of its Kafka records are confirmed and, for a
     message refused as ``duplicate``, once the message that first carried those seqs is."""
 
-    __slots__ = ("client", "dependents", "done", "failed", "forwarded", "mid", "qos", "remaining", "started", "svc")
+    __slots__ = (
+        "client",
+        "dependents",
+        "done",
+        "failed",
+        "forwarded",
+        "generation",
+        "mid",
+        "qos",
+        "remaining",
+        "started",
+        "svc",
+    )
 
     def __init__(
         self, svc: IngestService, client: mqtt.Client, mid: int, qos: int, *, remaining: int, forwarded: int
@@ -63,6 +88,9 @@ class _PendingAck:
         self.done = False
         self.dependents: list[_PendingAck] = []
         self.started = time.perf_counter()
+        # the MQTT connection the message came on: after a reconnect the broker redelivers
+        # what was not acknowledged, with packet ids of the new connection (see delivered)
+        self.generation = svc.generation
 
     def wait_for(self, original: object) -> None:
         """Do not acknowledge before ``original`` (another _PendingAck) is confirmed."""
@@ -74,10 +102,9 @@ class _PendingAck:
             self.remaining += 1
             original.dependents.append(self)
 
-    def delivered(self, err, _msg) -> None:  # runs in the producer's poll thread
-        if err is not None:
-            self.failed = True
-            self.svc.fatal(f"Kafka did not confirm a record: {err}")
+    def delivered(self, err, msg) -> None:  # runs in the producer's poll thread
+        if err is not None:  # not confirmed (broker down past message.timeout.ms): produce it again
+            self.svc.reproduce(err, msg, self)
             return
         with self.svc.ack_lock:
             self.remaining -= 1
@@ -87,8 +114,11 @@ class _PendingAck:
             dependents, self.dependents = self.dependents, []
         PRODUCE_LATENCY.observe(time.perf_counter() - self.started)
         FORWARDED.inc(self.forwarded)
-        self.client.ack(self.mid, self.qos)
-        ACKED.inc()
+        self.svc.kafka_confirmed()
+        if self.generation == self.svc.generation:
+            self.client.ack(self.mid, self.qos)
+            ACKED.inc()
+        # else: received before a reconnect; the broker redelivers it (a duplicate, acked then)
         INFLIGHT.dec()
         self.svc.inflight.release()
         for d in dependents:
@@ -113,6 +143,10 @@ class IngestService:
                 "linger.ms": 5,
                 "compression.type": "none",
                 "client.id": settings.ingest_client_id,
+                # a record not confirmed within a minute is reported (and produced again): an
+                # outage shows in the log and on /metrics while the MQTT messages stay unacked
+                "message.timeout.ms": 60_000,
+                "error_cb": self._kafka_error,
             }
         )
         self.endpoint = MqttEndpoint.parse(
@@ -126,6 +160,9 @@ class IngestService:
         self.inflight = threading.BoundedSemaphore(settings.ingest_max_inflight)
         self.stopping = threading.Event()
         self.error: str | None = None
+        self.generation = 0  # MQTT connections so far (see _PendingAck.generation)
+        self.retries: list[tuple[float, str, bytes | None, bytes, _PendingAck]] = []  # (due, topic, key, value, ack)
+        self.kafka_errors = ErrorLog(log, "Kafka")
         self.client = self._mqtt_client()
 
     # lifecycle ---------------------------------------------------------------------------
@@ -148,13 +185,38 @@ class IngestService:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         self.endpoint.configure(client, self.settings.mqtt_ca_file)
+        # back within 2 s of the broker: it queues for our session meanwhile, in memory
+        client.reconnect_delay_set(min_delay=1, max_delay=2)
         return client
 
+    def _kafka_error(self, err) -> None:  # librdkafka's error_cb, in the poll thread
+        KAFKA_ERRORS.labels(err.name()).inc()
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            KAFKA_CONNECTED.set(0)
+        self.kafka_errors.failed(f"{err.name()}: {err.str()}; MQTT messages stay unacknowledged until it confirms")
+
+    def kafka_confirmed(self) -> None:
+        KAFKA_CONNECTED.set(1)
+        if self.kafka_errors.since is not None:
+            self.kafka_errors.ok()
+
+    def reproduce(self, err, msg, pending: _PendingAck) -> None:
+        """A record Kafka did not confirm: count and log the cause, produce it again after a
+        second. Its MQTT message stays unacknowledged meanwhile; nothing is dropped."""
+        KAFKA_ERRORS.labels(err.name()).inc()
+        self.kafka_errors.failed(
+            f"record to {msg.topic()} not confirmed ({err.name()}: {err.str()}); producing it again"
+        )
+        self.retries.append((time.monotonic() + 1.0, msg.topic(), msg.key(), msg.value(), pending))
+
     def _on_connect(self, client, _userdata, _flags, reason_code, _props) -> None:
+        self.generation += 1
         if reason_code.is_failure:
-            self.fatal(f"MQTT connect refused: {reason_code}")
+            MQTT_DISCONNECTS.inc()
+            log.error("MQTT connect refused: %s; paho tries again", reason_code)
             return
-        sub = f"$share/{self.settings.ingest_share_group}/{TELEMETRY_SUBSCRIPTION}"
+        group = self.settings.ingest_share_group
+        sub = f"$share/{group}/{TELEMETRY_SUBSCRIPTION}" if group else TELEMETRY_SUBSCRIPTION
         client.subscribe(sub, qos=1)
         log.info("subscribed to %s", sub)
 
@@ -165,8 +227,10 @@ class IngestService:
         SUBSCRIBED.set(1)
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
+        self.generation += 1
         if not self.stopping.is_set():
             SUBSCRIBED.set(0)
+            MQTT_DISCONNECTS.inc()
             log.warning("MQTT disconnected (%s); paho reconnects", reason_code)
 
     # the hot path -----------------------------------------------------------------------
@@ -177,6 +241,11 @@ class IngestService:
         now_ms = to_ms(utcnow())
         outcome = handle(msg.topic, msg.payload, now_ms, self.registry.registry, self.limits)
         originals = screen_duplicates(outcome, self.seqs, msg.topic, msg.payload)
+        if msg.dup and originals:
+            # the broker sends again a message of this session (after a reconnect or its own
+            # restart): the repeated seqs are our earlier copy, not the device's fault
+            REDELIVERED.inc()
+            outcome.rejections = [r for r in outcome.rejections if r.reason != Reason.DUPLICATE]
         conflicts = screen_conflicts(outcome, self.values, msg.topic, msg.payload)
         originals.extend(conflicts.tokens)
         if conflicts.repeats:
@@ -220,19 +289,27 @@ class IngestService:
     def _poll_producer(self) -> None:
         while not self.stopping.is_set():
             self.producer.poll(0.1)
+            if self.retries and self.retries[0][0] <= time.monotonic():
+                due, self.retries = self.retries, []
+                for _due, topic, key, value, pending in due:
+                    REPRODUCED.inc()
+                    self._produce(topic, key, value, pending)
 
     # run --------------------------------------------------------------------------------
     def run(self) -> int:
         if self.settings.ingest_metrics_port:
             start_http_server(self.settings.ingest_metrics_port, addr="0.0.0.0")
         self.registry.start()
-        if not self.registry.ready.wait(30):
-            raise KafkaException(f"could not read the registry topic at {self.settings.kafka_bootstrap}")
+        while not self.registry.ready.wait(30):  # Kafka down at start: wait for it, saying so
+            if self.stopping.is_set():
+                return 0
+            log.error("registry topic not read yet at %s; still waiting", self.settings.kafka_bootstrap)
         log.info("registry loaded: %d experiments", len(self.registry.registry.experiments))
         poller = threading.Thread(target=self._poll_producer, name="kafka-poll", daemon=True)
         poller.start()
         self.client.max_inflight_messages_set(self.settings.ingest_max_inflight)
-        self.client.connect(self.endpoint.host, self.endpoint.port, keepalive=30)
+        # async: a broker that is down at start is retried by paho's loop, not an exit
+        self.client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=30)
         self.client.loop_start()
         log.info(
             "ingest running: %s:%d (as %s) → %s",

@@ -404,9 +404,30 @@ def credentials_files(
 # --- services --------------------------------------------------------------------------------
 
 
+Supervise = Annotated[
+    bool,
+    typer.Option(
+        "--supervise/--no-supervise",
+        help="Run the service as a child process and start it again when it exits with an error (default).",
+    ),
+]
+
+
+def _supervised(name: str, settings_cls) -> None:
+    """Check the configuration here (a bad one is not retried), then run the service under
+    pilotlab.supervisor as ``pilotlab run NAME --no-supervise``."""
+    from pilotlab.supervisor import supervise  # noqa: PLC0415
+
+    cfg.load(settings_cls)
+    _logging()
+    raise typer.Exit(supervise(name, [sys.executable, "-m", "pilotlab", "run", name, "--no-supervise"]))
+
+
 @run_app.command("ingest")
-def run_ingest() -> None:
+def run_ingest(supervised: Supervise = True) -> None:
     """MQTT → Kafka: validate, authorise, forward; reason-coded rejections."""
+    if supervised:
+        _supervised("ingest", cfg.IngestSettings)
     from ingest.service import main  # noqa: PLC0415
 
     _logging()
@@ -414,8 +435,10 @@ def run_ingest() -> None:
 
 
 @run_app.command("streams")
-def run_streams() -> None:
+def run_streams(supervised: Supervise = True) -> None:
     """The Faust worker computing KPIs per experiment in event time."""
+    if supervised:
+        _supervised("streams", cfg.StreamsSettings)
     from streams.app import main  # noqa: PLC0415
 
     settings = cfg.load(cfg.StreamsSettings)
@@ -424,8 +447,10 @@ def run_streams() -> None:
 
 
 @run_app.command("sink")
-def run_sink() -> None:
+def run_sink(supervised: Supervise = True) -> None:
     """Kafka → PostgreSQL/TimescaleDB, idempotent, offsets committed after the database."""
+    if supervised:
+        _supervised("sink", cfg.SinkSettings)
     from storage.sink import main  # noqa: PLC0415
 
     _logging()

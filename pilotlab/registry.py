@@ -126,13 +126,23 @@ class RegistryFollower:
             }
         )
         try:
-            meta = consumer.list_topics(KafkaTopics.REGISTRY, timeout=10)
-            parts = sorted(meta.topics[KafkaTopics.REGISTRY].partitions)
+            while True:  # Kafka down or the topic missing at start: keep trying, saying why
+                try:
+                    meta = consumer.list_topics(KafkaTopics.REGISTRY, timeout=10)
+                    topic = meta.topics[KafkaTopics.REGISTRY]
+                    if topic.error is not None:
+                        raise KafkaException(topic.error)
+                    parts = sorted(topic.partitions)
+                    ends = {
+                        p: consumer.get_watermark_offsets(TopicPartition(KafkaTopics.REGISTRY, p), timeout=10)[1]
+                        for p in parts
+                    }
+                    break
+                except KafkaException as exc:
+                    log.warning("registry topic %s not readable yet: %s", KafkaTopics.REGISTRY, exc)
+                    if self._stop.wait(2.0):
+                        return
             consumer.assign([TopicPartition(KafkaTopics.REGISTRY, p, OFFSET_BEGINNING) for p in parts])
-            ends = {
-                p: consumer.get_watermark_offsets(TopicPartition(KafkaTopics.REGISTRY, p), timeout=10)[1]
-                for p in parts
-            }
             at_end = {p for p, end in ends.items() if end == 0}
             if len(at_end) == len(parts):
                 self.ready.set()

@@ -29,7 +29,8 @@ class KafkaSettings(_Settings):
 class IngestSettings(KafkaSettings):
     mqtt_url: str = Field(description="mqtt://host:port of the broker devices publish to")
     ingest_client_id: str = "pilotlab-ingest"
-    ingest_share_group: str = Field(default="pilotlab-ingest", pattern=r"^[A-Za-z0-9_-]+$")
+    # "": a plain persistent subscription (one replica only; see pilotlab.stack.ingest_env)
+    ingest_share_group: str = Field(default="pilotlab-ingest", pattern=r"^[A-Za-z0-9_-]*$")
     ingest_max_payload_bytes: int = Field(default=256 * 1024, ge=64)
     ingest_max_batch: int = Field(default=500, ge=1)
     ingest_max_age_s: int = Field(default=7 * 86400, ge=60, description="older readings are refused")

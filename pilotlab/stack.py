@@ -15,10 +15,12 @@ keeps them in tansu's memory only — lost when the broker stops; for throwaway 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +35,7 @@ from pilotlab.credentials import LAB_USER, prepare_stack_broker, with_credential
 DEFAULT_DATA_DIR = Path(".pilotlab")
 SERVICES = ("mqtt", "objects", "kafka", "postgres")  # in start order; "objects": durable Kafka only
 KAFKA_STORAGE = ("durable", "memory")
+MQTT_AUTOSAVE_CHANGES = 10  # bench/bench_mqtt_window.py measures the loss and cost per value
 OBJECTS_BUCKET = "tansu"
 
 
@@ -92,6 +95,7 @@ class StackState:
             "PILOTLAB_MQTT_URL": self.mqtt_url,
             "PILOTLAB_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
             "PILOTLAB_DATABASE_URL": self.database_url,
+            **ingest_env(self.services["mqtt"].binary),
         }
 
 
@@ -165,6 +169,33 @@ def find_amqtt() -> str | None:
         if (Path(sys.executable).parent / "amqtt").exists()
         else None
     )
+
+
+def mosquitto_version(binary: str) -> tuple[int, ...] | None:
+    """``(2, 0, 11)`` for that Mosquitto program; None for another broker or no answer."""
+    if Path(binary).name != "mosquitto":
+        return None
+    try:
+        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=5, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"mosquitto version (\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(g) for g in found.groups()) if found else None
+
+
+@functools.lru_cache(maxsize=8)
+def ingest_env(mqtt_binary: str) -> dict[str, str]:
+    """Workaround for a Mosquitto bug fixed in 2.0.12 ("$share subscriptions not being
+    recovered for durable clients that reconnect"; Debian 12 ships 2.0.11): after a restart
+    of the broker, a persistent session's shared subscription receives nothing until its
+    client subscribes again — messages the devices publish before ingest is back are
+    acknowledged to them and dropped. A plain subscription of a persistent session is
+    restored and queues them. With such a broker, ingest subscribes plainly: one replica
+    (``PILOTLAB_INGEST_SHARE_GROUP`` empty). tests/integration/test_faults.py, MQTT case."""
+    version = mosquitto_version(mqtt_binary)
+    if version is not None and version < (2, 0, 12):
+        return {"PILOTLAB_INGEST_SHARE_GROUP": ""}
+    return {}
 
 
 def find_tansu() -> str | None:
@@ -421,7 +452,12 @@ class Stack:
                         f"user {user}",
                         "persistence true",
                         f"persistence_location {conf_dir}/",
-                        "autosave_interval 5",
+                        # save the in-memory state after every MQTT_AUTOSAVE_CHANGES changes
+                        # (messages queued for an absent session, subscriptions), not every
+                        # N seconds: what a kill -9 can lose of what Mosquitto acknowledged
+                        # (docs/operations.md, "The MQTT broker's acknowledgement window")
+                        "autosave_on_changes true",
+                        f"autosave_interval {MQTT_AUTOSAVE_CHANGES}",
                         # a persistent ingest session must be able to hold a backlog while it restarts
                         "max_queued_messages 0",
                         "max_queued_bytes 0",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import orjson
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pilotlab.contracts import (
     DeviceStatus,
@@ -36,6 +36,7 @@ from pilotlab.contracts import (
     to_ms,
     utcnow,
 )
+from pilotlab.errorlog import ErrorLog
 from pilotlab.manifest import Experiment
 from pilotlab.settings import SinkSettings
 from storage import writer
@@ -195,6 +196,7 @@ class Sink:
         self.stopping = threading.Event()
         self.totals: dict[str, int] = defaultdict(int)
         self.db_commits = 0
+        self.commit_failures = 0
 
     def _consumer(self) -> Consumer:
         return Consumer(
@@ -255,6 +257,25 @@ class Sink:
             logging.shutdown()
             os._exit(137)
 
+    def _commit(self, consumer: Consumer, batch: Batch) -> None:
+        """Commit the batch's offsets. A failure (the broker restarting, the group rebalancing:
+        "Unknown member") is not fatal: the rows are stored, the batch is consumed again by
+        whoever gets its partitions and the upserts absorb it."""
+        try:
+            consumer.commit(offsets=batch.commit_offsets(), asynchronous=False)
+            self.commit_failures = 0
+        except KafkaException as exc:
+            self.commit_failures += 1
+            level = logging.WARNING if self.commit_failures < 5 else logging.ERROR
+            log.log(
+                level,
+                "offset commit failed (%s; %d in a row): the stored batch of %d records will be read again "
+                "(idempotent upserts)",
+                exc.args[0] if exc.args else exc,
+                self.commit_failures,
+                len(batch.records),
+            )
+
     def run(self) -> None:
         consumer = self._consumer()
         consumer.subscribe(list(TOPICS))
@@ -266,6 +287,7 @@ class Sink:
             _redact(self.settings.database_url),
             mode,
         )
+        errors = ErrorLog(log, "Kafka consumer")
         try:
             while not self.stopping.is_set():
                 msgs = consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_wait_ms / 1000)
@@ -274,14 +296,15 @@ class Sink:
                     err = msg.error()
                     if err is not None:
                         if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer: %s", err)
+                            errors.failed(str(err))
                         continue
                     batch.add(msg)
                 if not batch.offsets:
                     continue
+                errors.ok()
                 conn = self._store(conn, batch)
                 self._after_db_commit()
-                consumer.commit(offsets=batch.commit_offsets(), asynchronous=False)
+                self._commit(consumer, batch)
         finally:
             conn.close()
             consumer.close()

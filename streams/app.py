@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from pathlib import Path
 
 import faust
@@ -191,6 +192,16 @@ def keep_kept_partitions() -> None:
     Recovery.on_recovery_completed = on_recovery_completed
 
 
+def crash_worker(what: str) -> None:
+    """Crash-only: end the worker process on an error the agent cannot handle. Faust would
+    restart the agent inside the live worker, past the chunk that failed: its messages never
+    applied nor acked (KPIs short, lag stuck). A new worker (``pilotlab run streams``
+    supervises it) rolls the state back to its mark and replays from the committed offsets."""
+    log.exception("%s; ending the worker so that it restarts from its last mark", what)
+    logging.shutdown()
+    os._exit(70)
+
+
 def create_app(settings: StreamsSettings) -> faust.App:
     limit_fetch_wait(settings.kafka_fetch_wait_ms)
     true_highwaters(settings.kafka_bootstrap)
@@ -281,6 +292,12 @@ def create_app(settings: StreamsSettings) -> faust.App:
 
     @app.agent(readings)
     async def compute_kpis(stream):
+        try:
+            await _compute_kpis(stream)
+        except Exception:  # noqa: BLE001 - any error: crash-only (see crash_worker)
+            crash_worker("the KPI agent failed")
+
+    async def _compute_kpis(stream):
         chunk_max, within = settings.streams_chunk_max, settings.streams_chunk_wait_ms / 1000
         async for events in stream.take_events(chunk_max, within=within):
             by_partition: dict[int, list] = {}

@@ -22,9 +22,17 @@ class Svc:
         self.ack_lock = threading.Lock()
         self.inflight = threading.BoundedSemaphore(10)
         self.error: str | None = None
+        self.generation = 0
+        self.reproduced: list[tuple[str, _PendingAck]] = []
 
     def fatal(self, reason: str) -> None:
         self.error = reason
+
+    def kafka_confirmed(self) -> None:
+        pass
+
+    def reproduce(self, err, msg, pending: _PendingAck) -> None:
+        self.reproduced.append((msg, pending))
 
 
 def pending(svc: Svc, client: Client, mid: int, records: int) -> _PendingAck:
@@ -68,7 +76,7 @@ def test_waiting_for_a_confirmed_original_adds_nothing() -> None:
     assert client.acked == [1, 2]
 
 
-def test_a_failed_produce_stops_every_acknowledgement() -> None:
+def test_a_record_kafka_did_not_confirm_is_produced_again_and_nothing_is_acked_before() -> None:
     svc, client = Svc(), Client()
     original = pending(svc, client, 1, records=1)
     original.delivered(None, None)
@@ -76,8 +84,22 @@ def test_a_failed_produce_stops_every_acknowledgement() -> None:
     dup.wait_for(original)
     dup.delivered(None, None)
     dup.delivered(None, None)
-    original.delivered("broker down", None)  # Kafka refused the original's readings
-    other = pending(svc, client, 3, records=1)
-    other.delivered(None, None)
-    other.delivered(None, None)
-    assert client.acked == [] and svc.error  # the broker will redeliver all three
+    original.delivered("broker down", "the record")  # not confirmed within message.timeout.ms
+    assert svc.reproduced == [("the record", original)] and svc.error is None  # ingest goes on
+    assert client.acked == []  # neither the original nor its duplicate
+    original.delivered(None, None)  # the record produced again is confirmed
+    assert client.acked == [1, 2]
+
+
+def test_a_message_received_before_a_reconnect_is_not_acknowledged_on_the_new_connection() -> None:
+    svc, client = Svc(), Client()
+    old = pending(svc, client, 7, records=1)
+    old.delivered(None, None)
+    svc.generation += 1  # MQTT reconnected: the broker redelivers message 7 (it was not acked)
+    again = pending(svc, client, 7, records=1)  # the redelivery, refused as a duplicate of `old`
+    again.wait_for(old)
+    again.delivered(None, None)
+    again.delivered(None, None)
+    old.delivered(None, None)  # Kafka confirms the original's readings after the reconnect
+    assert client.acked == [7]  # once, for the redelivered copy: the packet id of this connection
+    assert old.done and again.done

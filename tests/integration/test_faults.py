@@ -1,0 +1,165 @@
+"""Faults mid-stream: kill -9 of each broker (Kafka, MQTT, PostgreSQL) and of each service
+(ingest, streams, sink) while a simulated pilot publishes, then the one restart an operator
+would do — ``pilotlab stack up`` for a broker, starting the service again for a service —
+and nothing else: no ``kafka topics``, no ``experiments apply``, no restart of the others.
+
+Each case asserts, against the published ground truth (every message the MQTT broker
+acknowledged to the simulated devices): stored readings = published readings (no loss, no
+duplicate), stored rejections = published bad messages, every KPI window's value and sample
+count = a batch recomputation from the published readings (nothing counted twice), and the
+consumer groups' lag back to 0. The seconds from the kill to a drained pipeline are printed
+(``-s``) and kept in ``RECOVERY`` for the summary line at the end of the module.
+
+The Kafka broker runs with the default durable storage (``pilotlab.objectstore``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from pilotlab import registry
+from pilotlab.contracts import to_ms
+from pilotlab.credentials import MqttEndpoint
+from pilotlab.kafka_admin import ensure_topics
+from pilotlab.services import Services
+from pilotlab.stack import Stack
+from simulators.publisher import GroundTruth, plan_messages
+from storage.migrate import migrate
+from tests.integration.test_crash_recovery import busy, kpis_on_topic
+from tests.integration.test_end_to_end import expected_kpis, make_experiment, stored_kpis
+
+pytestmark = pytest.mark.integration
+
+BROKERS = {"kafka": "kafka", "mqtt": "mqtt", "postgres": "postgres"}
+SERVICES = ("ingest", "streams", "sink")
+RECOVERY: dict[str, dict] = {}
+
+
+def publish_acknowledged(mqtt_url: str, exp, seed: int, duration_s: float) -> GroundTruth:
+    """A simulated pilot's devices publishing with QoS 1 through broker outages: paho keeps
+    what it could not send and sends it again after reconnecting (like a device with a
+    buffer). Returns once the broker has acknowledged (PUBACK) every message: the ground
+    truth is exactly what the broker acknowledged."""
+    truth = GroundTruth()
+    planned = list(plan_messages([exp], seed, 1))
+    sim_start, sim_end = planned[0][0], planned[-1][0]
+    speed = max(1.0, (sim_end - sim_start) / 1000 / duration_s)
+    endpoint = MqttEndpoint.parse(mqtt_url)
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"fault-sim-{seed}")
+    endpoint.configure(client)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.reconnect_delay_set(min_delay=1, max_delay=2)
+    acked: set[int] = set()
+    client.on_publish = lambda _c, _u, mid, _rc, _p: acked.add(mid)
+    client.connect(endpoint.host, endpoint.port)
+    client.loop_start()
+    mids = []
+    wall_start = time.monotonic()
+    try:
+        for ts_ms, topic, payload, reason, samples in planned:
+            delay = wall_start + (ts_ms - sim_start) / 1000 / speed - time.monotonic()
+            if delay > 0.002:
+                time.sleep(delay)
+            mids.append(client.publish(topic, payload, qos=1).mid)  # queued if disconnected
+            truth.messages += 1
+            if reason is not None:
+                truth.rejected[reason] += 1
+            for smp in samples:
+                for metric, value in smp.metrics.items():
+                    truth.accepted[(smp.device_id, metric, smp.ts_ms)] = value
+        deadline = time.monotonic() + 120
+        while not acked.issuperset(mids):
+            assert time.monotonic() < deadline, f"{len(set(mids) - acked)} messages never acknowledged"
+            time.sleep(0.1)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return truth
+
+
+@pytest.fixture
+def durable_stack(tmp_path):
+    """A fresh durable stack per fault: each starts from clean brokers and consumer groups."""
+    s = Stack(tmp_path / "stack")
+    try:
+        state = s.up()
+        assert state.kafka_storage == "durable"
+        migrate(state.database_url)
+        ensure_topics(state.kafka_bootstrap, partitions=4)
+        yield s, state
+    finally:
+        s.down(purge=True)
+
+
+def assert_exact(state, exp, truth, victim: str) -> None:
+    with psycopg.connect(state.database_url) as conn:
+        rows = conn.execute(
+            "SELECT device_id, metric, ts, value FROM readings WHERE experiment_id = %s", (exp.id,)
+        ).fetchall()
+        stored = {(d, m, to_ms(ts)): v for d, m, ts, v in rows}
+        lost = set(truth.accepted) - set(stored)
+        extra = set(stored) - set(truth.accepted)
+        assert not lost and not extra, f"{victim}: {len(lost)} readings lost, {len(extra)} not published"
+        assert stored == truth.accepted
+        rejections = conn.execute("SELECT count(*) FROM rejections WHERE experiment_id = %s", (exp.id,)).fetchone()[0]
+        assert rejections == sum(truth.rejected.values())
+
+        want = expected_kpis(exp, truth.accepted)
+        deadline = time.monotonic() + 60
+        while True:
+            got = stored_kpis(conn, exp.id)
+            bad = [
+                k
+                for k in want
+                if k not in got or got[k][1] != want[k][1] or got[k][0] != pytest.approx(want[k][0], rel=1e-9, abs=1e-9)
+            ]
+            if not bad and got.keys() == want.keys():
+                return
+            if time.monotonic() > deadline:
+                on_topic = kpis_on_topic(state.kafka_bootstrap, exp.id)
+                sample = [(k, want[k], got.get(k), "topic max:", on_topic.get(k)) for k in bad[:3]]
+                pytest.fail(f"{len(bad)} of {len(want)} KPI windows differ after killing {victim}: {sample}")
+            time.sleep(0.5)
+            conn.commit()
+
+
+@pytest.mark.parametrize("victim", [*BROKERS, *SERVICES])
+def test_kill_minus_nine_mid_stream(durable_stack, victim):
+    stack, state = durable_stack
+    exp = make_experiment(f"fault-{victim}", f"f{victim[:3]}", minutes=300)
+    registry.publish(state.kafka_bootstrap, [exp])
+    result: dict = {}
+
+    with Services(state, stack.logs / f"services-{victim}").start() as services:
+        services.wait_ingest_ready()
+        publisher = threading.Thread(
+            target=lambda: result.setdefault("truth", publish_acknowledged(state.mqtt_url, exp, seed=5, duration_s=10))
+        )
+        publisher.start()
+        busy(state.database_url, "streams", exp.id)  # KPIs stored: every service is at work
+        busy(state.database_url, "sink", exp.id)
+        assert publisher.is_alive(), "the publisher finished before the kill: not mid-stream"
+        killed = time.monotonic()
+        if victim in BROKERS:
+            assert stack.stop_service(BROKERS[victim], kill=True)
+            time.sleep(2.0)
+            stack.up()  # what an operator runs: restarts exactly what is not running
+        else:
+            services.kill(victim)
+            time.sleep(1.0)
+            services.start(victim)
+        publisher.join(timeout=180)
+        assert not publisher.is_alive(), "the publisher did not finish"
+        truth = result["truth"]
+        services.wait_drained(len(truth.accepted), sum(truth.rejected.values()), experiment_ids=[exp.id], timeout=180)
+        recovered = time.monotonic() - killed
+        services.check_alive()  # no service exited on its own
+        assert_exact(state, exp, truth, victim)
+    RECOVERY[victim] = {"published": len(truth.accepted), "recovered_s": round(recovered, 1)}
+    print(f"\n{victim}: {len(truth.accepted)} readings published = stored; drained {recovered:.1f} s after the kill")
