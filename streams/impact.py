@@ -258,7 +258,7 @@ def _interval(diff: float, se: float | None, df: float | None, relative: bool) -
     if se is None or df is None:
         lo = hi = None
     else:
-        half = stats.t.ppf(0.5 + LEVEL / 2, df) * se
+        half = float(stats.t.ppf(0.5 + LEVEL / 2, df)) * se
         lo, hi = diff - half, diff + half
     if relative:
         return Interval(

@@ -8,6 +8,7 @@ import math
 import random
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,6 +102,9 @@ def test_interval_scale_metric_is_an_absolute_difference_in_its_unit() -> None:
     assert r.scale == "absolute" and r.unit == "degC"
     assert r.estimate == pytest.approx((1.1 + 1.1 + 0.9) / 3 - (0.1 - 0.1 + 0.2) / 3)
     assert r.ci_low < r.estimate < r.ci_high
+    # the worker's changelog and Kafka records are orjson: plain floats only (no numpy scalars)
+    assert orjson.loads(orjson.dumps(r.as_dict()))["ci_low"] == pytest.approx(r.ci_low)
+    assert all(type(v) in (float, int) for v in (r.estimate, r.ci_low, r.ci_high, r.se, r.df, r.p_value))
 
 
 def test_a_mean_at_zero_falls_back_to_absolute_with_a_warning() -> None:
