@@ -55,6 +55,7 @@ class Entry:
     etag: str  # quoted, as S3 sends it
     size: int
     mtime: float
+    listed: bytes = b""  # its <Contents> in a listing, rendered once (tansu lists a partition per fetch)
 
 
 class Store:
@@ -135,7 +136,9 @@ class Store:
         keys: list[str] = []
         prefixes: list[str] = []
         last = None
-        for key in itertools.islice(self.keys, start, None):
+        all_keys = self.keys
+        for i in range(start, len(all_keys)):
+            key = all_keys[i]
             if not key.startswith(prefix):
                 break
             if len(keys) + len(prefixes) >= limit:
@@ -258,32 +261,38 @@ class Server:
             return web.Response(status=206, body=data[start : end + 1], headers=headers)
         return web.Response(status=200, body=data, headers=headers)
 
+    @staticmethod
+    def _contents(key: str, e: Entry) -> bytes:
+        if not e.listed:
+            e.listed = (
+                f"<Contents><Key>{escape(key)}</Key><LastModified>{_iso(e.mtime)}</LastModified>"
+                f"<ETag>{escape(e.etag)}</ETag><Size>{e.size}</Size><StorageClass>STANDARD</StorageClass></Contents>"
+            ).encode()
+        return e.listed
+
     def list(self, query: dict[str, list[str]]) -> web.Response:
         def q(name: str, default: str = "") -> str:
             return query.get(name, [default])[0]
 
         prefix, delimiter = q("prefix"), q("delimiter")
         after = q("continuation-token") or q("start-after")
-        limit = max(1, min(int(q("max-keys", "1000") or 1000), 1000))
+        # no max-keys: every key in one answer (tansu lists a whole partition on each fetch)
+        limit = max(1, int(q("max-keys", "0") or 0)) if q("max-keys") else 1 << 40
         keys, prefixes, more = self.store.list(prefix, after, limit, delimiter)
-        out = [
+        head = [
             '<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
             f"<Name>{escape(self.bucket)}</Name><Prefix>{escape(prefix)}</Prefix>",
-            f"<KeyCount>{len(keys) + len(prefixes)}</KeyCount><MaxKeys>{limit}</MaxKeys>",
+            f"<KeyCount>{len(keys) + len(prefixes)}</KeyCount><MaxKeys>{min(limit, 1 << 31)}</MaxKeys>",
             f"<IsTruncated>{'true' if more else 'false'}</IsTruncated>",
         ]
         if more:
-            out.append(f"<NextContinuationToken>{escape(more)}</NextContinuationToken>")
-        for key in keys:
-            e = self.store.index[key]
-            out.append(
-                f"<Contents><Key>{escape(key)}</Key><LastModified>{_iso(e.mtime)}</LastModified>"
-                f"<ETag>{escape(e.etag)}</ETag><Size>{e.size}</Size><StorageClass>STANDARD</StorageClass></Contents>"
-            )
-        for p in prefixes:
-            out.append(f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>")
-        out.append("</ListBucketResult>")
-        return web.Response(status=200, body="".join(out).encode(), content_type="application/xml")
+            head.append(f"<NextContinuationToken>{escape(more)}</NextContinuationToken>")
+        index = self.store.index
+        out = ["".join(head).encode()]
+        out += [self._contents(key, index[key]) for key in keys]
+        out += [f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>".encode() for p in prefixes]
+        out.append(b"</ListBucketResult>")
+        return web.Response(status=200, body=b"".join(out), content_type="application/xml")
 
     async def delete_many(self, request: web.BaseRequest) -> web.Response:
         root = ElementTree.fromstring(await request.read())
