@@ -66,7 +66,14 @@ from pilotlab.credentials import MqttEndpoint  # noqa: E402
 from pilotlab.kafka_admin import ensure_topics  # noqa: E402
 from pilotlab.manifest import Experiment  # noqa: E402
 from pilotlab.services import Services  # noqa: E402
-from pilotlab.stack import Stack, StackState, find_mosquitto, find_postgres_bindir, find_tansu  # noqa: E402
+from pilotlab.stack import (  # noqa: E402
+    KAFKA_STORAGE,
+    Stack,
+    StackState,
+    find_mosquitto,
+    find_postgres_bindir,
+    find_tansu,
+)
 from storage import writer  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
 
@@ -308,6 +315,8 @@ class Bench:
             roots.update({name: p.pid for name, p in self.services.procs.items()})
         roots["mosquitto"] = self.state.services["mqtt"].pid
         roots["tansu"] = self.state.services["kafka"].pid
+        if "objects" in self.state.services:  # the durable broker's object server
+            roots["objects"] = self.state.services["objects"].pid
         roots["postgres"] = self.state.services["postgres"].pid
         if publisher_pid is not None:
             roots["publisher"] = publisher_pid
@@ -922,6 +931,7 @@ def markdown(res: dict) -> str:
     L.append(
         f"Workload: {cfg['devices']} devices, {cfg['readings']} readings × 3 metrics = {cfg['per_message']} "
         f"datapoints per MQTT message (QoS 1); KPIs: 1-min count, mean, p95, impact. "
+        f"Kafka storage: {cfg.get('kafka_storage', 'memory')}. "
         f"{'QUICK smoke run (tiny loads). ' if cfg['quick'] else ''}Wall time {res['wall_s']:.0f} s."
     )
     L.append("")
@@ -978,7 +988,8 @@ def markdown(res: dict) -> str:
     for p in (res.get("peers") or {}).get("runs") or []:
         runs += [r for r in (p.get("fixed"), p.get("saturation")) if r]
     if runs:
-        names = ["ingest", "streams", "sink", "peer", "mosquitto", "tansu", "postgres", "publisher", "harness"]
+        names = ["ingest", "streams", "sink", "peer", "mosquitto", "tansu", "objects", "postgres"]
+        names += ["publisher", "harness"]
         L += [
             f"## CPU (cores busy = CPU s / wall s; the machine has {m['cores']} cores)",
             "",
@@ -1092,7 +1103,9 @@ def save(res: dict, out_dir: Path) -> tuple[Path, Path]:
     ``e2e-quick-<UTC>.*`` and ``latest-quick.*`` (it never replaces a full run's ``latest``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = res["started_at"].replace(":", "").replace("-", "")
-    kind = "-quick" if res["config"]["quick"] else ""
+    kind = ("-quick" if res["config"]["quick"] else "") + (
+        "-memory" if res["config"].get("kafka_storage") == "memory" else ""
+    )
     j, md = out_dir / f"e2e{kind}-{stamp}.json", out_dir / f"e2e{kind}-{stamp}.md"
     text = json.dumps(res, indent=2, default=str)
     mdt = markdown(res)
@@ -1115,6 +1128,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", help="datapoints/s, comma-separated")
     ap.add_argument("--saturation-datapoints", type=int)
     ap.add_argument("--peers", help="comma-separated subset of bench/peers' PEERS (default: all)")
+    ap.add_argument(
+        "--kafka-storage",
+        choices=KAFKA_STORAGE,
+        default="durable",
+        help="the embedded Kafka broker's storage: durable (files, the default of `pilotlab stack up`) or memory",
+    )
     a = ap.parse_args(argv)
     phases = [p.strip() for p in a.phases.split(",") if p.strip()]
     unknown = set(phases) - set(PHASES)
@@ -1132,7 +1151,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {
         "started_at": started.isoformat().replace("+00:00", "Z"),
         "machine": machine_info(),
-        "config": {**asdict(cfg), "per_message": cfg.per_message},
+        "config": {**asdict(cfg), "per_message": cfg.per_message, "kafka_storage": a.kafka_storage},
         "phases": phases,
     }
     print(f"pilotlab end-to-end benchmark ({'quick' if cfg.quick else 'full'}): phases {', '.join(phases)}", flush=True)
@@ -1142,7 +1161,7 @@ def main(argv: list[str] | None = None) -> int:
         # reachable by the unprivileged user PostgreSQL runs as when we are root: its data then
         # stays inside this directory and goes with it (else the stack puts it in /tmp for good)
         tmp.chmod(0o755)
-        stack = Stack(tmp / "stack")
+        stack = Stack(tmp / "stack", kafka_storage=a.kafka_storage)
         try:
             t = time.monotonic()
             state = stack.up()
@@ -1197,7 +1216,7 @@ def main(argv: list[str] | None = None) -> int:
     j, md = save(res, a.out_dir)
     print()
     print(markdown(res))
-    print(f"written: {j} and {md} (and {'latest-quick' if cfg.quick else 'latest'}.json / .md beside them)")
+    print(f"written: {j} and {md} (and their latest*.json / .md copies beside them)")
     return 0
 
 
