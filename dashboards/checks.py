@@ -3,6 +3,7 @@ integration tests run every panel's SQL against the database). Pure functions.""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -24,12 +25,15 @@ def _kind(values: Sequence[object]) -> str:
     return "other"
 
 
-def result_problems(panel_type: str, fmt: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+def result_problems(panel_type: str, fmt: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
+                    fields: str = "") -> list[str]:
     """Why a query result cannot feed this panel type (empty list: it can).
 
     - timeseries (time-series format): a ``time`` column of timestamps or epoch numbers, sorted,
       and at least one numeric value column;
-    - stat: at least one numeric column; table: any columns;
+    - stat: at least one numeric column — or, when the panel's reduce options pick ``fields``
+      (a column name or a ``/regex/``, see :func:`stat_fields`), a picked column with numbers or
+      text (a stat of text values, such as a verdict); table: any columns;
     - geomap: numeric ``latitude`` and ``longitude`` columns;
     - barchart: a text (or time) column for the x axis and at least one numeric column.
     Every panel needs at least one row: a panel proven on an empty result proves nothing.
@@ -53,7 +57,13 @@ def result_problems(panel_type: str, fmt: str, columns: Sequence[str], rows: Seq
         if not [c for c in numeric if c != "time"]:
             problems.append("no numeric value column")
     elif panel_type == "stat":
-        if not numeric:
+        if fields:
+            picked = [c for c in columns if _picks(fields, c)]
+            if not picked:
+                problems.append(f"no column matches the fields option {fields!r}")
+            elif not any(kinds[c] in ("number", "text") for c in picked):
+                problems.append(f"the column picked by {fields!r} holds no number or text")
+        elif not numeric:
             problems.append("no numeric column")
     elif panel_type == "geomap":
         for c in ("latitude", "longitude"):
@@ -67,6 +77,18 @@ def result_problems(panel_type: str, fmt: str, columns: Sequence[str], rows: Seq
     elif panel_type != "table":
         problems.append(f"unknown panel type {panel_type}")
     return problems
+
+
+def _picks(fields: str, column: str) -> bool:
+    """Whether Grafana's reduce option ``fields`` (a field name or ``/regex/``) picks ``column``."""
+    if len(fields) > 1 and fields.startswith("/") and fields.endswith("/"):
+        return re.search(fields[1:-1], column) is not None
+    return fields == column
+
+
+def stat_fields(panel: dict) -> str:
+    """The ``fields`` reduce option of a panel ("" : Grafana's default, the numeric fields)."""
+    return ((panel.get("options") or {}).get("reduceOptions") or {}).get("fields") or ""
 
 
 def targets(model: dict) -> Iterator[tuple[dict, dict]]:

@@ -1,15 +1,18 @@
 """*Experiment detail*: one experiment (``$experiment``) and one of its KPIs (``$kpi``): the KPI
-series per group, baseline vs intervention, treatment vs control, the difference-in-differences
-estimate with its 95% CI (as the streams engine last revised it), a map of the devices and the
-data completeness."""
+series per group, baseline vs intervention, treatment vs control, the impact of each impact KPI
+as the streams engine last revised it (verdict, estimate with its 95% CI in its scale, devices
+per group, design, method, placebo check and warnings), a map of the devices and the data
+completeness."""
 
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import barchart, common, geomap, stat, table, timeseries
 from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.models import common as cmodel
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models import geomap as gmodel
 
+from dashboards import impact_sql
 from dashboards.sdk import (
     DATASOURCE,
     TIME_SERIES,
@@ -24,6 +27,42 @@ from dashboards.sdk import (
 
 UID = "pilotlab-experiment"
 TITLE = "PilotLab · Experiment detail"
+
+
+IMPACT_STAT_SQL = f"""
+    SELECT kpi || ': ' || {impact_sql.estimate_with_interval()} || ' · ' || {impact_sql.devices()} AS impact,
+           coalesce(details->>'verdict', 'inconclusive') AS verdict
+      FROM streams_impact('$experiment')
+     ORDER BY kpi
+"""
+
+IMPACT_TABLE_SQL = f"""
+    SELECT kpi, metric,
+           details->>'verdict' AS verdict,
+           {impact_sql.number('estimate')} AS estimate,
+           {impact_sql.number('ci_low')} AS "CI low",
+           {impact_sql.number('ci_high')} AS "CI high",
+           {impact_sql.unit()} AS unit,
+           (details->'devices'->>'treatment')::int AS "treatment devices",
+           (details->'devices'->>'control')::int AS "control devices",
+           details->>'design' AS design,
+           CASE WHEN (details->>'final')::boolean THEN 'final' ELSE 'interim' END AS status,
+           {impact_sql.placebo()} AS placebo,
+           (details->>'p_value')::float8 AS "p-value",
+           details->>'method' AS method,
+           sample_count AS samples, revision, updated_at
+      FROM streams_impact('$experiment')
+     ORDER BY kpi
+"""
+
+IMPACT_WARNINGS_SQL = f"""
+    SELECT i.kpi, i.details->>'verdict' AS verdict, coalesce(c.code, '—') AS code,
+           coalesce(w.sentence, c.code, 'none') AS warning
+      FROM streams_impact('$experiment') i
+      LEFT JOIN LATERAL jsonb_array_elements_text(i.details->'warnings') WITH ORDINALITY AS c(code, n) ON true
+      LEFT JOIN {impact_sql.warning_sentences_table()} ON w.code = c.code
+     ORDER BY i.kpi, c.n
+"""
 
 
 def kpi_variable() -> dash.QueryVariable:
@@ -47,39 +86,49 @@ def build() -> dict:
     )
     d.with_panel(
         stat.Panel()
-        .title("Impact (difference-in-differences)")
-        .description("Relative effect of the intervention on each impact KPI, corrected by the control group.")
-        .datasource(DATASOURCE)
-        .with_target(
-            SqlTarget("""
-                SELECT kpi, 100 * (details->>'estimate')::float8 AS "impact %"
-                  FROM streams_impact('$experiment')
-                 ORDER BY kpi
-            """)
+        .title("Impact verdict")
+        .description(
+            "The verdict of each impact KPI as the streams engine last revised it: improved, worsened, "
+            "no clear effect (the 95% CI includes zero) or inconclusive (the design cannot carry a verdict: "
+            "see the warnings). Named by the KPI, its estimate with the 95% CI in its scale (a relative change "
+            "in %, or a difference in the metric's unit) and the devices analysed per group."
         )
-        .unit("percent")
-        .decimals(1)
-        .reduce_options(all_values())
-        .grid_pos(grid(0, 0, 8, 6))
+        .datasource(DATASOURCE)
+        .with_target(SqlTarget(IMPACT_STAT_SQL))
+        .reduce_options(all_values().fields("/^verdict$/"))
+        .mappings(impact_sql.verdict_mappings())
+        .color_mode(cmodel.BigValueColorMode.BACKGROUND)
+        .graph_mode(cmodel.BigValueGraphMode.NONE)
+        .text_mode(cmodel.BigValueTextMode.VALUE_AND_NAME)
+        .orientation(cmodel.VizOrientation.HORIZONTAL)
+        .grid_pos(grid(0, 0, 24, 4))
     )
     d.with_panel(
         table.Panel()
         .title("Impact with its 95% confidence interval")
-        .datasource(DATASOURCE)
-        .with_target(
-            SqlTarget("""
-                SELECT kpi, metric,
-                       100 * (details->>'estimate')::float8 AS "impact %",
-                       100 * (details->>'ci_low')::float8 AS "CI low %",
-                       100 * (details->>'ci_high')::float8 AS "CI high %",
-                       details->>'method' AS method,
-                       sample_count AS samples, revision, updated_at
-                  FROM streams_impact('$experiment')
-                 ORDER BY kpi
-            """)
+        .description(
+            "Device-level difference-in-differences (treatment minus control change of each device's period "
+            "mean; before/after without a control group). estimate, CI low and CI high are in the unit column: "
+            "% for a relative change, the metric's unit for a difference (metrics without a true zero, e.g. "
+            "degC, dB(A)). Placebo: the baseline's second half against its first, which should show no effect."
         )
-        .decimals(1)
-        .grid_pos(grid(8, 0, 16, 6))
+        .datasource(DATASOURCE)
+        .with_target(SqlTarget(IMPACT_TABLE_SQL))
+        .decimals(2)
+        .override_by_name("verdict", impact_sql.verdict_column())
+        .override_by_name("p-value", [model.DynamicConfigValue("decimals", 3)])
+        .override_by_name("method", impact_sql.long_text_column())
+        .grid_pos(grid(0, 4, 24, 6))
+    )
+    d.with_panel(
+        table.Panel()
+        .title("Impact warnings")
+        .description("Every reason a verdict is withheld or weakened, per impact KPI (none: no warning).")
+        .datasource(DATASOURCE)
+        .with_target(SqlTarget(IMPACT_WARNINGS_SQL))
+        .override_by_name("verdict", impact_sql.verdict_column())
+        .override_by_name("warning", impact_sql.long_text_column())
+        .grid_pos(grid(0, 10, 24, 5))
     )
     d.with_panel(
         timeseries.Panel()
@@ -96,7 +145,7 @@ def build() -> dict:
                 TIME_SERIES,
             )
         )
-        .grid_pos(grid(0, 6, 16, 9))
+        .grid_pos(grid(0, 15, 16, 9))
     )
     d.with_panel(
         barchart.Panel()
@@ -111,7 +160,7 @@ def build() -> dict:
                  ORDER BY device_group DESC
             """)
         )
-        .grid_pos(grid(16, 6, 8, 9))
+        .grid_pos(grid(16, 15, 8, 9))
     )
     d.with_panel(
         table.Panel()
@@ -125,7 +174,7 @@ def build() -> dict:
             """)
         )
         .decimals(3)
-        .grid_pos(grid(0, 15, 12, 9))
+        .grid_pos(grid(0, 24, 12, 9))
     )
     d.with_panel(
         geomap.Panel()
@@ -145,7 +194,7 @@ def build() -> dict:
         .basemap(common.MapLayerOptions().type("default").name("Basemap"))
         .layers(device_markers())
         .tooltip(geomap.TooltipOptions().mode(gmodel.TooltipMode.DETAILS))
-        .grid_pos(grid(12, 15, 12, 9))
+        .grid_pos(grid(12, 24, 12, 9))
     )
     d.with_panel(
         timeseries.Panel()
@@ -175,7 +224,7 @@ def build() -> dict:
         )
         .unit("percent")
         .min(0)
-        .grid_pos(grid(0, 24, 24, 8))
+        .grid_pos(grid(0, 33, 24, 8))
     )
     return to_model(d)
 

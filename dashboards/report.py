@@ -2,10 +2,14 @@
 pilot, for readers without Grafana (the embedded default). Inline SVG charts, no script and
 no network at view time.
 
-Sections: the impact of each impact KPI with its 95% CI (difference-in-differences vs the
-control group), treatment vs control over time (headline metric, with the two periods
-shaded), baseline vs intervention per KPI and group, completeness per device, rejections
-by reason. :func:`load` reads the database through the query layer; :func:`render` is pure.
+Sections: the impact of each impact KPI as the streams engine stored it (``streams.impact``:
+device-level difference-in-differences vs the control group, or before/after without one) —
+its verdict, its estimate with the 95% interval in its scale (a relative change in %, or a
+difference in the metric's unit for metrics without a true zero), the devices analysed per
+group, the design and method, the warnings as sentences and the placebo check — with one
+forest plot per scale; treatment vs control over time (headline metric, with the two periods
+shaded), baseline vs intervention per KPI and group, completeness per device, rejections by
+reason. :func:`load` reads the database through the query layer; :func:`render` is pure.
 """
 
 from __future__ import annotations
@@ -18,15 +22,13 @@ from pathlib import Path
 
 import psycopg
 
+from dashboards import impact_text as it
 from pilotlab.metrics import METRICS
 
 TREATMENT = "#1f6fb4"
 CONTROL = "#e08a1e"
 BASELINE_BG = "#eef1f5"
 INTERVENTION_BG = "#e6f2e6"
-GOOD = "#1a7f37"
-BAD = "#c62828"
-NEUTRAL = "#6b7280"
 _BUCKETS = [timedelta(minutes=m) for m in (1, 5, 15, 60, 180, 360, 1440)]
 
 
@@ -36,15 +38,80 @@ class ReportError(Exception):
 
 @dataclass(frozen=True)
 class Impact:
+    """One impact KPI: ``details`` as the streams worker stored it
+    (:meth:`streams.impact.ImpactResult.as_dict`), with the manifest's ``better`` and the
+    simulation's true effect (a relative change of the signal, when the data is simulated)."""
+
     kpi: str
     metric: str
-    estimate: float | None
-    ci_low: float | None
-    ci_high: float | None
-    method: str
-    n: int | None
-    better: str
-    true_effect: float | None
+    details: dict
+    better: str = "lower"
+    true_effect: float | None = None
+
+    @property
+    def estimate(self) -> float | None:
+        return self.details.get("estimate")
+
+    @property
+    def ci_low(self) -> float | None:
+        return self.details.get("ci_low")
+
+    @property
+    def ci_high(self) -> float | None:
+        return self.details.get("ci_high")
+
+    @property
+    def scale(self) -> str:
+        return "absolute" if self.details.get("scale") == "absolute" else "relative"
+
+    @property
+    def unit(self) -> str | None:
+        return self.details.get("unit") if self.scale == "absolute" else None
+
+    @property
+    def verdict(self) -> str:
+        return it.verdict_of(self.details)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.details.get("warnings") or [])
+
+    @property
+    def devices(self) -> dict[str, int]:
+        return dict(self.details.get("devices") or {})
+
+    @property
+    def design(self) -> str:
+        return self.details.get("design") or ("before-after" if not self.devices.get("control") else
+                                              "difference-in-differences")
+
+    @property
+    def method(self) -> str:
+        return self.details.get("method") or ""
+
+    @property
+    def final(self) -> bool:
+        return bool(self.details.get("final"))
+
+    @property
+    def placebo(self) -> dict | None:
+        return self.details.get("placebo")
+
+    @property
+    def true_scale(self) -> tuple[str, str | None]:
+        """The scale of the simulation's true effect: the metric's (relative for ratio-scale
+        metrics, in the unit for interval-scale ones)."""
+        return it.metric_scale(self.metric)
+
+    @property
+    def truth_comparable(self) -> bool:
+        """Whether the true effect is on this estimate's scale (not when a ratio-scale metric
+        fell back to a difference, ``relative_undefined``)."""
+        return self.true_effect is not None and self.true_scale == (self.scale, self.unit)
+
+    def fmt(self, v: float | None, digits: int | None = None) -> str:
+        """A value of this impact in its scale (``-29.1%``, ``+1.02 degC``)."""
+        return it.effect(v, self.scale, self.unit, digits)
 
 
 @dataclass(frozen=True)
@@ -57,10 +124,26 @@ class PeriodRow:
     intervention: float | None
 
     @property
+    def absolute(self) -> bool:
+        """A level of a metric without a true zero (°C, dB(A)): its change is a difference."""
+        m = METRICS.get(self.metric)
+        return m is not None and m.scale == "interval" and self.kind in ("mean", "quantile", "min", "max")
+
+    @property
     def change(self) -> float | None:
-        if self.baseline in (None, 0) or self.intervention is None:
+        """intervention / baseline − 1; intervention − baseline when :attr:`absolute`."""
+        if self.baseline is None or self.intervention is None:
+            return None
+        if self.absolute:
+            return self.intervention - self.baseline
+        if self.baseline == 0:
             return None
         return self.intervention / self.baseline - 1
+
+    def change_text(self) -> str:
+        if self.absolute:
+            return it.effect(self.change, "absolute", METRICS[self.metric].unit)
+        return pct(self.change)
 
 
 @dataclass(frozen=True)
@@ -126,14 +209,10 @@ def load(conn: psycopg.Connection, experiment_id: str, now: datetime | None = No
     truth = ((manifest or {}).get("simulation") or {}).get("true_effects", {})
     data = ReportData(experiment_id, title, startup, district, (b0, b1), (i0, i1), now)
 
-    for kpi, metric, _value, _n, _rev, details in conn.execute(
-        "SELECT kpi, metric, value, sample_count, revision, details FROM streams_impact(%s)", (experiment_id,)
+    for kpi, metric, details in conn.execute(
+        "SELECT kpi, metric, details FROM streams_impact(%s)", (experiment_id,)
     ):
-        d = details or {}
-        data.impacts.append(
-            Impact(kpi, metric, d.get("estimate"), d.get("ci_low"), d.get("ci_high"), d.get("method", ""),
-                   d.get("n"), better.get(kpi, "lower"), truth.get(metric))
-        )
+        data.impacts.append(Impact(kpi, metric, details or {}, better.get(kpi, "lower"), truth.get(metric)))
 
     folded: dict[tuple[str, str, str, str], dict[str, float | None]] = {}
     for kpi, metric, kind, group, period, value, _n, _w in conn.execute(
@@ -181,10 +260,7 @@ def write_report(database_url: str, experiment_id: str, out: Path) -> Path:
 # --- formatting -------------------------------------------------------------------------------
 
 
-def pct(v: float | None, digits: int = 1) -> str:
-    if v is None or not math.isfinite(v):
-        return "—"
-    return f"{0.0:.{digits}f}%" if round(v * 100, digits) == 0 else f"{v * 100:+.{digits}f}%"
+pct = it.pct
 
 
 def num(v: float | None) -> str:
@@ -200,13 +276,15 @@ def day(t: datetime) -> str:
 
 
 def verdict(imp: Impact) -> tuple[str, str]:
-    """Plain words for the reader, and a colour: the CI decides, ``better`` gives the sign."""
-    if imp.estimate is None or imp.ci_low is None or imp.ci_high is None:
-        return "not enough data yet", NEUTRAL
-    if imp.ci_low <= 0 <= imp.ci_high:
-        return "no clear effect (the 95% CI includes zero)", NEUTRAL
-    improved = (imp.estimate < 0) == (imp.better == "lower")
-    return ("improved" if improved else "worsened") + f" ({imp.better} is better)", GOOD if improved else BAD
+    """The stored verdict in plain words for the reader, and its colour."""
+    v = imp.verdict
+    words = {
+        "improved": f"improved ({imp.better} is better)",
+        "worsened": f"worsened ({imp.better} is better)",
+        "no clear effect": "no clear effect (the 95% CI includes zero)",
+        "inconclusive": "inconclusive (no verdict: see the warnings)",
+    }[v]
+    return words, it.VERDICT_COLOURS[v]
 
 
 # --- SVG charts ---------------------------------------------------------------------------------
@@ -227,44 +305,79 @@ def _tick_label(v: float) -> str:
 
 
 def forest_plot(impacts: list[Impact], width: int = 860) -> str:
-    """Each impact estimate as a dot with its 95% CI as a bar, around a zero line."""
+    """Each impact estimate as a dot with its 95% CI as a bar, around a zero line, coloured by
+    its verdict (hollow dot, dashed bar: inconclusive). One axis, one scale: every impact
+    drawn must share its scale and unit (:func:`forest_plots` draws one plot per scale)."""
     rows = [i for i in impacts if i.estimate is not None]
     if not rows:
         return '<p class="muted">No impact estimate yet.</p>'
-    vals = [v for i in rows for v in (i.ci_low, i.ci_high, i.estimate, i.true_effect) if v is not None] + [0.0]
+    if len({(i.scale, i.unit) for i in rows}) > 1:
+        raise ValueError("a forest plot cannot mix relative and absolute impacts (see forest_plots)")
+    relative = rows[0].scale == "relative"
+    factor = 100.0 if relative else 1.0
+    unit = "%" if relative else (rows[0].unit or "")
+    vals = [v for i in rows for v in (i.ci_low, i.ci_high, i.estimate) if v is not None] + [0.0]
+    vals += [i.true_effect for i in rows if i.truth_comparable]
     lo, hi = min(vals), max(vals)
-    pad = (hi - lo) * 0.1 or 0.05
-    ticks = _nice_ticks((lo - pad) * 100, (hi + pad) * 100, 6)
-    x0, x1, left, row_h, top = ticks[0], ticks[-1], 190, 44, 16
+    pad = (hi - lo) * 0.1 or (0.05 if relative else 0.5)
+    ticks = _nice_ticks((lo - pad) * factor, (hi + pad) * factor, 6)
+    x0, x1, left, row_h, top = ticks[0], ticks[-1], 190, 46, 16
     height = top + row_h * len(rows) + 34
 
     def x(v: float) -> float:
-        return left + (v * 100 - x0) / (x1 - x0) * (width - left - 30)
+        return left + (v * factor - x0) / (x1 - x0) * (width - left - 30)
 
+    what = "relative changes" if relative else f"differences in {unit}"
     parts = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'aria-label="Impact estimates with 95% confidence intervals">']
+             f'aria-label="Impact estimates ({escape(what)}) with 95% confidence intervals">']
     base = top + row_h * len(rows)
     for t in ticks:
-        parts.append(f'<line x1="{x(t / 100):.1f}" y1="{top - 6}" x2="{x(t / 100):.1f}" y2="{base}" stroke="#e5e7eb"/>')
-        parts.append(f'<text x="{x(t / 100):.1f}" y="{base + 16}" class="tick" text-anchor="middle">{t:g}%</text>')
+        label = f"{t:g}%" if relative else f"{t:g}"
+        parts.append(f'<line x1="{x(t / factor):.1f}" y1="{top - 6}" x2="{x(t / factor):.1f}" y2="{base}" '
+                     f'stroke="#e5e7eb"/>')
+        parts.append(f'<text x="{x(t / factor):.1f}" y="{base + 16}" class="tick" text-anchor="middle">{label}</text>')
     parts.append(f'<line x1="{x(0):.1f}" y1="{top - 8}" x2="{x(0):.1f}" y2="{base}" stroke="#111" stroke-width="1.5"/>')
     parts.append(f'<text x="{x(0):.1f}" y="{base + 30}" class="tick" text-anchor="middle">no effect</text>')
+    if not relative:
+        parts.append(f'<text x="{width - 30}" y="{base + 30}" class="tick" text-anchor="end">{escape(unit)}</text>')
     for n, imp in enumerate(rows):
         y = top + row_h * n + row_h / 2
-        _, colour = verdict(imp)
-        parts.append(f'<text x="{left - 12}" y="{y + 4:.1f}" text-anchor="end" class="label">{escape(imp.kpi)}</text>')
+        colour = it.VERDICT_COLOURS[imp.verdict]
+        hollow = imp.verdict == "inconclusive"
+        parts.append(f'<text x="{left - 12}" y="{y - 1:.1f}" text-anchor="end" class="label">{escape(imp.kpi)}</text>')
+        parts.append(f'<text x="{left - 12}" y="{y + 13:.1f}" text-anchor="end" class="verdict" fill="{colour}">'
+                     f'{it.VERDICT_SYMBOLS[imp.verdict]} {escape(imp.verdict)}</text>')
         if imp.ci_low is not None and imp.ci_high is not None:
+            dash = ' stroke-dasharray="7 5"' if hollow else ""
             parts.append(f'<line x1="{x(imp.ci_low):.1f}" y1="{y:.1f}" x2="{x(imp.ci_high):.1f}" y2="{y:.1f}" '
-                         f'stroke="{colour}" stroke-width="4" stroke-linecap="round"/>')
-        parts.append(f'<circle cx="{x(imp.estimate):.1f}" cy="{y:.1f}" r="7" fill="{colour}"/>')
+                         f'stroke="{colour}" stroke-width="4" stroke-linecap="round"{dash}/>')
+        fill = f'fill="#fff" stroke="{colour}" stroke-width="3"' if hollow else f'fill="{colour}"'
+        parts.append(f'<circle cx="{x(imp.estimate):.1f}" cy="{y:.1f}" r="7" {fill}/>')
         parts.append(f'<text x="{x(imp.estimate):.1f}" y="{y - 11:.1f}" text-anchor="middle" class="value">'
-                     f'{pct(imp.estimate)}</text>')
-        if imp.true_effect is not None:
+                     f'{escape(imp.fmt(imp.estimate))}</text>')
+        if imp.truth_comparable:
             tx = x(imp.true_effect)
             parts.append(f'<path d="M{tx:.1f},{y + 9:.1f} l-6,9 h12 z" fill="none" stroke="#111" stroke-width="1.5">'
-                         f'<title>simulated true effect {pct(imp.true_effect)}</title></path>')
+                         f'<title>simulated true effect {escape(imp.fmt(imp.true_effect))}</title></path>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def forest_plots(impacts: list[Impact], width: int = 860) -> str:
+    """One forest plot per scale: relative impacts on a % axis, absolute ones on an axis in
+    their unit (one per unit) — a relative and an absolute effect never share an axis."""
+    groups: dict[tuple[str, str | None], list[Impact]] = {}
+    for imp in impacts:
+        if imp.estimate is not None:
+            groups.setdefault((imp.scale, imp.unit), []).append(imp)
+    if not groups:
+        return '<p class="muted">No impact estimate yet.</p>'
+    out = []
+    for (scale, unit), rows in sorted(groups.items(), key=lambda g: (g[0][0] != "relative", g[0][1] or "")):
+        caption = ("Relative change, % (ratio-scale metrics)" if scale == "relative"
+                   else f"Difference in {unit} (a metric without a true zero: a change in its unit, not in %)")
+        out.append(f'<h3 class="plot">{escape(caption)}</h3>{forest_plot(rows, width)}')
+    return "".join(out)
 
 
 def line_chart(series: dict[str, list[tuple[datetime, float, int]]], baseline: tuple[datetime, datetime],
@@ -364,7 +477,7 @@ def period_bars(rows: list[PeriodRow], width: int = 400, height: int = 190) -> s
             parts.append(f'<text x="{bx + bar / 2:.1f}" y="{base + 13}" text-anchor="middle" class="tick">{label}'
                          f'</text>')
         parts.append(f'<text x="{cx:.1f}" y="{base + 30}" text-anchor="middle" class="label">{escape(r.group)} '
-                     f'<tspan class="muted">{pct(r.change)}</tspan></text>')
+                     f'<tspan class="muted">{r.change_text()}</tspan></text>')
     parts.append(f'<line x1="{left}" y1="{base}" x2="{width - left}" y2="{base}" stroke="#6b7280"/>')
     parts.append("</svg>")
     return "".join(parts)
@@ -400,7 +513,13 @@ padding-bottom:4px} h3{font-size:15px;margin:14px 0 2px}
 .sub{color:#4b5563;margin:0 0 14px}.muted{color:#6b7280}
 .cards{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}
 .card{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:12px 16px;min-width:240px;flex:1}
-.card .big{font-size:30px;font-weight:700}.card .small{font-size:13px;color:#4b5563}
+.card .big{font-size:30px;font-weight:700}.card .small{font-size:13px;color:#4b5563;margin:2px 0}
+.card.impact{min-width:380px;border-top:5px solid #e5e7eb}
+.verdict-badge{display:inline-block;color:#fff;font-weight:700;font-size:14px;border-radius:12px;
+padding:2px 12px;margin:6px 0 2px;text-transform:uppercase;letter-spacing:.03em}
+.warn{margin:6px 0 4px;padding-left:18px;font-size:13px;color:#7c2d12}.warn li{margin:2px 0}
+.method{font-size:12px;color:#6b7280;margin-top:6px}
+h3.plot{font-size:13px;font-weight:600;color:#374151;margin:12px 0 0}.verdict{font-size:11px;font-weight:600}
 table{border-collapse:collapse;font-size:13px;background:#fff;width:100%}
 th,td{padding:4px 8px;border-bottom:1px solid #eceff3;text-align:right}th{background:#f3f4f6}
 td:first-child,th:first-child,td.l,th.l{text-align:left}
@@ -413,21 +532,77 @@ footer{margin-top:40px;font-size:12px;color:#6b7280}
 """
 
 
+def _placebo_line(imp: Impact) -> str:
+    """The placebo check: the same analysis of the baseline's second half against its first."""
+    p = imp.placebo
+    what = "Placebo check (baseline, 2nd half vs 1st half)"
+    if not p or p.get("estimate") is None:
+        return f'<div class="small">{what}: not available (too few readings in the baseline halves)</div>'
+    digits = it.decimals(imp.estimate, imp.ci_low, imp.ci_high) if imp.scale == "absolute" else None
+    text = it.estimate_with_interval({**p, "scale": imp.scale, "unit": imp.unit}, digits=digits)
+    if "placebo_shift" in imp.warnings:
+        status, colour = "failed: the baseline already shifted before the intervention", it.VERDICT_COLOURS["worsened"]
+    elif p.get("ci_low") is None:
+        status, colour = "no interval", it.VERDICT_COLOURS["no clear effect"]
+    else:
+        status, colour = "passed (its 95% CI includes zero)", it.VERDICT_COLOURS["improved"]
+    return (f'<div class="small">{what}: {escape(text)} — '
+            f'<span style="color:{colour};font-weight:600">{escape(status)}</span></div>')
+
+
+def _devices_line(imp: Impact) -> str:
+    d, r = imp.devices, imp.details.get("readings") or {}
+
+    def readings(g: str) -> str:
+        n = sum((r.get(g) or {}).values())
+        return f" ({n:,} readings)" if n else ""
+
+    if imp.design == "before-after":
+        t = d.get("treatment", 0)
+        return (f'<div class="small">Devices analysed: <b>{t}</b> treatment{readings("treatment")}, '
+                f"no control group</div>")
+    return (f'<div class="small">Devices analysed: <b>{d.get("treatment", 0)}</b> treatment{readings("treatment")} '
+            f'vs <b>{d.get("control", 0)}</b> control{readings("control")}</div>')
+
+
+def _impact_card(imp: Impact) -> str:
+    words, colour = verdict(imp)
+    d = it.decimals(imp.estimate, imp.ci_low, imp.ci_high) if imp.scale == "absolute" else None
+    if imp.ci_low is not None and imp.ci_high is not None:
+        ci = f"95% CI {it.interval(imp.ci_low, imp.ci_high, imp.scale, imp.unit, imp.estimate)}"
+    else:
+        ci = "no 95% CI (too few devices)" if imp.estimate is not None else "no estimate yet"
+    scale = it.scale_label(imp.scale, imp.unit)
+    status = "final" if imp.final else "interim: the intervention has not ended"
+    if imp.true_effect is None:
+        truth = ""
+    else:
+        other = "" if imp.truth_comparable else " (on another scale than this estimate)"
+        truth = (f'<div class="small">Simulated true effect '
+                 f"{escape(it.effect(imp.true_effect, *imp.true_scale))}{other}</div>")
+    warnings = "".join(f"<li>{escape(w)}</li>" for w in it.sentences(imp.warnings))
+    warnings_html = (f'<ul class="warn">{warnings}</ul>' if warnings
+                     else '<div class="small muted">No warnings.</div>')
+    return (
+        f'<div class="card impact" style="border-top-color:{colour}">'
+        f'<div class="small">{escape(imp.kpi)} · {escape(imp.metric)}</div>'
+        f'<div class="verdict-badge" style="background:{colour}">{it.VERDICT_SYMBOLS[imp.verdict]} '
+        f"{escape(imp.verdict)}</div>"
+        f'<div class="big" style="color:{colour}">{escape(imp.fmt(imp.estimate, d))}</div>'
+        f'<div class="small">{escape(ci)} · {escape(scale)}</div>'
+        f'<div class="small" style="color:{colour}">{escape(words)}</div>'
+        f"{_devices_line(imp)}"
+        f'<div class="small">Design: {escape(imp.design)} · {escape(status)}</div>'
+        f"{_placebo_line(imp)}{truth}{warnings_html}"
+        f'<div class="method">Method: {escape(imp.method or "—")}.</div>'
+        "</div>"
+    )
+
+
 def _impact_cards(data: ReportData) -> str:
     if not data.impacts:
         return '<p class="muted">This experiment declares no impact KPI.</p>'
-    cards = []
-    for imp in data.impacts:
-        words, colour = verdict(imp)
-        ci = f"95% CI {pct(imp.ci_low)} … {pct(imp.ci_high)}" if imp.ci_low is not None else "no CI yet"
-        truth = (f'<div class="small">simulated true effect {pct(imp.true_effect)}</div>'
-                 if imp.true_effect is not None else "")
-        cards.append(
-            f'<div class="card"><div class="small">{escape(imp.kpi)} · {escape(imp.metric)}</div>'
-            f'<div class="big" style="color:{colour}">{pct(imp.estimate)}</div>'
-            f'<div class="small">{ci}</div><div class="small" style="color:{colour}">{escape(words)}</div>{truth}</div>'
-        )
-    return f'<div class="cards">{"".join(cards)}</div>'
+    return f'<div class="cards">{"".join(_impact_card(imp) for imp in data.impacts)}</div>'
 
 
 def _period_section(data: ReportData) -> str:
@@ -444,12 +619,13 @@ def _period_section(data: ReportData) -> str:
                       f'{escape(rows[0].metric)})</span></h3>{period_bars(rows)}</div>')
     table_rows = "".join(
         f'<tr><td>{escape(r.kpi)}</td><td class="l">{escape(r.kind)}</td><td class="l">{escape(r.group)}</td>'
-        f"<td>{num(r.baseline)}</td><td>{num(r.intervention)}</td><td>{pct(r.change)}</td></tr>"
+        f"<td>{num(r.baseline)}</td><td>{num(r.intervention)}</td><td>{r.change_text()}</td></tr>"
         for r in data.periods
     )
     return (
         '<p class="muted">Lighter bar: baseline (before); darker bar: intervention (during). '
-        "Means weighted by samples; the change is intervention / baseline − 1.</p>"
+        "Means weighted by samples; the change is intervention / baseline − 1 (intervention − baseline, in the "
+        "metric's unit, for the levels of metrics without a true zero such as °C or dB(A)).</p>"
         f'<div class="grid">{"".join(charts)}</div>'
         '<h3>All KPIs</h3><table><tr><th>KPI</th><th class="l">kind</th><th class="l">group</th>'
         f"<th>baseline</th><th>intervention</th><th>change</th></tr>{table_rows}</table>"
@@ -505,15 +681,20 @@ def render(data: ReportData) -> str:
     bucket = data.series_bucket
     bucket_txt = f"{int(bucket.total_seconds() // 3600)} h" if bucket >= timedelta(hours=1) else \
         f"{int(bucket.total_seconds() // 60)} min"
-    methods = sorted({i.method for i in data.impacts if i.method})
     unit_txt = METRICS[unit].unit if unit in METRICS else ""
-    has_control = any(d.group == "control" for d in data.devices)
+    has_control = any(d.group == "control" for d in data.devices) or any(
+        i.design == "difference-in-differences" for i in data.impacts)
     impact_intro = (
-        "The treatment group's change from baseline to intervention, corrected by the control group's change "
-        "over the same weeks (difference-in-differences), with its 95% confidence interval."
+        "Each device's change from its baseline mean to its intervention mean; the effect is the treatment "
+        "devices' mean change minus the control devices' (difference-in-differences: what the weather, the "
+        "season and the city's trends did to both groups cancels), with a 95% confidence interval across devices."
         if has_control
-        else "The treatment group's change from baseline to intervention, with its 95% confidence interval. "
-        "This pilot has no control group: the change also includes whatever else changed over those weeks."
+        else "Each treatment device's change from its baseline mean to its intervention mean, with a 95% "
+        "confidence interval across devices. This pilot has no control group: the change also includes whatever "
+        "else changed over those weeks, so no verdict is given."
+    ) + (
+        " In % for metrics with a true zero, in the metric's unit for the others (°C, dB(A)). A verdict is given "
+        "only when the design can carry it; the warnings under each estimate say why it is withheld or weakened."
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -529,9 +710,9 @@ Baseline {day(data.baseline[0])} – {day(data.baseline[1])} · Intervention {da
 <h2>Impact</h2>
 <p class="muted">{impact_intro}</p>
 {_impact_cards(data)}
-{forest_plot(data.impacts)}
-<p class="muted">Dot: estimate; bar: 95% CI; triangle: the simulation's true effect, when the data is simulated.
-Method: {escape("; ".join(methods) or "—")}.</p>
+{forest_plots(data.impacts)}
+<p class="muted">Dot: estimate; bar: 95% CI; colour: the verdict (hollow dot and dashed bar: inconclusive);
+triangle: the simulation's true effect, when the data is simulated.</p>
 
 <h2>{"Treatment vs control over time" if has_control else "Treatment over time (no control group)"}</h2>
 <p class="legend">{escape(unit)} ({escape(unit_txt)}); thin: mean per {bucket_txt}; thick: mean of each period.

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import psycopg
 
+from dashboards import impact_text as it
 from pilotlab import registry
 from pilotlab.contracts import utcnow
 from pilotlab.kafka_admin import ensure_topics
 from pilotlab.manifest import Experiment, load_manifests
+from pilotlab.metrics import METRICS
 from pilotlab.services import Services
 from pilotlab.stack import Stack
 from simulators.publisher import publish
@@ -41,6 +43,33 @@ def _rel(after: float | None, before: float | None) -> float | None:
     if after is None or before is None or before == 0:
         return None
     return after / before - 1
+
+
+def _change(metric: str, after: float | None, before: float | None) -> str:
+    """A period mean's change: relative (``-25.0%``), or a difference in the unit for a metric
+    without a true zero (``-1.50 dB(A)``)."""
+    m = METRICS.get(metric)
+    if m is not None and m.scale == "interval":
+        diff = None if after is None or before is None else after - before
+        return it.effect(diff, "absolute", m.unit)
+    return _fmt(_rel(after, before), pct=True)
+
+
+def impact_line(k: dict) -> tuple[str, list[str]]:
+    """One impact KPI as the terminal shows it, plain text: ``impact energy_impact (energy):
+    -29.1% [95% CI -33.0% … -25.0%] improved · 6 vs 6 devices (true effect -30.0%)``, and
+    the sentences of its warnings."""
+    imp = k["impact"]
+    truth = ""
+    if imp["true_effect"] is not None:  # stated on the metric's scale (relative, or in its unit)
+        scale, unit = it.metric_scale(k["metric"])
+        other = "" if (scale, unit) == (imp["scale"], imp["unit"]) else ", on another scale"
+        truth = f" (true effect {it.effect(imp['true_effect'], scale, unit)}{other})"
+    line = (
+        f"impact {k['kpi']} ({k['metric']}): {it.estimate_with_interval(imp)} {imp['verdict']}"
+        f" · {it.devices(imp['devices'], imp['design'])}{truth}"
+    )
+    return line, list(imp["warning_sentences"])
 
 
 @dataclass(frozen=True)
@@ -74,9 +103,12 @@ def summarise(
     rejections: dict[str, int],
     stored_readings: int,
 ) -> dict:
-    """Per KPI: baseline and intervention values per group; for impact KPIs, the estimate and
-    95% CI the streams engine computed (read back from ``kpi_values``), next to the
-    simulation's true effect."""
+    """Per KPI: baseline and intervention values per group; for impact KPIs, what the streams
+    engine computed (read back from ``kpi_values``): the estimate and 95% CI in their scale
+    (``scale`` relative: a fraction, −0.25 = −25%; absolute: a difference in ``unit``), the
+    verdict, the warning codes and their sentences, the devices analysed per group, the design
+    and method — next to the simulation's true effect (on the metric's scale: relative for a
+    ratio-scale metric, in its unit for an interval-scale one)."""
     by_kpi: dict[str, dict] = {}
     for v in values:
         k = by_kpi.setdefault(v.kpi, {"kpi": v.kpi, "metric": v.metric, "kind": v.kind, "groups": {}})
@@ -89,15 +121,29 @@ def summarise(
         if kpi.kind == "impact":
             row = impact_rows.get(kpi.name)
             d = row.details if row else {}
+            warnings = list(d.get("warnings") or ([] if row else ["no_data"]))
             k["impact"] = {
                 "estimate": d.get("estimate"),
                 "ci_low": d.get("ci_low"),
                 "ci_high": d.get("ci_high"),
-                "true_effect": true_effects.get(kpi.metric),
+                "scale": d.get("scale", "relative"),
+                "unit": d.get("unit"),
+                "verdict": it.verdict_of(d),
+                "warnings": warnings,
+                "warning_sentences": it.sentences(warnings),
+                "devices": d.get("devices") or {"treatment": 0, "control": 0},
+                "design": d.get("design") or (
+                    "difference-in-differences"
+                    if any(dev.group == "control" for dev in experiment.devices)
+                    else "before-after"
+                ),
                 "method": d.get("method", "no data yet"),
-                "n": d.get("n"),
+                "final": d.get("final"),
+                "p_value": d.get("p_value"),
+                "placebo": d.get("placebo"),
+                "true_effect": true_effects.get(kpi.metric),
+                "readings": d.get("readings"),
                 "mean": d.get("mean"),
-                "absolute": d.get("absolute"),
                 "revision": row.revision if row else None,
             }
         kpis.append(k)
@@ -195,8 +241,13 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{v:,.0f}" if float(v).is_integer() else f"{v:.4g}"
 
 
+_VERDICT_STYLES = {"improved": "bold green", "worsened": "bold red", "no clear effect": "bold",
+                   "inconclusive": "bold yellow"}
+
+
 def render(result: dict) -> None:
     from rich.console import Console  # noqa: PLC0415
+    from rich.markup import escape  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
     console = Console()
@@ -212,9 +263,9 @@ def render(result: dict) -> None:
                 continue
             for group, periods in sorted(k["groups"].items(), key=lambda g: g[0] != "treatment"):
                 change = (
-                    _rel(periods.get("intervention"), periods.get("baseline"))
+                    _change(k["metric"], periods.get("intervention"), periods.get("baseline"))
                     if k["kind"] == "mean"
-                    else None
+                    else "—"
                 )
                 table.add_row(
                     k["kpi"],
@@ -222,26 +273,21 @@ def render(result: dict) -> None:
                     group,
                     _fmt(periods.get("baseline")),
                     _fmt(periods.get("intervention")),
-                    _fmt(change, pct=True),
+                    change,
                 )
         console.print(table)
         for k in exp["kpis"]:
             if "impact" in k:
-                imp = k["impact"]
-                truth = (
-                    f" (true effect {_fmt(imp['true_effect'], pct=True)})"
-                    if imp["true_effect"] is not None
-                    else ""
-                )
-                ci = (
-                    f" [95% CI {_fmt(imp['ci_low'], pct=True)} … {_fmt(imp['ci_high'], pct=True)}]"
-                    if imp["ci_low"] is not None
-                    else ""
-                )
+                line, warnings = impact_line(k)
+                verdict = k["impact"]["verdict"]
+                head, _, tail = line.partition(f" {verdict} · ")
+                style = _VERDICT_STYLES.get(verdict, "bold")
                 console.print(
-                    f"  impact {k['kpi']} ({k['metric']}): [bold]{_fmt(imp['estimate'], pct=True)}[/bold]{ci}"
-                    f"{truth} — {imp['method']}"
+                    f"  {escape(head)} [{style}]{escape(verdict)}[/] · {escape(tail)}", highlight=False
                 )
+                for w in warnings:
+                    console.print(f"      [yellow]! {escape(w)}[/]", highlight=False)
+                console.print(f"      [dim]method: {escape(k['impact']['method'])}[/]", highlight=False)
         rej = ", ".join(f"{r}: {n}" for r, n in exp["rejections"].items()) or "none"
         console.print(f"  readings stored: {exp['readings_stored']}; rejections: {rej}\n")
     for path in result.get("reports", []):

@@ -6,14 +6,16 @@ panel type needs."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import timedelta
 
 import psycopg
 import pytest
 
+from dashboards import impact_sql, impact_text
 from dashboards.build import build_all
-from dashboards.checks import result_problems, targets
+from dashboards.checks import result_problems, stat_fields, targets
 from dashboards.macros import interpolate
 from dashboards.sdk import variable_query
 from pilotlab import registry
@@ -67,7 +69,8 @@ def filled_pilot(stack_state, stack) -> dict:
         deadline = time.monotonic() + 90  # the impact KPI is revised right after the last readings
         with psycopg.connect(stack_state.database_url, autocommit=True) as conn:
             while not conn.execute("SELECT 1 FROM kpi_values WHERE experiment_id = %s AND kind = 'impact' "
-                                   "AND details ? 'ci_low'", (exp.id,)).fetchone():
+                                   "AND details->>'ci_low' IS NOT NULL AND (details->>'final')::boolean",
+                                   (exp.id,)).fetchone():
                 assert time.monotonic() < deadline, "no impact KPI stored"
                 time.sleep(0.5)
     _FILLED[key] = {"experiment": exp, "truth": truth, "filled_at": utcnow()}
@@ -118,27 +121,55 @@ def test_every_panel_query_feeds_its_panel(pilot, reader, uid, timescaledb):
         sql = interpolate(target["rawSql"], t_from, t_to, variables, timescaledb=timescaledb)
         assert "$" not in sql.replace("$$", ""), f"{panel['title']}: left uninterpolated: {sql}"
         cols, rows = _run(reader, sql)
-        problems = result_problems(panel["type"], target["format"], cols, rows)
+        problems = result_problems(panel["type"], target["format"], cols, rows, fields=stat_fields(panel))
         assert not problems, f"{uid} / {panel['title']} ({panel['type']}): {problems}\n{sql}"
         checked += 1
     assert checked == len(model["panels"])
 
 
 def test_panels_show_the_replayed_pilot(pilot, reader):
-    """Spot checks of values, not only shapes: the impact panel shows the engine's estimate, the
-    map shows every device, the rejections panel counts what the replay refused."""
+    """Spot checks of values, not only shapes: the impact panels show the engine's estimate,
+    verdict, devices and warnings, the map shows every device, the rejections panel counts what
+    the replay refused."""
     exp = pilot["experiment"]
     t_from, t_to = exp.periods.baseline.start - timedelta(hours=1), utcnow() + timedelta(minutes=5)
     panels = {p["title"]: p for p in build_all()["pilotlab-experiment"]["panels"]}
     v = {"experiment": EXPERIMENT_ID, "kpi": "no2_mean"}
 
-    cols, rows = _run(reader, interpolate(panels["Impact with its 95% confidence interval"]["targets"][0]["rawSql"],
-                                          t_from, t_to, v))
-    est = reader.execute("SELECT (details->>'estimate')::float8 FROM kpi_values WHERE experiment_id = %s "
-                         "AND kind = 'impact'", (EXPERIMENT_ID,)).fetchone()[0]
-    row = dict(zip(cols, rows[0], strict=True))
-    assert row["impact %"] == pytest.approx(100 * est)
-    assert row["CI low %"] <= row["impact %"] <= row["CI high %"]
+    def panel_rows(panel: dict) -> list[dict]:
+        cols, rows = _run(reader, interpolate(panel["targets"][0]["rawSql"], t_from, t_to, v))
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    details = reader.execute("SELECT details FROM kpi_values WHERE experiment_id = %s AND kind = 'impact'",
+                             (EXPERIMENT_ID,)).fetchone()[0]
+    assert details["scale"] == "relative"  # no2: a ratio-scale metric
+    assert details["verdict"] in impact_text.VERDICTS
+
+    (row,) = panel_rows(panels["Impact with its 95% confidence interval"])
+    assert row["estimate"] == pytest.approx(100 * details["estimate"]) and row["unit"] == "%"
+    assert row["CI low"] <= row["estimate"] <= row["CI high"]
+    assert row["verdict"] == details["verdict"]
+    assert (row["treatment devices"], row["control devices"]) == (details["devices"]["treatment"],
+                                                                   details["devices"]["control"]) == (3, 3)
+    assert row["design"] == "difference-in-differences" and row["method"] == details["method"]
+
+    (stat,) = panel_rows(panels["Impact verdict"])
+    assert stat["verdict"] == details["verdict"]
+    assert stat["impact"] == f"no2_impact: {impact_text.estimate_with_interval(details)} · 3 vs 3 devices"
+
+    warnings = panel_rows(panels["Impact warnings"])
+    assert [w["code"] for w in warnings] == (details["warnings"] or ["—"])
+    assert [w["warning"] for w in warnings] == (impact_text.sentences(details["warnings"]) or ["none"])
+    assert "short_period" in details["warnings"]  # 90-minute periods: no verdict
+    assert details["verdict"] == "inconclusive"
+
+    overview = {p["title"]: p for p in build_all()["pilotlab-overview"]["panels"]}["Experiments"]
+    cols, rows = _run(reader, interpolate(overview["targets"][0]["rawSql"], t_from, t_to, {}))
+    mine = dict(zip(cols, next(r for r in rows if r[0] == exp.title), strict=True))
+    assert mine["verdict"] == details["verdict"] and mine["headline KPI"] == "no2_impact"
+    assert mine["impact devices"] == "3 vs 3 devices"
+    assert mine["impact"] == impact_text.estimate_with_interval(details)
+    assert mine["warnings"] == ("; ".join(impact_text.sentences(details["warnings"])) or "none")
 
     cols, rows = _run(reader, interpolate(panels["Devices"]["targets"][0]["rawSql"], t_from, t_to, v))
     assert sorted(r[0] for r in rows) == sorted(d.id for d in exp.devices)
@@ -147,3 +178,48 @@ def test_panels_show_the_replayed_pilot(pilot, reader):
     cols, rows = _run(reader, interpolate(health["Rejections by reason per device"]["targets"][0]["rawSql"],
                                           t_from, t_to, v))
     assert sum(r[cols.index("rejections")] for r in rows) == sum(pilot["truth"].rejected.values())
+
+
+@pytest.mark.parametrize("details", [
+    {"estimate": 1.02, "ci_low": 0.4, "ci_high": 1.64, "scale": "absolute", "unit": "degC", "verdict": "worsened",
+     "warnings": ["few_devices"], "devices": {"treatment": 2, "control": 3}, "design": "difference-in-differences",
+     "placebo": {"estimate": 0.05, "ci_low": -0.1, "ci_high": 0.2}},
+    {"estimate": -2.1, "ci_low": -3.4, "ci_high": -0.8, "scale": "absolute", "unit": "dB(A)", "verdict": "improved",
+     "warnings": [], "devices": {"treatment": 6, "control": 6}, "design": "difference-in-differences",
+     "placebo": None},
+    {"estimate": 0.121, "ci_low": 0.114, "ci_high": 0.128, "scale": "relative", "unit": None,
+     "verdict": "inconclusive", "warnings": ["no_control_group", "relative_undefined"],
+     "devices": {"treatment": 8, "control": 0}, "design": "before-after",
+     "placebo": {"estimate": 0.001, "ci_low": -0.004, "ci_high": 0.006}},
+    {"estimate": None, "ci_low": None, "ci_high": None, "scale": "relative", "unit": None, "verdict": "inconclusive",
+     "warnings": ["no_data"], "devices": {"treatment": 0, "control": 0}, "design": "difference-in-differences",
+     "placebo": None},
+], ids=["degC", "dBA", "before-after", "no-data"])
+def test_impact_sql_formats_by_scale(reader, details):
+    """The panels' SQL pieces on stored details of each kind, in PostgreSQL: an absolute estimate
+    is a difference in its unit (never × 100 as %), and the text matches the report's."""
+    cols = {
+        "text": impact_sql.estimate_with_interval(), "number": impact_sql.number("estimate"),
+        "unit": impact_sql.unit(), "devices": impact_sql.devices(), "warnings": impact_sql.warnings(),
+        "placebo": impact_sql.placebo(),
+    }
+    sql = ", ".join(f"{expr} AS {name}" for name, expr in cols.items()).replace("%", "%%")
+    row = dict(zip(cols, reader.execute(f"SELECT {sql} FROM (VALUES (%s::jsonb)) AS t(details)",
+                                        (json.dumps(details),)).fetchone(), strict=True))
+    absolute = details["scale"] == "absolute"
+    if details["estimate"] is None:
+        assert row["text"] == "—" and row["number"] is None
+    else:
+        assert row["number"] == pytest.approx(details["estimate"] * (1 if absolute else 100))
+        digits = 2 if absolute else None  # the SQL writes absolute effects with two decimals
+        assert row["text"] == impact_text.estimate_with_interval(details, digits=digits)
+    assert row["unit"] == (details["unit"] if absolute else "%")
+    if absolute:
+        assert details["unit"] in row["text"] and "%" not in row["text"].replace("95% CI", "")
+    assert row["devices"] == impact_text.devices(details["devices"], details["design"])
+    assert row["warnings"] == ("; ".join(impact_text.sentences(details["warnings"])) or None)
+    if details["placebo"] is None:
+        assert row["placebo"] == "—"
+    else:
+        p = {**details["placebo"], "scale": details["scale"], "unit": details["unit"]}
+        assert row["placebo"] == impact_text.estimate_with_interval(p, digits=2 if absolute else None)

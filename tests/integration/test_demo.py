@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from dashboards.impact_text import VERDICTS, metric_scale
+from pilotlab.demo import EXAMPLES
+from pilotlab.manifest import load_manifests
 from pilotlab.stack import Stack, pid_alive
+from streams.impact import WARNINGS
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +29,7 @@ def test_demo_json_recovers_true_effects_and_stops_everything(tmp_path: Path):
         assert result.returncode == 0, result.stderr[-3000:]
         doc = json.loads(result.stdout)  # stdout is exactly one JSON document
         state = Stack(data).load()
-        assert state is not None and len(state.services) == 3
+        assert state is not None and {"mqtt", "kafka", "postgres"} <= set(state.services)  # + "objects" (durable)
         left = [s.name for s in state.services.values() if pid_alive(s.pid, s.binary)]
         assert not left, f"demo left running: {left}"
     finally:
@@ -35,10 +39,31 @@ def test_demo_json_recovers_true_effects_and_stops_everything(tmp_path: Path):
     ]
     assert doc["tables"]["readings"] == doc["datapoints_accepted_expected"]
     assert doc["tables"]["rejections"] == sum(doc["rejections_expected"].values()) > 0
-    impacts = [k["impact"] for e in doc["experiments"] for k in e["kpis"] if "impact" in k]
+    impacts = {(e["id"], k["kpi"]): k["impact"] for e in doc["experiments"] for k in e["kpis"] if "impact" in k}
+    imp_metric = {(e["id"], k["kpi"]): k["metric"] for e in doc["experiments"] for k in e["kpis"] if "impact" in k}
     assert len(impacts) == 4
-    for imp in impacts:
-        assert imp["estimate"] == pytest.approx(imp["true_effect"], abs=0.03), imp
+    manifests = {m.id: m for m in load_manifests(EXAMPLES)}
+    for (exp_id, kpi), imp in impacts.items():
+        assert "absolute" not in imp and "n" not in imp
+        # the true effect is stated on the metric's scale: relative here (every demo metric has a true zero)
+        assert (imp["scale"], imp["unit"]) == metric_scale(imp_metric[(exp_id, kpi)]) == ("relative", None), imp
+        if imp["design"] == "difference-in-differences":  # the shared weather cancels against the control
+            assert imp["estimate"] == pytest.approx(imp["true_effect"], abs=0.03), imp
+        # without a control group the simulated weather stays in the before/after change (which is
+        # what the no_control_group warning says): no near-truth check there
+        assert imp["ci_low"] <= imp["estimate"] <= imp["ci_high"], imp
+        assert imp["verdict"] in VERDICTS, imp
+        assert imp["warning_sentences"] == [WARNINGS[w] for w in imp["warnings"]], imp
+        assert imp["method"].startswith("device-level ") and imp["final"] is True, imp
+        # devices analysed per group: replicated, and no more than the manifest lists
+        listed = {g: sum(1 for d in manifests[exp_id].devices if d.group == g) for g in ("treatment", "control")}
+        assert set(imp["devices"]) == {"treatment", "control"}, imp
+        for group, n in listed.items():
+            assert (2 <= imp["devices"][group] <= n) if n else imp["devices"][group] == 0, (kpi, imp["devices"])
+    parking = impacts[("smart-parking-crocetta", "occupancy_impact")]  # no control group: no verdict
+    assert parking["verdict"] == "inconclusive" and "no_control_group" in parking["warnings"]
+    assert parking["design"] == "before-after" and parking["devices"]["control"] == 0
+    assert sum(i["design"] == "difference-in-differences" for i in impacts.values()) == 3
     for exp in doc["experiments"]:
         assert exp["rejections"], f"{exp['id']}: the demo injects broken payloads"
         mean_kpi = next(k for k in exp["kpis"] if k["kind"] == "mean")

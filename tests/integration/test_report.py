@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from html import escape
 
 import psycopg
 import pytest
 
+from dashboards.impact_text import VERDICT_COLOURS, VERDICT_SYMBOLS, VERDICTS, sentences
 from dashboards.report import load, pct, render
 from tests.integration.test_dashboards_sql import EXPERIMENT_ID, filled_pilot
 
@@ -42,9 +44,22 @@ def test_report_command_writes_a_self_contained_page(pilot, stack_state, tmp_pat
                                (EXPERIMENT_ID,)).fetchone()[0]
         stored = dict(conn.execute("SELECT reason, count(*) FROM rejections WHERE experiment_id = %s GROUP BY 1",
                                    (EXPERIMENT_ID,)).fetchall())
-    # the impact with its CI, as the streams engine stored it
-    assert pct(details["estimate"]) in html
+    # the impact as the streams engine stored it: estimate and CI in its scale, the stored
+    # verdict, devices per group, design and method, warnings as sentences, the placebo check
+    assert details["scale"] == "relative"
+    assert f">{pct(details['estimate'])}</div>" in html
     assert f"95% CI {pct(details['ci_low'])} … {pct(details['ci_high'])}" in html
+    verdict = details["verdict"]
+    assert f"{VERDICT_SYMBOLS[verdict]} {verdict}</div>" in html and VERDICT_COLOURS[verdict] in html
+    assert verdict == "inconclusive" and "short_period" in details["warnings"]  # 90-minute periods
+    for sentence in sentences(details["warnings"]):
+        assert f"<li>{escape(sentence)}</li>" in html
+    t, c = details["devices"]["treatment"], details["devices"]["control"]
+    assert (t, c) == (3, 3) and f"<b>{t}</b> treatment" in html and f"<b>{c}</b> control" in html
+    assert f"Design: {details['design']}" in html and escape(details["method"]) in html
+    assert "Placebo check (baseline, 2nd half vs 1st half): " in html
+    # its forest plot: relative, on a % axis, coloured by the verdict
+    assert '<h3 class="plot">Relative change, %' in html
     # the sections and their charts
     for heading in ("Impact", "Treatment vs control over time", "Baseline vs intervention", "Completeness",
                     "Rejections"):
@@ -62,7 +77,11 @@ def test_report_data_matches_the_pipeline(pilot, stack_state):
     with psycopg.connect(stack_state.database_url) as conn:
         data = load(conn, EXPERIMENT_ID)
     assert [i.kpi for i in data.impacts] == ["no2_impact"]
-    assert data.impacts[0].true_effect == -0.2
+    imp = data.impacts[0]
+    assert imp.true_effect == -0.2
+    assert imp.verdict in VERDICTS and imp.scale == "relative" and imp.unit is None
+    assert imp.devices == {"treatment": 3, "control": 3} and imp.design == "difference-in-differences"
+    assert imp.estimate == pytest.approx(imp.details["estimate"]) and imp.warnings == imp.details["warnings"]
     assert set(data.series) == {"treatment", "control"}
     assert {(p.kpi, p.group) for p in data.periods} >= {("no2_mean", "treatment"), ("no2_mean", "control")}
     assert len(data.devices) == 6 and all(0 < d.completeness <= 1 for d in data.devices)

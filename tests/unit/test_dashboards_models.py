@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dashboards import build as dbuild
-from dashboards.checks import result_problems, targets
+from dashboards.checks import result_problems, stat_fields, targets
 from dashboards.sdk import DATASOURCE_UID
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,3 +102,31 @@ def test_result_checker_refuses_what_a_panel_cannot_draw():
         "no numeric latitude column", "no numeric longitude column"]
     assert result_problems("barchart", "table", ["n"], [(3,)]) == ["no text or time column for the x axis"]
     assert result_problems("barchart", "table", ["reason", "n"], [("wrong_type", 3)]) == []
+    # a stat of text values (the impact verdict): the column its fields option picks
+    assert result_problems("stat", "table", ["impact", "verdict"], [("no2_impact: -25.0%", "improved")],
+                           fields="/^verdict$/") == []
+    assert result_problems("stat", "table", ["impact", "v"], [("x", "improved")], fields="/^verdict$/") == [
+        "no column matches the fields option '/^verdict$/'"]
+    assert result_problems("stat", "table", ["verdict"], [(None,)], fields="verdict") == [
+        "the column picked by 'verdict' holds no number or text"]
+
+
+def test_impact_panels_show_verdict_devices_warnings_and_the_scale(models):
+    """Every impact panel shows the stored verdict (coloured), devices per group and warnings,
+    and never multiplies an absolute (unit) estimate by 100 as a percentage."""
+    detail = {p["title"]: p for p in models["pilotlab-experiment"]["panels"]}
+    stat_sql = detail["Impact verdict"]["targets"][0]["rawSql"]
+    assert stat_fields(detail["Impact verdict"]) == "/^verdict$/" and "'devices'" in stat_sql
+    table_sql = detail["Impact with its 95% confidence interval"]["targets"][0]["rawSql"]
+    for col in ('AS verdict', 'AS "treatment devices"', 'AS "control devices"', "AS unit", "AS placebo",
+                "AS method", "AS design"):
+        assert col in table_sql
+    assert "CASE WHEN details->>'scale' = 'absolute' THEN (details->>'estimate')::float8 ELSE 100 *" in table_sql
+    warnings_sql = detail["Impact warnings"]["targets"][0]["rawSql"]
+    assert "jsonb_array_elements_text(i.details->'warnings')" in warnings_sql
+    overview = {p["title"]: p for p in models["pilotlab-overview"]["panels"]}["Experiments"]
+    sql = overview["targets"][0]["rawSql"]
+    assert "AS verdict" in sql and 'AS "impact devices"' in sql and "AS warnings" in sql
+    for panel in (overview, detail["Impact with its 95% confidence interval"], detail["Impact warnings"]):
+        names = [o["matcher"]["options"] for o in panel["fieldConfig"]["overrides"]]
+        assert "verdict" in names, panel["title"]
