@@ -143,24 +143,27 @@ def kafka_topics() -> None:
 
 @db_app.command("migrate")
 def db_migrate() -> None:
-    """Apply pending schema migrations (idempotent)."""
+    """Apply pending schema migrations (idempotent), as the schema's owner role
+    (PILOTLAB_DATABASE_OWNER_URL)."""
     from storage.migrate import migrate  # noqa: PLC0415
 
-    s = cfg.load(cfg.SinkSettings)
-    applied = migrate(s.database_url)
+    s = cfg.load(cfg.MigrateSettings)
+    applied = migrate(s.database_owner_url)
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
 @db_app.command("status")
 def db_status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """The database mode (timescaledb or postgresql) and the applied / pending migrations."""
+    """The database mode (timescaledb or postgresql) and the applied / pending migrations
+    (PILOTLAB_DATABASE_OWNER_URL)."""
     from storage.migrate import status  # noqa: PLC0415
 
-    st = status(cfg.load(cfg.SinkSettings).database_url)
+    st = status(cfg.load(cfg.MigrateSettings).database_owner_url)
     if json_out:
         typer.echo(json.dumps(st, indent=2))
         return
     typer.echo(f"database mode: {st['mode']}")
+    typer.echo(f"role: {st['role']}{' (a superuser!)' if st['superuser'] else ''}")
     typer.echo(f"applied: {', '.join(st['applied']) or '-'}")
     typer.echo(f"pending: {', '.join(st['pending']) or '-'}")
 
@@ -228,7 +231,8 @@ def plan_cmd(
 ) -> None:
     """The minimum detectable effect of each impact KPI at the given power (two-sided, 95%),
     from the devices, the periods and either the manifest's `change_sd` or a baseline already
-    in the database (PILOTLAB_DATABASE_URL, when set: the experiment's stored baseline)."""
+    in the database (PILOTLAB_DATABASE_READER_URL or PILOTLAB_DATABASE_URL, when set: the
+    experiment's stored baseline)."""
     from pilotlab.manifest import ManifestError, load_manifests  # noqa: PLC0415
     from streams.impact import PLAN_WARNINGS, plan, state_from_cells  # noqa: PLC0415
 
@@ -681,7 +685,8 @@ def report_cmd(
     experiment: Annotated[str, typer.Argument(help="The experiment id.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")],
 ) -> None:
-    """Write a self-contained HTML impact report of one experiment (reads PILOTLAB_DATABASE_URL)."""
+    """Write a self-contained HTML impact report of one experiment (reads
+    PILOTLAB_DATABASE_READER_URL, else PILOTLAB_DATABASE_URL)."""
     from dashboards.report import ReportError, write_report  # noqa: PLC0415
 
     s = cfg.load(cfg.ReportSettings)

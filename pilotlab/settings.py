@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -75,8 +75,15 @@ class StreamsSettings(KafkaSettings):
     streams_chunk_wait_ms: int = Field(default=300, ge=1, le=60_000, description="close a chunk after this wait")
 
 
+def _pg_url(v: str | None) -> str | None:
+    if v is not None and not v.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must look like postgresql://user:password@host:port/dbname")
+    return v
+
+
 class SinkSettings(KafkaSettings):
-    database_url: str = Field(description="postgresql://user@host:port/db")
+    # the sink's role, pilotlab_writer: it writes its tables and nothing else (storage/roles.py)
+    database_url: str = Field(description="postgresql://pilotlab_writer:password@host:port/db")
     sink_group: str = "pilotlab-sink"
     sink_batch_size: int = Field(default=5000, ge=1)
     sink_batch_wait_ms: int = Field(default=200, ge=0)
@@ -84,12 +91,18 @@ class SinkSettings(KafkaSettings):
     # before its Kafka offset commit (the crash window the idempotent upserts must absorb)
     sink_fault_after_db_commit: int = Field(default=0, ge=0, description="test hook; 0: off")
 
-    @field_validator("database_url")
-    @classmethod
-    def _pg_scheme(cls, v: str) -> str:
-        if not v.startswith(("postgresql://", "postgres://")):
-            raise ValueError("must look like postgresql://user@host:port/dbname")
-        return v
+    _pg_scheme = field_validator("database_url")(_pg_url)
+
+
+class MigrateSettings(_Settings):
+    """``pilotlab db migrate`` / ``db status``: the owner role's URL (pilotlab_owner), which
+    owns what the migrations create. Deliberately no fallback to PILOTLAB_DATABASE_URL: that is
+    the sink's role, which may not create anything, and a superuser URL there would leave the
+    schema owned by a superuser."""
+
+    database_owner_url: str = Field(description="postgresql://pilotlab_owner:password@host:port/db")
+
+    _pg_scheme = field_validator("database_owner_url")(_pg_url)
 
 
 T = TypeVar("T", bound=BaseSettings)
@@ -118,27 +131,35 @@ class CredentialsSettings(_Settings):
     mqtt_password: SecretStr | None = Field(default=None, description="the lab account's password")
 
 
-class ReportSettings(_Settings):
+class _ReadsDatabase(_Settings):
+    """Commands that only read: PILOTLAB_DATABASE_READER_URL (a read-only role such as
+    grafana_reader) when set, else PILOTLAB_DATABASE_URL; ``database_url`` is the one used."""
+
+    database_reader_url: str | None = Field(
+        default=None, description="postgresql://grafana_reader:password@host:port/db"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prefer_reader(cls, data):
+        if isinstance(data, dict) and data.get("database_reader_url"):
+            data = {**data, "database_url": data["database_reader_url"]}
+        return data
+
+    _pg_reader_scheme = field_validator("database_reader_url")(_pg_url)
+
+
+class ReportSettings(_ReadsDatabase):
     """``pilotlab report``: only the database to read the experiment from."""
 
-    database_url: str = Field(description="postgresql://user@host:port/db")
+    database_url: str = Field(description="postgresql://user:password@host:port/db")
 
-    @field_validator("database_url")
-    @classmethod
-    def _pg_scheme(cls, v: str) -> str:
-        if not v.startswith(("postgresql://", "postgres://")):
-            raise ValueError("must look like postgresql://user@host:port/dbname")
-        return v
+    _pg_scheme = field_validator("database_url")(_pg_url)
 
 
-class PlanSettings(_Settings):
+class PlanSettings(_ReadsDatabase):
     """``pilotlab plan``: a database to read a baseline from is optional."""
 
-    database_url: str | None = Field(default=None, description="postgresql://user@host:port/db")
+    database_url: str | None = Field(default=None, description="postgresql://user:password@host:port/db")
 
-    @field_validator("database_url")
-    @classmethod
-    def _pg_scheme(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("postgresql://", "postgres://")):
-            raise ValueError("must look like postgresql://user@host:port/dbname")
-        return v
+    _pg_scheme = field_validator("database_url")(_pg_url)

@@ -21,6 +21,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -29,8 +30,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from pilotlab.credentials import LAB_USER, prepare_stack_broker, with_credentials
+from storage import roles
 
 DEFAULT_DATA_DIR = Path(".pilotlab")
 SERVICES = ("mqtt", "objects", "kafka", "postgres")  # in start order; "objects": durable Kafka only
@@ -87,14 +90,39 @@ class StackState:
 
     @property
     def database_url(self) -> str:
-        return self.services["postgres"].url
+        """The owner's URL (``owner_url``): migrations, and tests and tools that set up and
+        inspect the database. The services get the roles' URLs from ``env()``."""
+        return self.owner_url
+
+    @property
+    def owner_url(self) -> str:
+        """pilotlab_owner: owns the schema, runs the migrations."""
+        return self._database_url(roles.OWNER)
+
+    @property
+    def writer_url(self) -> str:
+        """pilotlab_writer: the sink's role."""
+        return self._database_url(roles.WRITER)
+
+    @property
+    def reader_url(self) -> str:
+        """grafana_reader: read-only (reports, plans, dashboards' SQL)."""
+        return self._database_url(roles.READER)
+
+    def _database_url(self, role: str) -> str:
+        password = postgres_passwords(Path(self.data_dir))[role]
+        return postgres_url(self.services["postgres"].port, role, password)
 
     def env(self) -> dict[str, str]:
-        """The environment the pipeline's services read (see pilotlab.settings)."""
+        """The environment the pipeline's services read (see pilotlab.settings): the sink
+        writes as pilotlab_writer, `db migrate` runs as the owner, readers read as
+        grafana_reader."""
         return {
             "PILOTLAB_MQTT_URL": self.mqtt_url,
             "PILOTLAB_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
-            "PILOTLAB_DATABASE_URL": self.database_url,
+            "PILOTLAB_DATABASE_URL": self.writer_url,
+            "PILOTLAB_DATABASE_OWNER_URL": self.owner_url,
+            "PILOTLAB_DATABASE_READER_URL": self.reader_url,
             **ingest_env(self.services["mqtt"].binary),
         }
 
@@ -602,18 +630,21 @@ class Stack:
         return fallback
 
     def _start_postgres(self, state: StackState, port: int, timeout: float) -> ServiceState:
+        """PostgreSQL with passwords: scram-sha-256 on TCP for every role; the superuser only
+        over the Unix socket, in a directory only the cluster's OS user (and root) can enter,
+        where this code creates the roles and pins their limits (``storage/roles.sql``) at
+        every start. The roles' passwords live in ``<data dir>/postgres-passwords.json``."""
         bindir = find_postgres_bindir()
         log = self.logs / "postgres.log"
         if bindir is None:
-            raise StackError(
-                "no PostgreSQL server: apt-get install -y postgresql (or set PILOTLAB_PG_BINDIR)"
-            )
+            raise StackError("no PostgreSQL server: apt-get install -y postgresql (or set PILOTLAB_PG_BINDIR)")
         user = self._postgres_user()
         root = self._postgres_dir(state, user)
         state.postgres_data = str(root)
         pgdata, sockdir = root / "data", root / "run"
         root.mkdir(parents=True, exist_ok=True)
         sockdir.mkdir(exist_ok=True)
+        os.chmod(sockdir, 0o700)  # the superuser's trusted socket: the cluster's OS user only
         if user:
             pw = pwd.getpwnam(user)
             for p in (root, sockdir):
@@ -627,8 +658,8 @@ class Stack:
                     "-D",
                     str(pgdata),
                     "-U",
-                    "pilotlab",
-                    "--auth=trust",
+                    POSTGRES_SUPERUSER,
+                    "--auth=trust",  # replaced by _postgres_hba before the first start
                     "-E",
                     "UTF8",
                     "--locale=C",
@@ -640,6 +671,10 @@ class Stack:
             )
             if init.returncode != 0:
                 raise StackError(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}")
+            self._postgres_owned_file(root / "superuser", POSTGRES_SUPERUSER + "\n", user)
+        superuser = postgres_superuser(root)
+        self._postgres_hba(pgdata, superuser, user)
+        passwords = postgres_passwords(self.data_dir, create=True)
         proc = self._spawn(
             "postgres",
             [
@@ -651,13 +686,16 @@ class Stack:
                 "-k",
                 str(sockdir),
                 "-c",
+                "unix_socket_permissions=0700",
+                "-c",
                 "listen_addresses=127.0.0.1",
+                "-c",
+                "password_encryption=scram-sha-256",
                 "-c",
                 "max_connections=100",
             ],
             user=user,
         )
-        url = f"postgresql://pilotlab@127.0.0.1:{port}/pilotlab"
 
         def answers() -> bool:
             if proc.poll() is not None:
@@ -665,20 +703,116 @@ class Stack:
             import psycopg  # noqa: PLC0415
 
             try:
-                with psycopg.connect(
-                    f"postgresql://pilotlab@127.0.0.1:{port}/postgres", connect_timeout=2, autocommit=True
-                ) as conn:
-                    exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'pilotlab'").fetchone()
+                with _postgres_socket_connect(root, port, "postgres", connect_timeout=2) as conn:
+                    exists = conn.execute(
+                        "SELECT 1 FROM pg_database WHERE datname = %s", (POSTGRES_DATABASE,)
+                    ).fetchone()
                     if not exists:
-                        conn.execute("CREATE DATABASE pilotlab")
-                return True
+                        conn.execute(f'CREATE DATABASE "{POSTGRES_DATABASE}"')
+                return port_answers(port)
             except psycopg.OperationalError:
                 return False
 
         _wait("PostgreSQL", answers, timeout, log)
         if proc.poll() is not None:
             raise StackError(f"PostgreSQL exited with code {proc.returncode}; see {log}")
+        with _postgres_socket_connect(root, port, POSTGRES_DATABASE) as conn:
+            postgres_bootstrap(conn, passwords)
+        url = f"postgresql://127.0.0.1:{port}/{POSTGRES_DATABASE}"  # the roles' URLs: StackState
         return ServiceState("postgres", proc.pid, port, str(bindir / "postgres"), url, str(log))
+
+    @staticmethod
+    def _postgres_owned_file(path: Path, text: str, user: str | None) -> None:
+        """A file of the cluster, readable by its OS user only."""
+        path.write_text(text)
+        os.chmod(path, 0o600)
+        if user:
+            pw = pwd.getpwnam(user)
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def _postgres_hba(self, pgdata: Path, superuser: str, user: str | None) -> None:
+        """Rewritten at every start (clusters made by older versions trusted everyone)."""
+        self._postgres_owned_file(
+            pgdata / "pg_hba.conf",
+            "# written by `pilotlab stack up` at every start (pilotlab/stack.py); see docs/operations.md\n"
+            "# the superuser: only over the Unix socket, whose directory only this cluster's OS user\n"
+            "# (and root) can enter; it creates the roles and pins their limits (storage/roles.sql)\n"
+            f'local   all   "{superuser}"   trust\n'
+            "# everyone else: TCP on loopback with a password (scram-sha-256); no line, no entry\n"
+            "host    all   all   127.0.0.1/32   scram-sha-256\n"
+            "host    all   all   ::1/128        scram-sha-256\n",
+            user,
+        )
+
+
+# --- the embedded PostgreSQL's roles and URLs -------------------------------------------------
+
+POSTGRES_DATABASE = "pilotlab"
+POSTGRES_SUPERUSER = "postgres"  # clusters made before roles existed: "pilotlab" (postgres_superuser)
+PASSWORDS_FILE = "postgres-passwords.json"  # in the stack's data dir, mode 0600
+
+
+def postgres_url(port: int, role: str, password: str) -> str:
+    return f"postgresql://{quote(role, safe='')}:{quote(password, safe='')}@127.0.0.1:{port}/{POSTGRES_DATABASE}"
+
+
+def postgres_superuser(postgres_root: Path) -> str:
+    """The cluster's superuser: recorded at initdb; clusters initialised by older versions of
+    the stack (no record) made ``pilotlab`` the superuser."""
+    marker = postgres_root / "superuser"
+    return marker.read_text().strip() if marker.exists() else "pilotlab"
+
+
+def postgres_passwords(data_dir: Path, create: bool = False) -> dict[str, str]:
+    """Each role's password, generated once (``create``) into ``<data dir>/postgres-passwords.json``
+    (mode 0600) and set on the roles at every start of the stack's PostgreSQL."""
+    path = data_dir / PASSWORDS_FILE
+    try:
+        known = json.loads(path.read_text())
+    except FileNotFoundError:
+        known = {}
+    missing = [r for r in roles.ROLES if r not in known]
+    if missing and not create:
+        raise StackError(
+            f"no database passwords in {path}: `pilotlab stack up` makes them "
+            "(a PostgreSQL started by an older pilotlab: `pilotlab stack down`, then `up`)"
+        )
+    if missing:
+        known.update({r: secrets.token_urlsafe(24) for r in missing})
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(known, indent=2) + "\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    return known
+
+
+def postgres_bootstrap(conn, passwords: dict[str, str]) -> None:
+    """The roles as ``storage/roles.sql`` makes them, with these passwords (a superuser's
+    connection to the database). The embedded stack only: its owner may also create scratch
+    databases (benchmarks, tests); docker-compose's owner may not."""
+    roles.bootstrap(conn, passwords)
+    conn.execute(f"ALTER ROLE {roles.OWNER} CREATEDB")
+
+
+def postgres_admin_connect(state: StackState, dbname: str = POSTGRES_DATABASE):
+    """The superuser's connection over the stack's Unix socket (autocommit), for what only a
+    superuser may do; only the cluster's OS user and root can open it."""
+    return _postgres_socket_connect(Path(state.postgres_data), state.services["postgres"].port, dbname)
+
+
+def _postgres_socket_connect(root: Path, port: int, dbname: str, connect_timeout: int = 5):
+    import psycopg  # noqa: PLC0415
+
+    return psycopg.connect(
+        host=str(root / "run"),
+        port=port,
+        user=postgres_superuser(root),
+        dbname=dbname,
+        autocommit=True,
+        connect_timeout=connect_timeout,
+    )
 
 
 def database_mode(database_url: str) -> str:

@@ -7,14 +7,22 @@ database's mode is applied. The mode is detected, never configured: when the Tim
 extension is installed, or available to ``CREATE EXTENSION``, the mode is ``timescaledb``;
 otherwise ``postgresql`` (plain PostgreSQL with a ``time_bucket``-compatible function,
 BRIN indexes and plain views in place of continuous aggregates).
+
+Run them as the owner role (``pilotlab_owner``, ``PILOTLAB_DATABASE_OWNER_URL``): what a
+migration creates belongs to whoever runs it, and the login roles get their privileges from
+the migrations (see ``storage.roles``). Run by a superuser (PGlite, a hand-made database) they
+still apply, with a warning: the objects then belong to that superuser.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+
+log = logging.getLogger(__name__)
 
 _LOCK_ID = 0x70696C6F  # advisory lock: two migrators never interleave
 MODES = ("timescaledb", "postgresql")
@@ -63,10 +71,23 @@ def enable_timescaledb(conn: psycopg.Connection) -> str:
     return installed_mode(conn)
 
 
+def current_role(conn: psycopg.Connection) -> tuple[str, bool]:
+    """The connected role and whether it is a superuser."""
+    name, sup = conn.execute("SELECT rolname, rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    return name, sup
+
+
 def migrate(database_url: str) -> list[str]:
     """Apply pending migrations; returns the versions applied now."""
     applied_now = []
     with psycopg.connect(database_url, autocommit=True) as conn:
+        role, superuser = current_role(conn)
+        if superuser:
+            log.warning(
+                "migrating as the superuser %s: what the migrations create belongs to a superuser; "
+                "run them as the owner role (PILOTLAB_DATABASE_OWNER_URL)",
+                role,
+            )
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
         try:
             conn.execute(
@@ -93,10 +114,12 @@ def migrate(database_url: str) -> list[str]:
 
 
 def status(database_url: str) -> dict:
-    """The database mode and the migrations applied / pending (for ``pilotlab db status``)."""
+    """The database mode, the connected role and the migrations applied / pending (for
+    ``pilotlab db status``)."""
     with psycopg.connect(database_url, autocommit=True) as conn:
+        role, superuser = current_role(conn)
         mode = installed_mode(conn)
         table = conn.execute("SELECT to_regclass('schema_migrations')").fetchone()[0]
         done = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] if table else []
     pending = [m.version for m in available(mode) if m.version not in done]
-    return {"mode": mode, "applied": done, "pending": pending}
+    return {"mode": mode, "role": role, "superuser": superuser, "applied": done, "pending": pending}

@@ -84,8 +84,7 @@ def pilot(stack_state, stack):
 
 @pytest.fixture(scope="module")
 def reader(stack_state):
-    url = stack_state.database_url.replace("postgresql://pilotlab@", "postgresql://grafana_reader@")
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(stack_state.reader_url, autocommit=True) as conn:
         assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"
         yield conn
 

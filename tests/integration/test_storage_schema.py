@@ -44,8 +44,7 @@ def test_query_layer_returns_what_python_computes(stack_state):
 
 
 def test_grafana_reader_selects_and_cannot_write(stack_state):
-    url = stack_state.database_url.replace("postgresql://pilotlab@", "postgresql://grafana_reader@")
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(stack_state.reader_url, autocommit=True) as conn:
         assert conn.execute("SHOW statement_timeout").fetchone()[0] == "30s"
         conn.execute("SELECT count(*) FROM readings").fetchone()
         conn.execute("SELECT count(*) FROM rejections_by_reason(NULL)").fetchone()
@@ -70,7 +69,7 @@ def test_a_refused_record_becomes_a_rejection_and_the_rest_of_the_batch_is_store
     batch.add_record(Record(KafkaTopics.READINGS, 0, 10, good.to_json(), 1))
     batch.add_record(Record(KafkaTopics.READINGS, 0, 11, nul.to_json(), 2))
     batch.add_record(Record(KafkaTopics.READINGS, 0, 12, b"{not json", 3))
-    with psycopg.connect(stack_state.database_url, autocommit=True) as conn:
+    with psycopg.connect(stack_state.writer_url, autocommit=True) as conn:  # as the sink does
         with pytest.raises(psycopg.DataError):
             write_batch(conn, batch)
         counts = write_record_by_record(conn, batch)

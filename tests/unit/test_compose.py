@@ -18,8 +18,19 @@ PILOTLAB_IMAGE = "pilotlab:local"
 PILOTLAB_ENV = {
     "PILOTLAB_MQTT_URL": "mqtt://mosquitto:1883",
     "PILOTLAB_KAFKA_BOOTSTRAP": "kafka:9092",
-    "PILOTLAB_DATABASE_URL": "postgresql://pilotlab:pilotlab@timescaledb:5432/pilotlab",
 }
+# each database role's URL, and the only service that gets it (docs/operations.md)
+DATABASE_URLS = {
+    "migrate": (
+        "PILOTLAB_DATABASE_OWNER_URL",
+        "postgresql://pilotlab_owner:${PILOTLAB_DB_OWNER_PASSWORD:-pilotlab-owner-dev-only}@timescaledb:5432/pilotlab",
+    ),
+    "sink": (
+        "PILOTLAB_DATABASE_URL",
+        "postgresql://pilotlab_writer:${PILOTLAB_DB_WRITER_PASSWORD:-pilotlab-writer-dev-only}@timescaledb:5432/pilotlab",
+    ),
+}
+ROLES_INIT_SCRIPT = ROOT / "deploy" / "timescaledb" / "initdb" / "10-pilotlab-roles.sh"
 DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
 
@@ -138,3 +149,38 @@ def test_grafana_provisioning(compose: dict) -> None:
     }
     for p in providers:
         assert p["options"]["path"] in mounts, f"dashboard path {p['options']['path']} is not mounted"
+
+
+def test_database_roles(compose: dict) -> None:
+    """No pilotlab service logs in as the superuser: migrate as the owner, the sink as the
+    writer, Grafana as the reader, each with the password the initdb script gave its role."""
+    services = compose["services"]
+    db = _env(services["timescaledb"])
+    assert db["POSTGRES_USER"] == "postgres" and db["POSTGRES_DB"] == "pilotlab"
+    passwords = {
+        "pilotlab_owner": db["PILOTLAB_DB_OWNER_PASSWORD"],
+        "pilotlab_writer": db["PILOTLAB_DB_WRITER_PASSWORD"],
+        "grafana_reader": db["GRAFANA_DB_PASSWORD"],
+    }
+    for name, svc in _pilotlab_services(compose).items():
+        env = _env(svc)
+        urls = {k: v for k, v in env.items() if k.startswith("PILOTLAB_DATABASE")}
+        expected = dict([DATABASE_URLS[name]]) if name in DATABASE_URLS else {}
+        assert urls == expected, f"{name}: database URLs {urls}, expected {expected}"
+        for url in urls.values():
+            user, _, rest = url.removeprefix("postgresql://").partition(":")
+            assert user in passwords and user != db["POSTGRES_USER"]
+            assert rest.startswith(passwords[user] + "@timescaledb:5432/"), f"{name}: {user}'s password differs"
+    grafana = _env(services["grafana"])
+    assert grafana["GRAFANA_DB_PASSWORD"] == passwords["grafana_reader"]
+
+    # the initdb script runs storage/roles.sql, mounted where it looks for it
+    script = ROLES_INIT_SCRIPT.read_text()
+    assert ROLES_INIT_SCRIPT.stat().st_mode & 0o111, "the entrypoint runs executable scripts (else it sources them)"
+    mounts = dict(v.split(":")[:2] for v in services["timescaledb"]["volumes"] if v.startswith("./"))
+    assert mounts["./deploy/timescaledb/initdb"] == "/docker-entrypoint-initdb.d"
+    assert mounts["./storage/roles.sql"] == "/pilotlab/roles.sql" and "/pilotlab/roles.sql" in script
+    for var in ("PILOTLAB_DB_OWNER_PASSWORD", "PILOTLAB_DB_WRITER_PASSWORD", "GRAFANA_DB_PASSWORD"):
+        assert var in script
+    # healthy only once the initdb scripts are done (they run on a socket-only server)
+    assert "127.0.0.1" in services["timescaledb"]["healthcheck"]["test"]
