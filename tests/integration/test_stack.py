@@ -34,7 +34,9 @@ def test_stack_lifecycle(tmp_path: Path):
         assert set(first["endpoints"]) - {"PILOTLAB_INGEST_SHARE_GROUP"} == {
             "PILOTLAB_MQTT_URL",
             "PILOTLAB_KAFKA_BOOTSTRAP",
-            "PILOTLAB_DATABASE_URL",
+            "PILOTLAB_DATABASE_URL",  # the sink's role
+            "PILOTLAB_DATABASE_OWNER_URL",  # db migrate
+            "PILOTLAB_DATABASE_READER_URL",  # report, plan
         }
         assert first["database_mode"] == "postgresql"
         pids = {name: svc["pid"] for name, svc in first["services"].items()}
