@@ -68,8 +68,12 @@ def start_sink(stack_state, log: Path, group: str, **env: str) -> subprocess.Pop
         **{f"PILOTLAB_{k.upper()}": v for k, v in env.items()},
     }
     with open(log, "ab") as fh:
+        # unsupervised: the test hook's exit 137 must end the process, not be restarted
         return subprocess.Popen(
-            [sys.executable, "-m", "pilotlab", "run", "sink"], env=full, stdout=fh, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "pilotlab", "run", "sink", "--no-supervise"],
+            env=full,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
         )
 
 
