@@ -47,10 +47,9 @@ def test_demo_json_recovers_true_effects_and_stops_everything(tmp_path: Path):
         assert "absolute" not in imp and "n" not in imp
         # the true effect is stated on the metric's scale: relative here (every demo metric has a true zero)
         assert (imp["scale"], imp["unit"]) == metric_scale(imp_metric[(exp_id, kpi)]) == ("relative", None), imp
-        if imp["design"] == "difference-in-differences":  # the shared weather cancels against the control
-            assert imp["estimate"] == pytest.approx(imp["true_effect"], abs=0.03), imp
-        # without a control group the simulated weather stays in the before/after change (which is
-        # what the no_control_group warning says): no near-truth check there
+        # the shared weather cancels against the control; the before/after parking pilot is simulated
+        # without weather (its manifest says so), or it would stay in the change
+        assert imp["estimate"] == pytest.approx(imp["true_effect"], abs=0.03), imp
         assert imp["ci_low"] <= imp["estimate"] <= imp["ci_high"], imp
         assert imp["verdict"] in VERDICTS, imp
         assert imp["warning_sentences"] == [WARNINGS[w] for w in imp["warnings"]], imp
