@@ -696,5 +696,52 @@ def report_cmd(
         _fail(str(exc))
     typer.echo(f"wrote {out}")
 
+
+@app.command("export")
+def export_cmd(  # noqa: PLR0917 - typer options
+    experiment: Annotated[str, typer.Argument(help="The experiment id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The directory to write into.")],
+    fmt: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
+    table: Annotated[
+        list[str] | None, typer.Option("--table", help="readings, kpis or rejections (repeatable; default all).")
+    ] = None,
+    start: Annotated[str | None, typer.Option("--from", help="ISO 8601 time with its offset, inclusive.")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="ISO 8601 time with its offset, exclusive.")] = None,
+) -> None:
+    """Export an experiment's readings, KPIs and rejections (CSV or Parquet, streamed with
+    bounded memory) with its manifest and stored impact results beside them (reads
+    PILOTLAB_DATABASE_READER_URL, else PILOTLAB_DATABASE_URL)."""
+    from datetime import datetime  # noqa: PLC0415
+
+    from storage.export import TABLES, ExportError, export_experiment  # noqa: PLC0415
+
+    if fmt not in ("csv", "parquet"):
+        _fail(f"--format must be csv or parquet, not {fmt!r}")
+    tables = tuple(table or TABLES)
+    if unknown := [t for t in tables if t not in TABLES]:
+        _fail(f"unknown --table {', '.join(unknown)}; choose from {', '.join(TABLES)}")
+
+    def when(value: str | None, name: str):
+        if value is None:
+            return None
+        try:
+            t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            _fail(f"{name} {value!r} is not an ISO 8601 time such as 2026-03-01T00:00:00Z")
+        if t.tzinfo is None:
+            _fail(f"{name} {value!r} has no time zone: add Z or +01:00")
+        return t
+
+    s = cfg.load(cfg.ReportSettings)
+    try:
+        written = export_experiment(
+            s.database_url, experiment, out, fmt=fmt, tables=tables, start=when(start, "--from"), end=when(end, "--to")
+        )
+    except ExportError as exc:
+        _fail(str(exc))
+    for name, path in written.items():
+        typer.echo(f"wrote {path} ({name})")
+
+
 def main() -> None:
     app()
