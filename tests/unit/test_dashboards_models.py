@@ -1,9 +1,11 @@
 """The dashboards' JSON models: stable UIDs, the panels the issue asks for, every query on the
-provisioned datasource, snapshots, the committed provisioning files, and the push payload."""
+provisioned datasource, the committed files (deploy/grafana/dashboards, the one copy of the
+built models, compared here and never written), and the push payload. Their validity for
+Grafana: test_dashboards_grafana_schema.py."""
 
 from __future__ import annotations
 
-import os
+import difflib
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,8 @@ from dashboards.checks import result_problems, stat_fields, targets
 from dashboards.sdk import DATASOURCE_UID
 
 REPO = Path(__file__).resolve().parents[2]
-SNAPSHOTS = REPO / "tests" / "snapshots" / "dashboards"
 PROVISIONED = REPO / "deploy" / "grafana" / "dashboards"
+REBUILD = "pilotlab dashboards build --out deploy/grafana/dashboards"
 UIDS = ["pilotlab-overview", "pilotlab-experiment", "pilotlab-device-health", "pilotlab-pipeline"]
 
 
@@ -62,24 +64,34 @@ def test_building_twice_gives_the_same_bytes(models):
     assert [dbuild.dumps(m) for m in again.values()] == [dbuild.dumps(m) for m in models.values()]
 
 
-@pytest.mark.parametrize("uid", UIDS)
-def test_snapshot(models, uid):
-    """Refresh after an intended change: PILOTLAB_UPDATE_SNAPSHOTS=1 pytest tests/unit/test_dashboards_models.py"""
-    path = SNAPSHOTS / f"{uid}.json"
-    text = dbuild.dumps(models[uid])
-    if os.environ.get("PILOTLAB_UPDATE_SNAPSHOTS") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    assert path.read_text(encoding="utf-8") == text, f"{uid} changed; review and refresh the snapshot"
+def test_committed_dashboards_are_the_current_build(models):
+    """deploy/grafana/dashboards/*.json (what docker-compose provisions) must be what dashboards/
+    builds now: a change to a builder fails here until the files are rebuilt, reviewed and
+    committed with it. This test only reads them."""
+    built = {f"{uid}.json": dbuild.dumps(model) for uid, model in models.items()}
+    committed = {p.name: p.read_text(encoding="utf-8") for p in sorted(PROVISIONED.glob("*.json"))}
+    problems = []
+    for name in sorted(built.keys() | committed.keys()):
+        if name not in committed:
+            problems.append(f"{name}: built, not committed")
+        elif name not in built:
+            problems.append(f"{name}: committed, but dashboards/ builds no such dashboard")
+        elif committed[name] != built[name]:
+            diff = list(difflib.unified_diff(committed[name].splitlines(keepends=True),
+                                             built[name].splitlines(keepends=True),
+                                             f"deploy/grafana/dashboards/{name} (committed)", f"{name} (built)", n=2))
+            cut = "" if len(diff) <= 60 else f"... {len(diff) - 60} more diff lines\n"
+            problems.append("".join(diff[:60]) + cut)
+    assert not problems, "\n".join(problems) + f"\nIf the change is intended: {REBUILD}, review the diff, commit it."
 
 
-def test_provisioned_files_are_the_current_build(tmp_path):
+def test_the_build_command_writes_exactly_the_models(tmp_path, models):
+    """What ``pilotlab dashboards build --out DIR`` writes (into a temporary directory here) is
+    what the test above compares the committed files with."""
     written = dbuild.write(tmp_path)
-    assert sorted(p.name for p in written) == sorted(p.name for p in PROVISIONED.glob("*.json"))
+    assert sorted(p.name for p in written) == sorted(f"{uid}.json" for uid in models)
     for p in written:
-        assert (PROVISIONED / p.name).read_text(encoding="utf-8") == p.read_text(encoding="utf-8"), (
-            f"stale {p.name}: pilotlab dashboards build --out deploy/grafana/dashboards"
-        )
+        assert p.read_text(encoding="utf-8") == dbuild.dumps(models[p.stem])
 
 
 def test_upsert_payload_replaces_by_uid(models):
