@@ -23,6 +23,9 @@ DATASOURCE_UID = "pilotlab-db"
 DATASOURCE_TYPE = "grafana-postgresql-datasource"
 DATASOURCE = model.DataSourceRef(type_val=DATASOURCE_TYPE, uid=DATASOURCE_UID)
 TAGS = ["pilotlab"]
+# the dashboard schemaVersion of the Grafana docker-compose runs (11.1: 39, its defaultDashboard's),
+# the one it loads without migrating; dashboards/schema/grafana-dashboard.schema.json records it
+GRAFANA_SCHEMA_VERSION = 39
 
 # what each panel type needs from its query's result (checked against the real database)
 TIME_SERIES = "time_series"
@@ -80,11 +83,37 @@ def grid(x: int, y: int, w: int, h: int) -> model.GridPos:
 
 def to_model(builder: dash.Dashboard) -> dict:
     """The dashboard's JSON model as a plain dict (what Grafana's API and files take), with
-    stable panel ids (1, 2, ... in layout order) so that links to a panel keep working."""
+    stable panel ids (1, 2, ... in layout order) so that links to a panel keep working, in the
+    shape Grafana's dashboard schema wants (:func:`for_grafana`)."""
     out = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
     for i, panel in enumerate(out.get("panels", []), start=1):
         panel["id"] = i
-    return out
+    return for_grafana(out)
+
+
+def for_grafana(model: dict) -> dict:
+    """What grafana-foundation-sdk writes that Grafana's dashboard schema (of the Grafana we run,
+    ``GRAFANA_SCHEMA_VERSION``) does not take, fixed (``dashboards/validate.py`` checks it):
+
+    - ``"options": null`` on a panel none of whose options were set: ``{}``, on which Grafana
+      applies the panel plugin's defaults (what it did with ``null``);
+    - the top-level ``style`` (the dashboard theme), removed from the schema in Grafana 10.2;
+    - on every variable, ``id`` (a runtime key of Grafana's variable store, the same all-zero
+      uuid on each variable) and, except on interval variables, the interval variable's
+      ``auto``, ``auto_min`` and ``auto_count``;
+    - ``schemaVersion`` 36: Grafana would migrate the model from 36 on every load.
+    """
+    model.pop("style", None)
+    model["schemaVersion"] = GRAFANA_SCHEMA_VERSION
+    for panel in model.get("panels", []):
+        if panel.get("options") is None and panel.get("type") != "row":
+            panel["options"] = {}
+    for var in model.get("templating", {}).get("list", []):
+        var.pop("id", None)
+        if var.get("type") != "interval":
+            for key in ("auto", "auto_min", "auto_count"):
+                var.pop(key, None)
+    return model
 
 
 def all_values() -> common.ReduceDataOptions:
