@@ -461,6 +461,20 @@ def run_sink(supervised: Supervise = True) -> None:
     main(cfg.load(cfg.SinkSettings))
 
 
+@run_app.command("alerts")
+def run_alerts(supervised: Supervise = True) -> None:
+    """Alert rules in event time → the alerts table → webhooks, e-mail, devices' feedback topics."""
+    if supervised:
+        _supervised("alerts", cfg.AlertsSettings)
+    import os  # noqa: PLC0415
+
+    from streams.alerting import main  # noqa: PLC0415
+
+    _logging()
+    # webhooks name their signing secrets by environment variable (docs/alerts.md)
+    raise typer.Exit(main(cfg.load(cfg.AlertsSettings), dict(os.environ)))
+
+
 # --- demo --------------------------------------------------------------------------------------
 
 

@@ -240,6 +240,139 @@ class Simulation(_Model):
         return effects
 
 
+# --- alerts (streams/alerts.py evaluates them; docs/alerts.md) ---------------------------------
+
+
+def _seconds_or_zero(value: object) -> int:
+    """Like ``parse_duration`` but 0 (``"0s"``) is allowed: a grace of none."""
+    if value in (0, "0", "0s", "0m", "0h"):
+        return 0
+    return parse_duration(value)
+
+
+GraceSeconds = Annotated[int, BeforeValidator(_seconds_or_zero)]
+
+AlertKind = Literal[
+    "device_offline",  # a device silent for longer than ``after`` (event time)
+    "completeness_below",  # a device's received / expected samples over ``window`` below ``threshold``
+    "kpi_above",  # a KPI window's value above ``threshold``
+    "kpi_below",  # a KPI window's value below ``threshold``
+    "rejection_rate_above",  # a device's refused / (refused + accepted) items over ``window`` above ``threshold``
+]
+DEVICE_ALERT_KINDS = ("device_offline", "completeness_below", "rejection_rate_above")
+
+
+class AlertRule(_Model):
+    """One alert rule. Device-level kinds judge each device of the experiment (``devices``
+    narrows them); KPI kinds judge each group's windows of one KPI."""
+
+    name: Identifier
+    kind: AlertKind
+    severity: Literal["info", "warning", "critical"] = "warning"
+    enabled: bool = True
+    # how far behind the newest event a moment must be before it is judged: events that arrive
+    # out of order by less than this give exactly the same alerts (streams/alerts.py)
+    grace: GraceSeconds = 60
+    # device_offline: silence that fires; default the experiment's liveness threshold
+    # (offline_after × the device's interval, as on pilotlab.device-status)
+    after: Seconds | None = None
+    # completeness_below, rejection_rate_above: the tumbling window judged
+    window: Seconds | None = None
+    # completeness (0-1], a rate (0-1), or a KPI value in the KPI's unit
+    threshold: float | None = None
+    # kpi_above / kpi_below: which KPI and group ("all" for an impact-free cross-group KPI is not
+    # a thing: treatment or control; None judges both groups, each on its own)
+    kpi: str | None = None
+    group: Literal["treatment", "control"] | None = None
+    # rejection_rate_above: judge a window only with at least this many items, and count only
+    # these reason codes (None: all)
+    min_count: int = Field(default=10, ge=1)
+    reasons: tuple[str, ...] | None = None
+    # device-level kinds: only these devices (None: every device of the experiment)
+    devices: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _parameters(self) -> AlertRule:
+        k = self.kind
+        if k == "device_offline":
+            for name in ("window", "threshold", "kpi", "group"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} does not apply to device_offline (use after)")
+        if k != "device_offline" and self.after is not None:
+            raise ValueError(f"after applies to device_offline only, not {k}")
+        if k in ("completeness_below", "rejection_rate_above"):
+            if self.threshold is None:
+                raise ValueError(f"{k} needs threshold, e.g. threshold: {0.8 if k == 'completeness_below' else 0.2}")
+            if not 0 < self.threshold <= 1:
+                raise ValueError(f"the threshold of {k} is a share: above 0, at most 1")
+            if self.kpi is not None or self.group is not None:
+                raise ValueError(f"kpi and group apply to KPI rules only, not {k}")
+        if k in ("kpi_above", "kpi_below"):
+            if self.kpi is None or self.threshold is None:
+                raise ValueError(f"{k} needs kpi and threshold, e.g. kpi: no2_mean, threshold: 40")
+            if self.window is not None:
+                raise ValueError("a KPI rule judges the KPI's own windows: drop window")
+            if self.devices is not None:
+                raise ValueError("devices applies to device-level rules only")
+        if k != "rejection_rate_above" and self.reasons is not None:
+            raise ValueError(f"reasons applies to rejection_rate_above only, not {k}")
+        return self
+
+    @property
+    def window_s(self) -> int:
+        """The judged window of completeness and rejection-rate rules (default 1 h / 15 min)."""
+        if self.window is not None:
+            return self.window
+        return 3600 if self.kind == "completeness_below" else 900
+
+
+class Webhook(_Model):
+    """An HTTP endpoint that receives every alert transition as a signed JSON POST."""
+
+    name: Identifier
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    # the HMAC-SHA256 key of X-Pilotlab-Signature: better the name of an environment variable
+    # of the alerts service (a secret written here travels in the registry topic and is stored
+    # in experiments.manifest, which the read-only role can read)
+    secret_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None
+    secret: str | None = Field(default=None, min_length=16)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Webhook:
+        if (self.secret is None) == (self.secret_env is None):
+            raise ValueError("give the signing key as secret_env (an environment variable's name) or secret")
+        return self
+
+
+_EMAIL = r"^[^@\s]+@[^@\s]+$"
+
+
+class Notify(_Model):
+    """Where an experiment's alerts go (besides the lab-wide defaults')."""
+
+    webhooks: tuple[Webhook, ...] = ()
+    email: tuple[Annotated[str, Field(pattern=_EMAIL)], ...] = ()
+    # device-level alerts also go to the device's MQTT feedback topic as {"alerts": [...]}
+    mqtt_feedback: bool = True
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_names(cls, hooks: tuple[Webhook, ...]) -> tuple[Webhook, ...]:
+        names = [h.name for h in hooks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate webhook names: {', '.join(dupes)}")
+        return hooks
+
+
+def _unique_rule_names(rules: tuple[AlertRule, ...]) -> tuple[AlertRule, ...]:
+    names = [r.name for r in rules]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate alert rule names: {', '.join(dupes)}")
+    return rules
+
+
 # devices tuple id → (the tuple, id → device): Experiment.device in O(1) (a frozen model's cache)
 _DEVICE_INDEX: dict[int, tuple[tuple, dict]] = {}
 
@@ -259,6 +392,9 @@ class Experiment(_Model):
     # liveness: a device silent for this many of its expected intervals is reported offline
     offline_after: int = Field(default=6, ge=1, le=10_000)
     simulation: Simulation | None = None
+    # alert rules (with the lab-wide defaults: docs/alerts.md) and where the alerts go
+    alerts: tuple[AlertRule, ...] = ()
+    notify: Notify = Notify()
 
     @field_validator("devices", "kpis")
     @classmethod
@@ -269,6 +405,18 @@ class Experiment(_Model):
         if dupes:
             raise ValueError(f"duplicate {what} ids: {', '.join(dupes)}")
         return items
+
+    @field_validator("alerts")
+    @classmethod
+    def _unique_alert_names(cls, rules: tuple[AlertRule, ...]) -> tuple[AlertRule, ...]:
+        return _unique_rule_names(rules)
+
+    @model_validator(mode="after")
+    def _alerts_refer_to_this_experiment(self) -> Experiment:
+        problems = alert_rule_problems(self, self.alerts)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def device(self, device_id: str) -> Device | None:
         index = _DEVICE_INDEX.get(id(self.devices))
@@ -294,6 +442,31 @@ class Experiment(_Model):
     @classmethod
     def from_json(cls, raw: bytes) -> Experiment:
         return cls.model_validate(orjson.loads(raw))
+
+
+def alert_rule_problems(experiment: Experiment, rules: tuple[AlertRule, ...]) -> list[str]:
+    """What in these rules does not fit this experiment: unknown devices, a KPI it does not
+    have or one without windows (impact)."""
+    problems = []
+    kpis = {k.name: k for k in experiment.kpis}
+    for r in rules:
+        for d in r.devices or ():
+            if experiment.device(d) is None:
+                problems.append(f"alert {r.name}: device {d!r} is not a device of this experiment")
+        if r.kind == "completeness_below":
+            scope = [experiment.device(d) for d in r.devices] if r.devices else experiment.devices
+            slow = sorted(d.id for d in scope if d is not None and d.interval > r.window_s)
+            if slow:
+                problems.append(
+                    f"alert {r.name}: its window ({r.window_s} s) is shorter than the interval of {', '.join(slow)}"
+                )
+        if r.kpi is not None:
+            kpi = kpis.get(r.kpi)
+            if kpi is None:
+                problems.append(f"alert {r.name}: no KPI named {r.kpi!r}; known: {', '.join(sorted(kpis))}")
+            elif kpi.kind == "impact":
+                problems.append(f"alert {r.name}: {r.kpi!r} is an impact KPI, which has no windows to judge")
+    return problems
 
 
 class ManifestError(ValueError):

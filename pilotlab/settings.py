@@ -163,3 +163,67 @@ class PlanSettings(_ReadsDatabase):
     database_url: str | None = Field(default=None, description="postgresql://user:password@host:port/db")
 
     _pg_scheme = field_validator("database_url")(_pg_url)
+
+
+class AlertsSettings(KafkaSettings):
+    """``pilotlab run alerts`` (streams/alerting.py; docs/alerts.md): judges the alert rules on
+    readings, refusals and KPIs from Kafka, stores the alerts, and delivers them by webhook,
+    e-mail and the devices' MQTT feedback topics."""
+
+    # the sink's role, pilotlab_writer, which migration 0023 lets write the alert tables
+    database_url: str = Field(description="postgresql://pilotlab_writer:password@host:port/db")
+    alerts_group: str = Field(default="pilotlab-alerts", description="consumer group (offsets, lag)")
+    # lab-wide rules and targets (YAML: alerts:, notify:), read and validated at start-up
+    alerts_defaults: str | None = Field(default=None, description="path of the lab's alert defaults")
+    alerts_batch_size: int = Field(default=5000, ge=1)
+    alerts_batch_wait_ms: int = Field(default=200, ge=0)
+    # device-level alerts to pilots/{experiment}/{device}/feedback; unset: not sent
+    mqtt_url: str | None = Field(default=None, description="mqtt://user:password@host:port")
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    mqtt_ca_file: str | None = None
+    alerts_mqtt_client_id: str = "pilotlab-alerts"
+    # e-mail: smtp://[user:password@]host:port (?starttls=1 to upgrade), or smtps:// (TLS);
+    # unset: no e-mail is sent, and the alerts service says so for experiments that want some
+    smtp_url: SecretStr | None = Field(default=None, description="smtp://user:password@host:587?starttls=1")
+    smtp_from: str = Field(default="pilotlab@localhost", pattern=r"^[^@\s]+@[^@\s]+$")
+    # deliveries: per attempt, and exponential back-off between attempts (base × 2^(n-1), capped)
+    alerts_webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    alerts_smtp_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    alerts_retry_base_s: float = Field(default=2.0, gt=0, le=3600)
+    alerts_retry_cap_s: float = Field(default=600.0, gt=0, le=86400)
+    alerts_max_attempts: int = Field(default=10, ge=1, le=100)
+    alerts_delivery_poll_ms: int = Field(default=500, ge=10, le=60_000)
+
+    @field_validator("database_url")
+    @classmethod
+    def _alerts_pg_scheme(cls, v: str) -> str:
+        if not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must look like postgresql://user:password@host:port/dbname")
+        return v
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _alerts_mqtt_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("must look like mqtt://host:port")
+        return v
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_scheme(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("smtp://", "smtps://")):
+            raise ValueError("must look like smtp://host:port, smtp://user:password@host:587?starttls=1 or smtps://")
+        return v
+
+    @field_validator("alerts_defaults")
+    @classmethod
+    def _defaults_load(cls, v: str | None) -> str | None:
+        if v:
+            from pilotlab.alert_config import AlertDefaultsError, load_alert_defaults  # noqa: PLC0415
+
+            try:
+                load_alert_defaults(v)
+            except AlertDefaultsError as exc:
+                raise ValueError(str(exc)) from None
+        return v

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 from psycopg import sql
@@ -55,3 +56,68 @@ class DevicePeriodSum:
 def impact_device_periods(conn: psycopg.Connection, experiment_id: str, metric: str) -> list[DevicePeriodSum]:
     with conn.cursor(row_factory=class_row(DevicePeriodSum)) as cur:
         return cur.execute("SELECT * FROM impact_device_periods(%s, %s)", (experiment_id, metric)).fetchall()
+
+
+@dataclass(frozen=True)
+class AlertEpisode:
+    """One alert from firing to resolved (or still firing), with its deliveries summed up
+    (SQL function ``alert_history``, migration 0023)."""
+
+    alert_id: str
+    experiment_id: str
+    rule: str
+    kind: str
+    severity: str
+    subject: str
+    device_id: str | None
+    status: str
+    fired_at: datetime
+    resolved_at: datetime | None
+    threshold: float | None
+    value: float | None
+    summary: str
+    resolved_summary: str | None
+    deliveries: int
+    delivered: int
+    failed: int
+    pending: int
+
+
+def alert_history(
+    conn: psycopg.Connection,
+    experiment_id: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> list[AlertEpisode]:
+    """Alerts fired in [start, end) (of one experiment, or all), newest first."""
+    with conn.cursor(row_factory=class_row(AlertEpisode)) as cur:
+        return cur.execute("SELECT * FROM alert_history(%s, %s, %s)", (experiment_id, start, end)).fetchall()
+
+
+@dataclass(frozen=True)
+class AlertDelivery:
+    """One transition of an alert sent to one target, with every attempt (``history``)."""
+
+    delivery_id: str
+    alert_id: str
+    event: str
+    channel: str
+    target: str
+    status: str
+    attempts: int
+    last_error: str | None
+    delivered_at: datetime | None
+    next_attempt_at: datetime
+    created_at: datetime
+    history: list
+
+
+def alert_deliveries(conn: psycopg.Connection, alert_id: str) -> list[AlertDelivery]:
+    """The deliveries of one alert, oldest first."""
+    with conn.cursor(row_factory=class_row(AlertDelivery)) as cur:
+        return cur.execute(
+            """SELECT delivery_id, alert_id, event, channel, target, status, attempts, last_error, delivered_at,
+                      next_attempt_at, created_at, history
+                 FROM alert_deliveries WHERE alert_id = %s ORDER BY created_at, event, channel, target""",
+            (alert_id,),
+        ).fetchall()

@@ -43,6 +43,11 @@ WRITER_PRIVILEGES = {
     "kpi_values": {"SELECT", "INSERT", "UPDATE"},
     "experiments": {"SELECT", "INSERT", "UPDATE"},
     "devices": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    # the alerts service (streams/alerting.py) logs in as this role too: migration 0023
+    "alerts": {"SELECT", "INSERT", "UPDATE"},
+    "alert_deliveries": {"SELECT", "INSERT", "UPDATE"},
+    "alert_state": {"SELECT", "INSERT", "UPDATE"},
+    "alert_offsets": {"SELECT", "INSERT", "UPDATE"},
 }
 
 
