@@ -32,10 +32,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pilotlab import registry
 from pilotlab.contracts import telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
+from pilotlab.kafka_admin import lag_or_reason
 from pilotlab.manifest import Experiment
 from pilotlab.services import Services
 from pilotlab.stack import free_port
 from storage.queries import alert_deliveries, alert_history
+from streams.alerting import TOPICS as ALERT_TOPICS
 from streams.delivery import backoff_s
 
 aiosmtpd_controller = pytest.importorskip("aiosmtpd.controller")
@@ -155,6 +157,8 @@ class Devices:
                 self.client.publish(telemetry_topic(EXP, d), payload, qos=1)
 
     def close(self) -> None:
+        if self.stop.is_set():
+            return
         self.stop.set()
         self.thread.join(5)
         self.client.disconnect()
@@ -361,6 +365,15 @@ def test_an_offline_device_alerts_by_webhook_mqtt_and_email_and_resolves(stack_s
                 assert h.delivered == 8 and h.failed >= 1
                 others = [x for x in alert_history(conn, EXP) if x.subject != SILENT]
                 assert others == [], "only the silent device alerted"
+
+            # the consumer group's lag reaches 0 (what a demo or an operator waits for)
+            devices.close()
+            wait_for(
+                "the alerts service's lag to reach 0",
+                lambda: lag_or_reason(stack_state.kafka_bootstrap, "pilotlab-alerts", ALERT_TOPICS) == 0,
+                30,
+                services,
+            )
     finally:
         if devices is not None:
             devices.close()
