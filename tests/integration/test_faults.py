@@ -160,7 +160,14 @@ def test_kill_minus_nine_mid_stream(durable_stack, victim):
         published = time.monotonic()
         services.wait_drained(len(truth.accepted), sum(truth.rejected.values()), experiment_ids=[exp.id], timeout=180)
         recovered, after_last = time.monotonic() - killed, time.monotonic() - published
-        services.check_alive()  # no service exited on its own
+        services.check_alive()  # no service exited on its own, nor its supervised child:
+        restarts = [
+            line
+            for log in (stack.logs / f"services-{victim}").glob("*.log")
+            for line in log.read_text(errors="replace").splitlines()
+            if "pilotlab.supervisor" in line and "exited with code" in line
+        ]
+        assert not restarts, f"a service stopped on the {victim} fault and was restarted: {restarts}"
         assert_exact(state, exp, truth, victim)
     RECOVERY[victim] = {"published": len(truth.accepted), "recovered_s": round(recovered, 1)}
     print(
