@@ -38,7 +38,7 @@ from storage import roles
 DEFAULT_DATA_DIR = Path(".pilotlab")
 SERVICES = ("mqtt", "objects", "kafka", "postgres")  # in start order; "objects": durable Kafka only
 KAFKA_STORAGE = ("durable", "memory")
-MQTT_AUTOSAVE_CHANGES = 10  # bench/bench_mqtt_window.py measures the loss and cost per value
+MQTT_AUTOSAVE_CHANGES = 100  # bench/bench_mqtt_window.py measures the loss and cost per value; docs/operations.md
 OBJECTS_BUCKET = "tansu"
 
 

@@ -174,6 +174,9 @@ def export_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     with psycopg.connect(database_url) as conn:
+        # the read-only role's default statement_timeout (30 s) is for dashboards; an export of
+        # millions of rows is one long statement, allowed for this session only
+        conn.execute("SET statement_timeout = 0")
         row = conn.execute("SELECT manifest FROM experiments WHERE experiment_id = %s", (experiment_id,)).fetchone()
         if row is None:
             raise ExportError(f"no experiment {experiment_id!r} in this database")
