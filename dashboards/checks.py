@@ -96,3 +96,25 @@ def targets(model: dict) -> Iterator[tuple[dict, dict]]:
     for panel in model.get("panels", []):
         for target in panel.get("targets") or []:
             yield panel, target
+
+
+def sql_targets(model: dict) -> Iterator[tuple[dict, dict]]:
+    """(panel, target) for every SQL query (the database's; the integration tests run them)."""
+    for panel, target in targets(model):
+        if "rawSql" in target:
+            yield panel, target
+
+
+def prom_targets(model: dict) -> Iterator[tuple[dict, dict]]:
+    """(panel, target) for every PromQL query (the services' own metrics, via Prometheus)."""
+    for panel, target in targets(model):
+        if "expr" in target:
+            yield panel, target
+
+
+PROM_METRIC = re.compile(r"\b(pilotlab_[a-z0-9_]+)\b")
+
+
+def prom_metric_names(expr: str) -> set[str]:
+    """The pilotlab metric names a PromQL expression reads."""
+    return set(PROM_METRIC.findall(expr))

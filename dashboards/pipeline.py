@@ -1,14 +1,14 @@
-"""*Pipeline operations*: throughput per stage, lag, and dead letters, read from the database.
+"""*Pipeline operations*: throughput per stage, consumer lag per partition, freshness and dead letters.
 
-Kafka consumer-group lag itself lives in Kafka, not in the database; what the database shows
-is its effect: how long ago the newest reading was stored, and how far behind the devices'
-clocks the pipeline runs (received_at − ts)."""
+Consumer lag comes from the services' Prometheus metrics (``pilotlab_streams_lag_records``,
+``pilotlab_sink_lag_records``: true end offset − what the service has applied or stored, per
+partition), scraped by the provisioned Prometheus; the rest is read from the database."""
 
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import barchart, stat, table, timeseries
 
-from dashboards.sdk import DATASOURCE, TIME_SERIES, SqlTarget, dashboard, grid, to_model
+from dashboards.sdk import DATASOURCE, PROMETHEUS, TIME_SERIES, SqlTarget, dashboard, grid, prom_target, to_model
 
 UID = "pilotlab-pipeline"
 TITLE = "PilotLab · Pipeline operations"
@@ -62,24 +62,18 @@ def build() -> dict:
     )
     d.with_panel(
         timeseries.Panel()
-        .title("Lag behind the devices (received_at − ts)")
-        .description("Median and 95th percentile per interval. Replayed or simulated history shows its time shift.")
-        .datasource(DATASOURCE)
-        .with_target(
-            SqlTarget(
-                """
-                SELECT $__timeGroupAlias(received_at, $__interval),
-                       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - ts)) AS "p50 s",
-                       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - ts)) AS "p95 s"
-                  FROM readings
-                 WHERE $__timeFilter(received_at)
-                 GROUP BY 1
-                 ORDER BY 1
-                """,
-                TIME_SERIES,
-            )
-        )
-        .unit("s")
+        .title("Consumer lag per partition (records)")
+        .description("Records each consumer has not processed yet, per partition: the partition's true end "
+                     "offset minus the streams worker's applied mark (streams) or the sink's stored position "
+                     "(sink). Set by the services every 10 s (pilotlab_streams_lag_records, "
+                     "pilotlab_sink_lag_records), scraped by Prometheus every 15 s.")
+        .datasource(PROMETHEUS)
+        .with_target(prom_target("max by (topic, partition) (pilotlab_streams_lag_records)",
+                                 "streams {{topic}}[{{partition}}]", "A"))
+        .with_target(prom_target("max by (topic, partition) (pilotlab_sink_lag_records)",
+                                 "sink {{topic}}[{{partition}}]", "B"))
+        .unit("short")
+        .min(0)
         .grid_pos(grid(12, 5, 12, 8))
     )
     d.with_panel(

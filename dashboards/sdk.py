@@ -2,8 +2,9 @@
 
 The SDK has no PostgreSQL query type, so :class:`SqlTarget` is a small builder producing the
 target Grafana's PostgreSQL datasource stores (``rawSql``, ``format``, code editor mode).
-Every panel queries the provisioned datasource ``pilotlab-db`` (deploy/grafana/provisioning),
-which connects as the read-only ``grafana_reader`` role.
+Every SQL panel queries the provisioned datasource ``pilotlab-db`` (deploy/grafana/provisioning),
+which connects as the read-only ``grafana_reader`` role; the services' own metrics (consumer lag)
+come from the provisioned Prometheus, ``pilotlab-prometheus`` (:func:`prom_target`).
 """
 
 from __future__ import annotations
@@ -11,17 +12,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from grafana_foundation_sdk.builders import common
+from grafana_foundation_sdk.builders import common, prometheus
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog import variants as cogvariants
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cmodel
 from grafana_foundation_sdk.models import dashboard as model
+from grafana_foundation_sdk.models import prometheus as prom_model
 
 DATASOURCE_UID = "pilotlab-db"
 DATASOURCE_TYPE = "grafana-postgresql-datasource"
 DATASOURCE = model.DataSourceRef(type_val=DATASOURCE_TYPE, uid=DATASOURCE_UID)
+# Prometheus scraping ingest, streams and sink (docker-compose; deploy/prometheus/prometheus.yml)
+PROMETHEUS_UID = "pilotlab-prometheus"
+PROMETHEUS = model.DataSourceRef(type_val="prometheus", uid=PROMETHEUS_UID)
 TAGS = ["pilotlab"]
 # the dashboard schemaVersion of the Grafana docker-compose runs (11.1: 39, its defaultDashboard's),
 # the one it loads without migrating; dashboards/schema/grafana-dashboard.schema.json records it
@@ -57,6 +62,20 @@ class SqlTarget(cogbuilder.Builder[cogvariants.Dataquery]):
 
     def build(self) -> SqlQuery:
         return self._internal
+
+
+def prom_target(expr: str, legend: str, ref_id: str = "A") -> prometheus.Dataquery:
+    """A PromQL range query on the provisioned Prometheus."""
+    return (
+        prometheus.Dataquery()
+        .expr(expr)
+        .legend_format(legend)
+        .ref_id(ref_id)
+        .range()
+        .editor_mode(prom_model.QueryEditorMode.CODE)
+        .format(prom_model.PromQueryFormat.TIME_SERIES)
+        .datasource(PROMETHEUS)
+    )
 
 
 def _dedent(sql_text: str) -> str:

@@ -17,7 +17,7 @@ import orjson
 import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, Producer
 from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.decode import Limits
 from ingest.dedup import SeqMemory, ValueMemory
@@ -25,6 +25,7 @@ from ingest.pipeline import handle, remember, screen_conflicts, screen_duplicate
 from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, Reason, feedback_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.errorlog import ErrorLog
+from pilotlab.health import Health, serve
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import IngestSettings
 
@@ -53,6 +54,7 @@ REDELIVERED = Counter(
     "pilotlab_ingest_redelivered_messages_total", "Messages the MQTT broker sent again that ingest had handled"
 )
 MQTT_DISCONNECTS = Counter("pilotlab_ingest_mqtt_disconnects_total", "Connections to the MQTT broker lost or refused")
+READY = Gauge("pilotlab_ingest_ready", "1 when /readyz answers 200")
 PRODUCE_LATENCY = Histogram(
     "pilotlab_ingest_produce_seconds",
     "MQTT receive → Kafka confirm",
@@ -164,6 +166,12 @@ class IngestService:
         self.retries: list[tuple[float, str, bytes | None, bytes, _PendingAck]] = []  # (due, topic, key, value, ack)
         self.kafka_errors = ErrorLog(log, "Kafka")
         self.client = self._mqtt_client()
+        # /healthz: the Kafka poll loop beats, paho's network thread runs; /readyz: below
+        self.health = Health("ingest", ("mqtt_subscribed", "kafka_reachable"))
+        self.health.set("kafka_reachable", True)  # until librdkafka reports every broker down
+        self.health.watch("registry_loaded", self.registry.ready.is_set)
+        self.health.watch_thread("mqtt-network", lambda: getattr(self.client, "_thread", None))
+        READY.set_function(self.health.is_ready)
 
     # lifecycle ---------------------------------------------------------------------------
     def fatal(self, reason: str) -> None:
@@ -193,10 +201,12 @@ class IngestService:
         KAFKA_ERRORS.labels(err.name()).inc()
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             KAFKA_CONNECTED.set(0)
+            self.health.set("kafka_reachable", False)
         self.kafka_errors.failed(f"{err.name()}: {err.str()}; MQTT messages stay unacknowledged until it confirms")
 
     def kafka_confirmed(self) -> None:
         KAFKA_CONNECTED.set(1)
+        self.health.set("kafka_reachable", True)
         if self.kafka_errors.since is not None:
             self.kafka_errors.ok()
 
@@ -225,11 +235,13 @@ class IngestService:
             self.fatal(f"telemetry subscription refused: {reason_codes}")
             return
         SUBSCRIBED.set(1)
+        self.health.set("mqtt_subscribed", True)
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
         self.generation += 1
         if not self.stopping.is_set():
             SUBSCRIBED.set(0)
+            self.health.set("mqtt_subscribed", False)
             MQTT_DISCONNECTS.inc()
             log.warning("MQTT disconnected (%s); paho reconnects", reason_code)
 
@@ -288,6 +300,7 @@ class IngestService:
 
     def _poll_producer(self) -> None:
         while not self.stopping.is_set():
+            self.health.beat()
             self.producer.poll(0.1)
             if self.retries and self.retries[0][0] <= time.monotonic():
                 due, self.retries = self.retries, []
@@ -297,15 +310,18 @@ class IngestService:
 
     # run --------------------------------------------------------------------------------
     def run(self) -> int:
-        if self.settings.ingest_metrics_port:
-            start_http_server(self.settings.ingest_metrics_port, addr="0.0.0.0")
+        if self.settings.ingest_metrics_port:  # /metrics, /healthz, /readyz (pilotlab.health)
+            serve(self.settings.ingest_metrics_port, self.health, setting="PILOTLAB_INGEST_METRICS_PORT")
         self.registry.start()
+        self.health.beat()
         while not self.registry.ready.wait(30):  # Kafka down at start: wait for it, saying so
+            self.health.beat()  # alive, not ready
             if self.stopping.is_set():
                 return 0
             log.error("registry topic not read yet at %s; still waiting", self.settings.kafka_bootstrap)
         log.info("registry loaded: %d experiments", len(self.registry.registry.experiments))
         poller = threading.Thread(target=self._poll_producer, name="kafka-poll", daemon=True)
+        self.health.watch_thread("kafka-poll", lambda: poller)
         poller.start()
         self.client.max_inflight_messages_set(self.settings.ingest_max_inflight)
         # async: a broker that is down at start is retried by paho's loop, not an exit

@@ -22,6 +22,15 @@ from storage.sink import TOPICS as SINK_TOPICS
 SERVICE_NAMES = ("ingest", "streams", "sink")
 
 
+def _free_ports(names) -> list[tuple[str, int]]:
+    """A distinct free port for each name."""
+    ports: list[int] = []
+    while len(ports) < len(names):
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return list(zip(names, ports, strict=True))
+
+
 class ServiceError(RuntimeError):
     pass
 
@@ -32,14 +41,17 @@ class Services:
     def __init__(self, state: StackState, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.state = state
         self.log_dir = log_dir
-        self.metrics_port = free_port()
         self.env = {
             **os.environ,
             **state.env(),
-            "PILOTLAB_INGEST_METRICS_PORT": str(self.metrics_port),
+            # each service's /metrics, /healthz and /readyz (pilotlab.health), on a free port
+            **{f"PILOTLAB_{name.upper()}_METRICS_PORT": str(port) for name, port in _free_ports(SERVICE_NAMES)},
             "PILOTLAB_STREAMS_DATA_DIR": str(log_dir.parent / "streams"),
             **(env or {}),
         }
+        # what the services will use (``env`` may set its own)
+        self.ports = {name: int(self.env[f"PILOTLAB_{name.upper()}_METRICS_PORT"]) for name in SERVICE_NAMES}
+        self.metrics_port = self.ports["ingest"]
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, *names: str) -> Services:
@@ -64,6 +76,25 @@ class Services:
                 raise ServiceError(
                     f"{name} exited with code {proc.returncode}; see {self.log_dir / (name + '.log')}"
                 )
+
+    def url(self, name: str, path: str = "/metrics") -> str:
+        """A service's /metrics, /healthz or /readyz."""
+        return f"http://127.0.0.1:{self.ports[name]}{path}"
+
+    def wait_ready(self, *names: str, timeout: float = 90.0) -> None:
+        """Until each service's /readyz answers 200 (all running ones by default)."""
+        deadline = time.monotonic() + timeout
+        for name in names or tuple(self.procs):
+            while True:
+                self.check_alive()
+                with contextlib.suppress(OSError):
+                    if urllib.request.urlopen(self.url(name, "/readyz"), timeout=1).status == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise ServiceError(
+                        f"{name} not ready within {timeout:.0f} s; see {self.log_dir / (name + '.log')}"
+                    )
+                time.sleep(0.2)
 
     def wait_ingest_ready(self, timeout: float = 60.0) -> None:
         """Ingest is ready once the broker has acknowledged its telemetry subscription."""

@@ -62,6 +62,8 @@ class StreamsSettings(KafkaSettings):
     streams_app_id: str = "pilotlab-streams"
     streams_data_dir: str = ".pilotlab/streams"
     streams_web_port: int = Field(default=0, ge=0, le=65535, description="0: no web server")
+    # /metrics, /healthz, /readyz of the worker process (pilotlab.health); 0: off
+    streams_metrics_port: int = Field(default=9109, ge=0, le=65535, description="Prometheus; 0: off")
     streams_dedup_horizon_s: int = Field(
         default=6 * 3600,
         ge=60,
@@ -73,6 +75,13 @@ class StreamsSettings(KafkaSettings):
     # messages per chunk: each state key a chunk changes is written once (streams.checkpoint)
     streams_chunk_max: int = Field(default=1000, ge=1, le=100_000)
     streams_chunk_wait_ms: int = Field(default=300, ge=1, le=60_000, description="close a chunk after this wait")
+
+    @field_validator("streams_metrics_port")
+    @classmethod
+    def _not_the_web_port(cls, v: int, info) -> int:
+        if v and v == info.data.get("streams_web_port"):
+            raise ValueError("must differ from PILOTLAB_STREAMS_WEB_PORT (Faust's web server)")
+        return v
 
 
 def _pg_url(v: str | None) -> str | None:
@@ -87,6 +96,8 @@ class SinkSettings(KafkaSettings):
     sink_group: str = "pilotlab-sink"
     sink_batch_size: int = Field(default=5000, ge=1)
     sink_batch_wait_ms: int = Field(default=200, ge=0)
+    # /metrics, /healthz, /readyz of the sink process (pilotlab.health); 0: off
+    sink_metrics_port: int = Field(default=9110, ge=0, le=65535, description="Prometheus; 0: off")
     # TEST HOOK, never set in production: exit(137) right after the N-th database commit and
     # before its Kafka offset commit (the crash window the idempotent upserts must absorb)
     sink_fault_after_db_commit: int = Field(default=0, ge=0, description="test hook; 0: off")

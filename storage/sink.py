@@ -40,6 +40,7 @@ from pilotlab.errorlog import ErrorLog
 from pilotlab.manifest import Experiment
 from pilotlab.settings import SinkSettings
 from storage import writer
+from storage.metrics import DB_COMMIT_SECONDS, DB_RETRIES, OFFSET_COMMIT_FAILURES, SinkObserver
 from storage.migrate import installed_mode
 
 log = logging.getLogger("pilotlab.sink")
@@ -80,6 +81,7 @@ class Batch:
     experiments: dict[str, Experiment] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
+    undecodable: int = 0
 
     def add(self, msg: Message) -> None:
         ts_type, ts = msg.timestamp()
@@ -91,6 +93,7 @@ class Batch:
         try:
             self._decode(rec)
         except UNDECODABLE as exc:
+            self.undecodable += 1
             self.rejections.append(storage_refusal(rec, f"undecodable record: {type(exc).__name__}: {exc}"))
 
     def _decode(self, rec: Record) -> None:
@@ -197,6 +200,7 @@ class Sink:
         self.totals: dict[str, int] = defaultdict(int)
         self.db_commits = 0
         self.commit_failures = 0
+        self.observe = SinkObserver(settings)  # storage.metrics: /metrics, /healthz, /readyz
 
     def _consumer(self) -> Consumer:
         return Consumer(
@@ -216,8 +220,12 @@ class Sink:
         while True:
             try:
                 # autocommit: every write is inside an explicit conn.transaction()
-                return psycopg.connect(self.settings.database_url, connect_timeout=5, autocommit=True)
+                conn = psycopg.connect(self.settings.database_url, connect_timeout=5, autocommit=True)
+                self.observe.database(True)
+                return conn
             except psycopg.OperationalError as exc:
+                self.observe.database(False)
+                self.observe.health.beat()  # waiting for the database is alive, not ready
                 if self.stopping.is_set():
                     raise
                 log.warning("database unreachable (%s); retrying in %.1f s", str(exc).strip()[:120], delay)
@@ -229,6 +237,7 @@ class Sink:
         delay = 0.5
         while True:
             try:
+                started = time.perf_counter()
                 try:
                     counts = write_batch(conn, batch)
                 except REFUSED as exc:
@@ -237,11 +246,18 @@ class Sink:
                         len(batch.records),
                         type(exc).__name__,
                     )
+                    DB_RETRIES.labels("refused").inc()
+                    started = time.perf_counter()
                     counts = write_record_by_record(conn, batch)
+                DB_COMMIT_SECONDS.observe(time.perf_counter() - started)
                 for k, v in counts.items():
                     self.totals[k] += v
+                self.observe.stored(counts, batch.undecodable)
                 return conn
             except psycopg.OperationalError as exc:
+                DB_RETRIES.labels("unavailable").inc()
+                self.observe.database(False)
+                self.observe.health.beat()
                 log.warning("database write failed (%s); retrying the batch in %.1f s", str(exc).strip()[:120], delay)
                 conn.close()
                 time.sleep(delay)
@@ -266,6 +282,7 @@ class Sink:
             self.commit_failures = 0
         except KafkaException as exc:
             self.commit_failures += 1
+            OFFSET_COMMIT_FAILURES.inc()
             level = logging.WARNING if self.commit_failures < 5 else logging.ERROR
             log.log(
                 level,
@@ -278,7 +295,9 @@ class Sink:
 
     def run(self) -> None:
         consumer = self._consumer()
-        consumer.subscribe(list(TOPICS))
+        observe = self.observe
+        consumer.subscribe(list(TOPICS), on_assign=observe.on_assign, on_revoke=observe.on_revoke,
+                           on_lost=observe.on_revoke)  # fmt: skip
         conn = self._connect()
         mode = installed_mode(conn)
         log.info(
@@ -290,21 +309,26 @@ class Sink:
         errors = ErrorLog(log, "Kafka consumer")
         try:
             while not self.stopping.is_set():
+                observe.health.beat()
                 msgs = consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_wait_ms / 1000)
+                started = time.perf_counter()
                 batch = Batch()
                 for msg in msgs:
                     err = msg.error()
                     if err is not None:
                         if err.code() != KafkaError._PARTITION_EOF:
                             errors.failed(str(err))
+                            observe.kafka_error(err)
                         continue
                     batch.add(msg)
                 if not batch.offsets:
                     continue
                 errors.ok()
+                observe.consumed(batch.records)
                 conn = self._store(conn, batch)
                 self._after_db_commit()
                 self._commit(consumer, batch)
+                observe.done(batch.offsets, time.perf_counter() - started)
         finally:
             conn.close()
             consumer.close()
@@ -322,6 +346,7 @@ def _redact(url: str) -> str:
 
 def main(settings: SinkSettings) -> None:
     sink = Sink(settings)
+    sink.observe.serve()  # /metrics, /healthz, /readyz and the lag thread, in this process
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sink.stopping.set())
     sink.run()

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from pathlib import Path
 
 import faust
@@ -30,6 +31,7 @@ from pilotlab.kafka_admin import end_offsets
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
 from streams.checkpoint import Chunk, ChunkOut, run_chunk
+from streams.metrics import StreamsObserver
 
 log = logging.getLogger("pilotlab.streams")
 
@@ -255,6 +257,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
     status = app.topic(
         KafkaTopics.DEVICE_STATUS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
+    observer = StreamsObserver(app, state, registry, settings.kafka_bootstrap)  # streams.metrics
 
     async def experiment_for(experiment_id: str):
         waited = 0.0
@@ -312,7 +315,12 @@ def create_app(settings: StreamsSettings) -> faust.App:
                     batch = ReadingBatch.from_json(event.value)
                     messages.append((event.message.offset, batch, await experiment_for(batch.experiment_id)))
                 if messages:
-                    await write_chunk(partition, run_chunk(chunk, messages, horizon_ms=horizon_ms, memory=memory))
+                    started = time.perf_counter()
+                    out = run_chunk(chunk, messages, horizon_ms=horizon_ms, memory=memory)
+                    computed = time.perf_counter()
+                    await write_chunk(partition, out)
+                    observer.chunk(messages, out, computed - started, time.perf_counter() - computed)
+                observer.skipped(len(part) - len(messages))
 
     @app.on_partitions_assigned.connect
     async def log_assignment(app, assigned, **_kw) -> None:
@@ -320,6 +328,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
         log.info("assigned %s partitions: %s", KafkaTopics.READINGS, mine)
 
     app.pilotlab_registry = registry  # for tests
+    app.pilotlab_observer = observer
     return app
 
 
@@ -328,8 +337,14 @@ def main(settings: StreamsSettings) -> None:
 
     Path(settings.streams_data_dir).mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
+    observer = app.pilotlab_observer
+    observer.serve(settings.streams_metrics_port)  # /metrics, /healthz, /readyz and the lag thread
     # know every registered experiment before the first reading arrives (a daemon thread)
     app.pilotlab_registry.start()
-    if not app.pilotlab_registry.ready.wait(60):
+    for _ in range(60):
+        if app.pilotlab_registry.ready.wait(1):
+            break
+        observer.health.beat()  # waiting for Kafka is alive, not ready
+    else:
         raise SystemExit(f"could not read the registry topic at {settings.kafka_bootstrap}")
-    Worker(app, loglevel="INFO", quiet=True).execute_from_commandline()
+    Worker(app, observer.service(), loglevel="INFO", quiet=True).execute_from_commandline()

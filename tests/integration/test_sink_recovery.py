@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pilotlab.contracts import KafkaTopics, encode_kpis, to_ms
 from pilotlab.kafka_admin import end_offsets, group_lag
+from pilotlab.stack import free_port
 from storage.sink import TOPICS
 from tests.timescale.data import Dataset, build
 
@@ -65,6 +66,7 @@ def start_sink(stack_state, log: Path, group: str, **env: str) -> subprocess.Pop
         **stack_state.env(),
         "PILOTLAB_SINK_GROUP": group,
         "PILOTLAB_SINK_BATCH_SIZE": "5",
+        "PILOTLAB_SINK_METRICS_PORT": str(free_port()),
         **{f"PILOTLAB_{k.upper()}": v for k, v in env.items()},
     }
     with open(log, "ab") as fh:

@@ -31,6 +31,7 @@ from pilotlab import registry
 from pilotlab.contracts import DeviceStatus, KafkaTopics, ReadingBatch, telemetry_topic, to_ms, utcnow
 from pilotlab.manifest import Experiment
 from pilotlab.services import Services
+from pilotlab.stack import free_port
 from simulators.publisher import publish
 from streams.engine import window_start
 from streams.impact import estimate_impact
@@ -348,7 +349,11 @@ def test_two_workers_share_partitions_and_a_killed_one_recovers_without_double_c
         second_log = open(log_dir / "streams-2.log", "ab")  # noqa: SIM115
         second = subprocess.Popen(
             [sys.executable, "-m", "pilotlab", "run", "streams"],
-            env={**services.env, "PILOTLAB_STREAMS_DATA_DIR": str(log_dir / "streams-2")},
+            env={
+                **services.env,
+                "PILOTLAB_STREAMS_DATA_DIR": str(log_dir / "streams-2"),
+                "PILOTLAB_STREAMS_METRICS_PORT": str(free_port()),  # its own: the first worker has the other
+            },
             stdout=second_log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from pilotlab.health import Health, default_port, serve
+from pilotlab.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -184,3 +189,103 @@ def test_database_roles(compose: dict) -> None:
         assert var in script
     # healthy only once the initdb scripts are done (they run on a socket-only server)
     assert "127.0.0.1" in services["timescaledb"]["healthcheck"]["test"]
+
+
+# --- observability: health endpoints, Prometheus, its Grafana datasource ---------------------
+
+PROMETHEUS_FILE = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+PROMETHEUS_DATASOURCE_FILE = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
+SERVICES = ("ingest", "streams", "sink")
+
+
+def _metrics_port(compose: dict, name: str) -> int:
+    """The port the service serves /metrics, /healthz and /readyz on: its setting in the
+    compose environment, else the settings' default."""
+    env = _env(compose["services"][name])
+    return int(env.get(f"PILOTLAB_{name.upper()}_METRICS_PORT") or default_port(name))
+
+
+def test_services_have_healthchecks_on_their_health_endpoints(compose: dict) -> None:
+    """Each service's healthcheck runs pilotlab.health (the image has python, no curl or wget),
+    which asks /healthz and /readyz on the service's own port; the port is published on
+    loopback only, so `curl localhost:PORT/metrics` works from the host."""
+    for name in SERVICES:
+        svc = compose["services"][name]
+        hc = svc["healthcheck"]
+        assert hc["test"] == ["CMD", "python", "-m", "pilotlab.health", name], name
+        for key in ("interval", "timeout", "retries", "start_period"):
+            assert key in hc, f"{name}: healthcheck without {key}"
+        port = _metrics_port(compose, name)
+        published = [p for p in svc.get("ports", []) if str(p).endswith(f":{port}")]
+        assert len(published) == 1 and str(published[0]).startswith("127.0.0.1:"), f"{name}: {svc.get('ports')}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "FROM python:" in dockerfile  # what the healthcheck runs; no curl/wget is installed
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_the_healthcheck_command_follows_the_endpoints(compose: dict, name: str) -> None:
+    """The compose healthcheck command itself, against a live pilotlab.health server on the
+    service's port setting: 0 when alive and ready, 1 when not ready, 1 when not alive."""
+    health = Health(name, ("connected",))
+    port = free_port()
+    server = serve(port, health, setting="test", addr="127.0.0.1")
+    cmd = compose["services"][name]["healthcheck"]["test"][1:]  # after "CMD"
+    assert cmd[0] == "python"
+    env = {**os.environ, f"PILOTLAB_{name.upper()}_METRICS_PORT": str(port)}
+
+    def run() -> int:
+        proc = subprocess.run(
+            [sys.executable, *cmd[1:]], env=env, cwd=ROOT, capture_output=True, timeout=30, check=False
+        )
+        return proc.returncode
+
+    try:
+        assert run() == 1  # alive, not ready
+        health.set("connected", True)
+        assert run() == 0
+        health.stale_after_s = -1  # the loop stopped beating
+        assert run() == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_prometheus_scrapes_the_three_services(compose: dict) -> None:
+    services = compose["services"]
+    prom = services["prometheus"]
+    assert prom["image"].startswith("prom/prometheus:v")
+    mounts = dict(v.split(":")[:2] for v in prom["volumes"] if v.startswith("./"))
+    assert mounts["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+    assert prom["healthcheck"]["test"][:2] == ["CMD", "wget"] and "/-/ready" in prom["healthcheck"]["test"][-1]
+    assert str(prom["ports"][0]).startswith("127.0.0.1:")
+
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    interval = config["global"]["scrape_interval"]
+    scraped = {}
+    for job in config["scrape_configs"]:
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+        for static in job["static_configs"]:
+            for target in static["targets"]:
+                host, _, port = target.partition(":")
+                scraped[host] = int(port)
+    for name in SERVICES:
+        assert scraped.get(name) == _metrics_port(compose, name), f"Prometheus scrapes {name} on {scraped.get(name)}"
+        assert name in services
+
+    # Grafana's datasource is this Prometheus, with its scrape interval
+    ds_doc = yaml.safe_load(PROMETHEUS_DATASOURCE_FILE.read_text())
+    assert ds_doc["apiVersion"] == 1
+    (ds,) = ds_doc["datasources"]
+    assert ds["uid"] == "pilotlab-prometheus" and ds["type"] == "prometheus"
+    assert ds["url"] == "http://prometheus:9090" and ds["access"] == "proxy"
+    assert ds["jsonData"]["timeInterval"] == interval
+    defaults = [
+        d["uid"]
+        for path in DATASOURCE_FILE.parent.glob("*.y*ml")
+        for d in yaml.safe_load(path.read_text())["datasources"]
+        if d.get("isDefault")
+    ]
+    assert defaults == ["pilotlab-db"], "exactly one default datasource"
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in services["grafana"]["volumes"]
+    assert "prometheus-data" in (compose.get("volumes") or {})

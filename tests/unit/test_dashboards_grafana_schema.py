@@ -233,3 +233,12 @@ def test_a_row_and_its_collapsed_panels_are_checked(models):
     inner["id"] = 7
     paths = {(f.path, f.check) for f in findings(model)}
     assert paths == {("panels[5].panels[0].options", "schema"), ("panels[5].panels[0].options", "panel-options")}
+
+
+def test_the_lag_panel_needs_the_provisioned_prometheus(models):
+    """The pipeline's consumer-lag panel reads the Prometheus docker-compose provisions; without
+    that datasource the validation names the panel."""
+    assert {"pilotlab-db", "pilotlab-prometheus"} <= provisioned_datasource_uids()
+    problems = validate.problems(models["pilotlab-pipeline"], {"pilotlab-db"})
+    assert problems and all("pilotlab-prometheus" in p for p in problems)
+    assert any("Consumer lag per partition" in p for p in problems)

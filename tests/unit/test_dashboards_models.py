@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dashboards import build as dbuild
-from dashboards.checks import result_problems, stat_fields, targets
-from dashboards.sdk import DATASOURCE_UID
+from dashboards.checks import prom_metric_names, prom_targets, result_problems, stat_fields, targets
+from dashboards.sdk import DATASOURCE_UID, PROMETHEUS_UID
 
 REPO = Path(__file__).resolve().parents[2]
 PROVISIONED = REPO / "deploy" / "grafana" / "dashboards"
@@ -45,7 +45,12 @@ def test_every_query_uses_the_provisioned_datasource_and_the_right_format(models
         ids = [p["id"] for p in model["panels"]]
         assert ids == list(range(1, len(ids) + 1))
         for panel, target in targets(model):
-            assert panel["datasource"]["uid"] == target["datasource"]["uid"] == DATASOURCE_UID
+            assert panel["datasource"]["uid"] == target["datasource"]["uid"]
+            if target["datasource"]["uid"] == PROMETHEUS_UID:  # the services' own metrics
+                assert target["datasource"]["type"] == "prometheus" and target["expr"].strip(), panel["title"]
+                assert panel["type"] == "timeseries" and target["format"] == "time_series", panel["title"]
+                continue
+            assert target["datasource"]["uid"] == DATASOURCE_UID
             assert target["rawQuery"] is True and target["rawSql"].strip()
             want = "time_series" if panel["type"] == "timeseries" else "table"
             assert target["format"] == want, panel["title"]
@@ -142,3 +147,20 @@ def test_impact_panels_show_verdict_devices_warnings_and_the_scale(models):
     for panel in (overview, detail["Impact with its 95% confidence interval"], detail["Impact warnings"]):
         names = [o["matcher"]["options"] for o in panel["fieldConfig"]["overrides"]]
         assert "verdict" in names, panel["title"]
+
+
+def test_pipeline_lag_comes_from_the_services_metrics(models):
+    """Consumer lag per partition from Prometheus (the streams worker's and the sink's lag
+    gauges), not the database proxy it replaced (received_at − ts); the integration test
+    test_service_metrics checks that the services export these names."""
+    pipeline = models["pilotlab-pipeline"]
+    queries = list(prom_targets(pipeline))
+    assert {p["title"] for p, _ in queries} == {"Consumer lag per partition (records)"}
+    read = set().union(*(prom_metric_names(t["expr"]) for _, t in queries))
+    assert read == {"pilotlab_streams_lag_records", "pilotlab_sink_lag_records"}
+    assert all("by (topic, partition)" in t["expr"] and "{{partition}}" in t["legendFormat"] for _, t in queries)
+    assert not [t for _, t in targets(pipeline) if "received_at - ts" in t.get("rawSql", "")]
+    # every other dashboard stays on the database
+    for uid, model in models.items():
+        if uid != "pilotlab-pipeline":
+            assert not list(prom_targets(model)), uid
