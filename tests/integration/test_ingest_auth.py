@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -253,7 +254,7 @@ def test_credentials_files_for_an_external_broker(stack_state, tmp_path: Path):
     }
     out = tmp_path / "auth"
     result = subprocess.run(
-        ["python3", "-m", "pilotlab", "credentials", "files", "--out", str(out), "--show", exp.devices[0].id],
+        [sys.executable, "-m", "pilotlab", "credentials", "files", "--out", str(out), "--show", exp.devices[0].id],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
