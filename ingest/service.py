@@ -15,7 +15,7 @@ import time
 
 import orjson
 import paho.mqtt.client as mqtt
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -171,6 +171,7 @@ class IngestService:
         self.health.set("kafka_reachable", True)  # until librdkafka reports every broker down
         self.health.watch("registry_loaded", self.registry.ready.is_set)
         self.health.watch_thread("mqtt-network", lambda: getattr(self.client, "_thread", None))
+        self._next_kafka_probe = 0.0
         READY.set_function(self.health.is_ready)
 
     # lifecycle ---------------------------------------------------------------------------
@@ -301,12 +302,25 @@ class IngestService:
     def _poll_producer(self) -> None:
         while not self.stopping.is_set():
             self.health.beat()
+            self._probe_kafka()
             self.producer.poll(0.1)
             if self.retries and self.retries[0][0] <= time.monotonic():
                 due, self.retries = self.retries, []
                 for _due, topic, key, value, pending in due:
                     REPRODUCED.inc()
                     self._produce(topic, key, value, pending)
+
+    def _probe_kafka(self) -> None:
+        """After every broker was reported down, ask for metadata every 5 s until one answers:
+        /readyz recovers without traffic (a confirmed record also clears it)."""
+        if self.health.condition("kafka_reachable") or time.monotonic() < self._next_kafka_probe:
+            return
+        self._next_kafka_probe = time.monotonic() + 5.0
+        try:
+            self.producer.list_topics(timeout=2)
+        except KafkaException:
+            return
+        self.health.set("kafka_reachable", True)
 
     # run --------------------------------------------------------------------------------
     def run(self) -> int:

@@ -15,12 +15,15 @@ rebalance), and the Kafka client does not report every broker down.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import Counter as Tally
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
+from pilotlab.errorlog import ErrorLog
 from pilotlab.health import Health, serve
 from pilotlab.lag import LagMonitor
 from pilotlab.settings import SinkSettings
@@ -89,6 +92,8 @@ class SinkObserver:
         self._assigned: frozenset[Partition] = frozenset()
         self._positions: dict[Partition, int] = {}
         self._offsets: Consumer | None = None  # the lag thread's, for committed offsets
+        self._next_probe = 0.0
+        self._client_errors = ErrorLog(logging.getLogger("pilotlab.sink"), "Kafka client")
         READY.set_function(self.health.is_ready)
         SINCE_BEAT.set_function(self.health.since_beat)
 
@@ -98,7 +103,7 @@ class SinkObserver:
             self._assigned = frozenset((tp.topic, tp.partition) for tp in partitions)
         ASSIGNED.set(len(partitions))
         self.health.set("partitions_assigned", True)
-        self.health.set("kafka_reachable", True)
+        self._reachable()
 
     def on_revoke(self, _consumer, partitions) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
@@ -110,14 +115,35 @@ class SinkObserver:
 
     # the sink's loop ---------------------------------------------------------------------------------
     def kafka_error(self, err) -> None:
+        """An error consume() returned (the sink logs those itself)."""
         KAFKA_ERRORS.labels(err.name()).inc()
-        from confluent_kafka import KafkaError  # noqa: PLC0415
 
+    def client_error(self, err) -> None:
+        """librdkafka's error_cb (in the sink's thread, inside consume): client-wide errors."""
+        KAFKA_ERRORS.labels(err.name()).inc()
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self.health.set("kafka_reachable", False)
+        self._client_errors.failed(f"{err.name()}: {err.str()}")
+
+    def _reachable(self) -> None:
+        self.health.set("kafka_reachable", True)
+        if self._client_errors.since is not None:
+            self._client_errors.ok()
+
+    def probe_kafka(self, consumer) -> None:
+        """After every broker was reported down, ask for metadata every 5 s until one answers:
+        /readyz recovers without traffic or a rebalance (a consumed record also clears it)."""
+        if self.health.condition("kafka_reachable") or time.monotonic() < self._next_probe:
+            return
+        self._next_probe = time.monotonic() + 5.0
+        try:
+            consumer.list_topics(timeout=2)
+        except KafkaException:
+            return
+        self._reachable()
 
     def consumed(self, records) -> None:
-        self.health.set("kafka_reachable", True)
+        self._reachable()
         for topic, n in Tally(r.topic for r in records).items():
             RECORDS_IN.labels(topic).inc(n)
         BATCH_RECORDS.observe(len(records))

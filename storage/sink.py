@@ -212,6 +212,8 @@ class Sink:
                 "session.timeout.ms": self.settings.kafka_session_timeout_ms,
                 "heartbeat.interval.ms": max(500, self.settings.kafka_session_timeout_ms // 6),
                 "fetch.wait.max.ms": self.settings.kafka_fetch_wait_ms,
+                # client-wide errors (every broker down...): counted, and /readyz (storage.metrics)
+                "error_cb": self.observe.client_error,
             }
         )
 
@@ -310,6 +312,7 @@ class Sink:
         try:
             while not self.stopping.is_set():
                 observe.health.beat()
+                observe.probe_kafka(consumer)
                 msgs = consumer.consume(self.settings.sink_batch_size, self.settings.sink_batch_wait_ms / 1000)
                 started = time.perf_counter()
                 batch = Batch()

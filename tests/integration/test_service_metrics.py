@@ -223,3 +223,29 @@ def test_metrics_show_records_lag_and_readiness(stack_state, stack):
         wait_for(back, 60, "the restarted sink ready on its port")
         assert services.procs["sink"].poll() is None, "the supervisor itself stays"
         assert child_pid(services.procs["sink"].pid) not in (None, sink_child)
+
+
+def test_ready_again_after_kafka_returns_without_traffic(stack_state, stack):
+    """Kafka killed -9: ingest and the sink say not ready (every broker down) while alive; after
+    `stack up` they are ready again by themselves, with no record flowing (a metadata probe)."""
+    with Services(stack_state, stack.logs / "services-metrics-kafka").start("ingest", "sink") as services:
+        services.wait_ready("ingest", "sink")
+        assert stack.stop_service("kafka", kill=True)
+        try:
+
+            def unready() -> bool | str:
+                said = {n: get(services.url(n, "/readyz"), 1) for n in ("ingest", "sink")}
+                if all(s == 503 and '"kafka_reachable": false' in body for s, body in said.values()):
+                    return True
+                return str(said)
+
+            wait_for(unready, 60, "ingest and sink not ready with Kafka down")
+            for n in ("ingest", "sink"):
+                assert get(services.url(n, "/healthz"))[0] == 200, n
+        finally:
+            stack.up()
+        wait_for(
+            lambda: all(get(services.url(n, "/readyz"), 1)[0] == 200 for n in ("ingest", "sink")) or "not yet",
+            90,
+            "ingest and sink ready again after Kafka came back",
+        )

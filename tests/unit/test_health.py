@@ -10,12 +10,15 @@ import urllib.error
 import urllib.request
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pilotlab.health import Health, serve
 from pilotlab.lag import LagMonitor
+from pilotlab.settings import SinkSettings
 from pilotlab.stack import free_port
 from pilotlab.supervisor import Supervisor
+from storage import metrics
 
 
 class Clock:
@@ -214,3 +217,39 @@ def test_lag_thread_updates_in_the_background() -> None:
         assert registry.get_sample_value("lag_records", {"topic": "t", "partition": "0"}) == 7
     finally:
         mon.stop()
+
+
+# --- the sink's readiness after a Kafka outage --------------------------------------------------
+
+
+def test_sink_ready_again_after_every_broker_was_down_without_traffic(monkeypatch) -> None:
+    """all-brokers-down makes /readyz 503; once a metadata request answers (asked at most every
+    5 s, from the sink's own loop) it is 200 again, even with nothing to consume."""
+    obs = metrics.SinkObserver(SinkSettings(kafka_bootstrap="127.0.0.1:1", database_url="postgresql://w@h/db"))
+    obs.database(True)
+    obs.on_assign(None, [])
+    assert obs.health.ready()[0] is True
+    obs.client_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+    assert obs.health.ready()[1]["conditions"]["kafka_reachable"] is False
+
+    class Consumer:
+        up = False
+        asked = 0
+
+        def list_topics(self, timeout):
+            self.asked += 1
+            if not self.up:
+                raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+    clock = Clock()
+    monkeypatch.setattr(metrics.time, "monotonic", clock)
+    consumer = Consumer()
+    obs.probe_kafka(consumer)
+    obs.probe_kafka(consumer)  # within 5 s: not asked again
+    assert consumer.asked == 1 and obs.health.ready()[0] is False
+    consumer.up = True
+    clock.t += 5
+    obs.probe_kafka(consumer)
+    assert consumer.asked == 2 and obs.health.ready()[0] is True
+    obs.probe_kafka(consumer)  # reachable: nothing asked
+    assert consumer.asked == 2
