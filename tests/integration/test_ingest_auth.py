@@ -1,15 +1,20 @@
 """Device authorisation against the real broker and the real ingest service:
 
-- the embedded Mosquitto refuses anonymous clients and wrong passwords;
+- the embedded broker refuses anonymous clients and wrong passwords;
 - a manifest applied while the broker runs gets working device credentials (SIGHUP reload);
-- a device publishing into another experiment's topic is refused by the broker (MQTT 5
-  PUBACK "Not authorized") and never reaches ingest;
+- a device publishing into another experiment's topic is refused by the broker (Mosquitto:
+  MQTT 5 PUBACK "Not authorized"; amqtt, MQTT 3.1.1 only, acknowledges and drops it) and
+  never reaches ingest;
 - with a broker that enforces no ACL, the same spoof is refused by ingest as
   ``device_not_in_experiment``: in the dead-letter topic and on the device's feedback topic.
+
+The stack here is the one the machine gives (Mosquitto when installed, else amqtt);
+tests/integration/test_fallback.py runs these tests again on amqtt and embedded PostgreSQL.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -29,29 +34,29 @@ from pilotlab import credentials, registry
 from pilotlab.contracts import KafkaTopics, Reason, feedback_topic, telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.services import Services
-from pilotlab.stack import find_mosquitto, free_port, port_answers
+from pilotlab.stack import AMQTT_SCRIPT, StackState, free_port, port_answers
 from tests.integration.test_end_to_end import make_experiment
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(find_mosquitto() is None, reason="ACLs need Mosquitto (amqtt fallback is anonymous)"),
-]
+pytestmark = pytest.mark.integration
 
 
 # --- helpers shared with test_ingest_replicas.py ------------------------------------------------
 
 
 class Mqtt5:
-    """A small MQTT 5 client that records CONNACK, PUBACK reason codes and messages."""
+    """A small MQTT client (MQTT 5 unless told) that records CONNACK, PUBACK reason codes and
+    messages."""
 
-    def __init__(self, host: str, port: int, username: str | None, password: str | None) -> None:
+    def __init__(
+        self, host: str, port: int, username: str | None, password: str | None, protocol: int = mqtt.MQTTv5
+    ) -> None:
         self.connack = None
         self.pubacks: dict[int, str] = {}
         self.messages: list[tuple[str, bytes]] = []
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"test-{uuid.uuid4().hex[:10]}",
-            protocol=mqtt.MQTTv5,
+            protocol=protocol,
         )
         if username:
             self.client.username_pw_set(username, password)
@@ -86,11 +91,13 @@ def wait_until(check, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def connect_when_reloaded(host: str, port: int, user: str, password: str, timeout: float = 30) -> Mqtt5:
-    """Mosquitto reloads its files asynchronously after SIGHUP: retry until accepted."""
+def connect_when_reloaded(  # noqa: PLR0917 - a test helper
+    host: str, port: int, user: str, password: str, timeout: float = 30, protocol: int = mqtt.MQTTv5
+) -> Mqtt5:
+    """The broker reloads its files asynchronously after SIGHUP: retry until accepted."""
     deadline = time.monotonic() + timeout
     while True:
-        client = Mqtt5(host, port, user, password)
+        client = Mqtt5(host, port, user, password, protocol)
         if not client.connack.is_failure:
             return client
         client.close()
@@ -143,6 +150,16 @@ def reading(seq: int) -> bytes:
     return orjson.dumps({"seq": seq, "ts": to_ms(utcnow()) - 1000, "metrics": {"no2": 30.0 + seq}})
 
 
+def broker_kind(state: StackState) -> str:
+    """mosquitto or amqtt: the stack's MQTT broker."""
+    return state.parts["mqtt"]["kind"]
+
+
+def protocol_for(state: StackState) -> int:
+    """MQTT 5 where the broker speaks it (Mosquitto); amqtt 0.12 speaks 3.1.1 only."""
+    return mqtt.MQTTv5 if broker_kind(state) == "mosquitto" else mqtt.MQTTv311
+
+
 # --- the tests ---------------------------------------------------------------------------------
 
 
@@ -150,7 +167,7 @@ def test_anonymous_and_wrong_passwords_are_refused(stack_state):
     ep = MqttEndpoint.parse(stack_state.mqtt_url)
     assert ep.username == credentials.LAB_USER and ep.password
     for user, password in ((None, None), (ep.username, "wrong"), ("ghost-device", "x")):
-        client = Mqtt5(ep.host, ep.port, user, password)
+        client = Mqtt5(ep.host, ep.port, user, password, protocol_for(stack_state))
         try:
             assert client.connack.is_failure, f"{user!r} was let in"
         finally:
@@ -163,18 +180,23 @@ def test_broker_refuses_a_device_writing_into_another_experiment(stack_state, st
     registry.publish(stack_state.kafka_bootstrap, [mine, theirs])
     # what `pilotlab experiments apply` does after publishing: files rewritten, SIGHUP
     current = registry.read_all(stack_state.kafka_bootstrap)
-    credentials.sync_stack(stack.data_dir, stack_state.services["mqtt"].pid, current.experiments.values())
+    credentials.sync_stack(
+        stack.data_dir, stack_state.services["mqtt"].pid, current.experiments.values(), broker=broker_kind(stack_state)
+    )
     ep = MqttEndpoint.parse(stack_state.mqtt_url)
     device = mine.devices[0].id
     password = credentials.stack_device_password(stack.data_dir, device)
+    # MQTT 5 lets Mosquitto say no in the PUBACK; MQTT 3.1.1 (amqtt) has no way to: it
+    # acknowledges and drops, and what reaches Kafka and ingest below is the proof
+    refused = "Not authorized" if broker_kind(stack_state) == "mosquitto" else "Success"
 
     with Services(stack_state, stack.logs / "services-acl").start("ingest") as services:
         services.wait_ingest_ready()
-        dev = connect_when_reloaded(ep.host, ep.port, device, password)
+        dev = connect_when_reloaded(ep.host, ep.port, device, password, protocol=protocol_for(stack_state))
         try:
-            assert dev.publish(telemetry_topic(theirs.id, device), reading(1)) == "Not authorized"
-            assert dev.publish(telemetry_topic(mine.id, theirs.devices[0].id), reading(2)) == "Not authorized"
-            assert dev.publish(feedback_topic(mine.id, device), b"{}") == "Not authorized"
+            assert dev.publish(telemetry_topic(theirs.id, device), reading(1)) == refused
+            assert dev.publish(telemetry_topic(mine.id, theirs.devices[0].id), reading(2)) == refused
+            assert dev.publish(feedback_topic(mine.id, device), b"{}") == refused
             assert dev.publish(telemetry_topic(mine.id, device), reading(3)) == "Success"
         finally:
             dev.close()
@@ -192,13 +214,20 @@ def test_broker_refuses_a_device_writing_into_another_experiment(stack_state, st
 
 
 @pytest.fixture
-def open_broker(tmp_path: Path):
-    """A Mosquitto with anonymous access and no ACL: what ingest must defend against alone."""
+def open_broker(tmp_path: Path, stack_state: StackState):
+    """A broker of the stack's kind (Mosquitto or amqtt) with anonymous access and no ACL:
+    what ingest must defend against alone."""
     port = free_port()
-    conf = tmp_path / "open.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    if broker_kind(stack_state) == "mosquitto":
+        conf = tmp_path / "open.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        argv = [stack_state.services["mqtt"].binary, "-c", str(conf)]
+    else:
+        conf = tmp_path / "open.json"
+        conf.write_text(json.dumps({"listeners": {"default": {"bind": f"127.0.0.1:{port}"}}, "anonymous": True}))
+        argv = [sys.executable, AMQTT_SCRIPT, "--config", str(conf)]
     log = open(tmp_path / "open.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: port_answers(port), 20, "open broker not answering")
         yield port
@@ -220,7 +249,7 @@ def test_with_the_broker_acl_off_ingest_refuses_the_spoof_and_tells_the_device(s
     env = {"PILOTLAB_MQTT_URL": f"mqtt://127.0.0.1:{open_broker}", "PILOTLAB_INGEST_CLIENT_ID": "ingest-open"}
     with Services(stack_state, stack.logs / "services-open", env).start("ingest") as services:
         services.wait_ingest_ready()
-        dev = Mqtt5("127.0.0.1", open_broker, None, None)
+        dev = Mqtt5("127.0.0.1", open_broker, None, None, protocol_for(stack_state))
         try:
             dev.subscribe(feedback_topic(theirs.id, device))
             assert dev.publish(telemetry_topic(theirs.id, device), reading(1)) == "Success"  # the broker lets it in
@@ -254,6 +283,7 @@ def test_credentials_files_for_an_external_broker(stack_state, tmp_path: Path):
     }
     out = tmp_path / "auth"
     result = subprocess.run(
+        # the running interpreter: a bare python3 is whatever the machine has, maybe without pilotlab
         [sys.executable, "-m", "pilotlab", "credentials", "files", "--out", str(out), "--show", exp.devices[0].id],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip

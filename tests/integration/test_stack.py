@@ -73,7 +73,8 @@ def test_busy_port_is_a_one_line_error(tmp_path: Path):
 
 
 def test_missing_binary_says_what_to_install(tmp_path: Path):
-    env = {**os.environ, "PILOTLAB_PG_BINDIR": str(tmp_path / "no-such-dir")}
+    # auto: the system's PostgreSQL is looked for (a forced fallback would not look)
+    env = {**os.environ, "PILOTLAB_PG_BINDIR": str(tmp_path / "no-such-dir"), "PILOTLAB_STACK_POSTGRES": "auto"}
     data = tmp_path / "nobin"
     try:
         result = subprocess.run(

@@ -30,7 +30,13 @@ def test_ingest_subscribes_plainly_only_on_a_mosquitto_with_the_share_bug(tmp_pa
 
 
 def test_another_broker_keeps_the_shared_subscription(tmp_path) -> None:
-    assert stack.ingest_env(str(tmp_path / "amqtt")) == {}
+    assert stack.ingest_env(str(tmp_path / "some-broker")) == {}
+
+
+def test_on_amqtt_ingest_subscribes_plainly() -> None:
+    """amqtt has no shared subscriptions: ``$share/...`` would be a literal filter (refused by
+    its ACL), so ingest subscribes plainly, one replica (pilotlab/amqtt_broker.py)."""
+    assert stack.ingest_env(stack.AMQTT_SCRIPT) == {"PILOTLAB_INGEST_SHARE_GROUP": ""}
 
 
 def test_the_memory_or_durable_choice_is_checked() -> None:
