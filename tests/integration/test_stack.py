@@ -39,6 +39,10 @@ def test_stack_lifecycle(tmp_path: Path):
             "PILOTLAB_DATABASE_READER_URL",  # report, plan
         }
         assert first["database_mode"] == "postgresql"
+        # which program runs each part with a fallback, and why (the system's, else PyPI's)
+        assert first["parts"]["mqtt"]["kind"] in ("mosquitto", "amqtt")
+        assert first["parts"]["postgres"]["kind"] in ("system", "embedded")
+        assert all(part["why"] for part in first["parts"].values())
         pids = {name: svc["pid"] for name, svc in first["services"].items()}
 
         again = json.loads(cli("up", "--json", data_dir=data).stdout)
@@ -68,7 +72,7 @@ def test_busy_port_is_a_one_line_error(tmp_path: Path):
         finally:
             cli("down", data_dir=data)
     assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("note:")]  # fallbacks say so
     assert lines == [f"error: kafka: port {busy} on 127.0.0.1 is in use; free it or choose another port"]
 
 
