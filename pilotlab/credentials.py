@@ -280,11 +280,26 @@ def stack_auth_dir(data_dir: Path) -> Path:
     return data_dir / "mosquitto"
 
 
+def stack_broker(data_dir: Path) -> str:
+    """The MQTT broker the stack in ``data_dir`` runs (its state.json): mosquitto or amqtt."""
+    try:
+        state = json.loads((data_dir / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return "mosquitto"
+    kind = state.get("parts", {}).get("mqtt", {}).get("kind")
+    if kind is None:  # a state file from before the fallbacks
+        binary = state.get("services", {}).get("mqtt", {}).get("binary", "")
+        kind = "amqtt" if binary.endswith("amqtt_broker.py") else "mosquitto"
+    return kind
+
+
 def sync_stack(
-    data_dir: Path, mosquitto_pid: int | None, experiments: Iterable[Experiment], broker: str = "mosquitto"
+    data_dir: Path, mosquitto_pid: int | None, experiments: Iterable[Experiment], broker: str | None = None
 ) -> list[DeviceAccount]:
     """Regenerate the embedded broker's files from these experiments and reload it (SIGHUP
-    to ``mosquitto_pid``: the stack's Mosquitto, or its amqtt with ``broker="amqtt"``)."""
+    to ``mosquitto_pid``: the stack's Mosquitto or amqtt; ``broker``: which, default what the
+    stack in ``data_dir`` runs)."""
+    broker = broker or stack_broker(data_dir)
     if broker not in BROKERS:
         raise CredentialsError(f"unknown broker {broker!r}: {' or '.join(BROKERS)}")
     directory = stack_auth_dir(data_dir)

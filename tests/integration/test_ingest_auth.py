@@ -34,7 +34,7 @@ from pilotlab import credentials, registry
 from pilotlab.contracts import KafkaTopics, Reason, feedback_topic, telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.services import Services
-from pilotlab.stack import AMQTT_SCRIPT, StackState, free_port, port_answers
+from pilotlab.stack import AMQTT_SCRIPT, StackError, StackState, choose_mqtt, free_port, port_answers, wanted_parts
 from tests.integration.test_end_to_end import make_experiment
 
 pytestmark = pytest.mark.integration
@@ -43,13 +43,24 @@ pytestmark = pytest.mark.integration
 # --- helpers shared with test_ingest_replicas.py ------------------------------------------------
 
 
+def default_protocol() -> int:
+    """MQTT 5 for the broker this machine's stack runs when it speaks it (Mosquitto); 3.1.1 for
+    amqtt (the same choice as the ``stack`` fixture's ``Stack.up()``)."""
+    (wanted, source), _ = wanted_parts()
+    try:
+        return mqtt.MQTTv5 if choose_mqtt(wanted, source).kind == "mosquitto" else mqtt.MQTTv311
+    except StackError:
+        return mqtt.MQTTv5
+
+
 class Mqtt5:
-    """A small MQTT client (MQTT 5 unless told) that records CONNACK, PUBACK reason codes and
-    messages."""
+    """A small MQTT client (MQTT 5 where the broker speaks it) that records CONNACK, PUBACK
+    reason codes and messages."""
 
     def __init__(
-        self, host: str, port: int, username: str | None, password: str | None, protocol: int = mqtt.MQTTv5
+        self, host: str, port: int, username: str | None, password: str | None, protocol: int | None = None
     ) -> None:
+        protocol = default_protocol() if protocol is None else protocol
         self.connack = None
         self.pubacks: dict[int, str] = {}
         self.messages: list[tuple[str, bytes]] = []
@@ -92,7 +103,7 @@ def wait_until(check, timeout: float, what: str) -> None:
 
 
 def connect_when_reloaded(  # noqa: PLR0917 - a test helper
-    host: str, port: int, user: str, password: str, timeout: float = 30, protocol: int = mqtt.MQTTv5
+    host: str, port: int, user: str, password: str, timeout: float = 30, protocol: int | None = None
 ) -> Mqtt5:
     """The broker reloads its files asynchronously after SIGHUP: retry until accepted."""
     deadline = time.monotonic() + timeout
