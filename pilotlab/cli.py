@@ -408,12 +408,21 @@ def credentials_show(
         return
     for k, v in doc.items():
         typer.echo(f"{k:14} {v}")
+    import shutil  # noqa: PLC0415
+
+    message = '[{"n": "METRIC", "v": VALUE}]'
+    if shutil.which("mosquitto_pub"):
+        send = (f"mosquitto_pub -h {ep.host} -p {ep.port} -u {device_id} -P '{password}' -q 1 "
+                f"-t {account.telemetry} -m '{message}'")  # fmt: skip
+        read = f"mosquitto_sub -h {ep.host} -p {ep.port} -u {device_id} -P '{password}' -t {account.feedback}"
+    else:  # no mosquitto-clients: amqtt's clients, installed with pilotlab
+        bindir = Path(sys.executable).parent
+        url = f"mqtt://{device_id}:{password}@{ep.host}:{ep.port}"
+        send = f"{bindir / 'amqtt_pub'} --url '{url}' -q 1 -t {account.telemetry} -m '{message}'"
+        read = f"{bindir / 'amqtt_sub'} --url '{url}' -q 1 -t {account.feedback}"
     typer.echo(
-        f"\nsend (METRIC from the metric table, VALUE in its unit; SenML, time = now):\n"
-        f"  mosquitto_pub -h {ep.host} -p {ep.port} -u {device_id} -P '{password}' -q 1 "
-        f"-t {account.telemetry} -m '[{{\"n\": \"METRIC\", \"v\": VALUE}}]'\n"
-        f"read refusals:\n  mosquitto_sub -h {ep.host} -p {ep.port} -u {device_id} -P '{password}' "
-        f"-t {account.feedback}"
+        f"\nsend (METRIC from the metric table, VALUE in its unit; SenML, time = now):\n  {send}\n"
+        f"read refusals:\n  {read}"
     )
 
 
