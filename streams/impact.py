@@ -89,6 +89,10 @@ WARNINGS: dict[str, str] = {
 _CELL = {"b1": 1, "b2": 3, "i": 5}
 
 
+def _empty_row(group: str) -> list:
+    return [group, 0, 0.0, 0, 0.0, 0, 0.0]
+
+
 def initialize() -> dict:
     return {"t": None, "d": {}}
 
@@ -142,7 +146,7 @@ def add(state: dict, design_: Design, device_id: str, group: str, ts_ms: int, va
         return state
     row = state["d"].get(device_id)
     if row is None:
-        row = state["d"][device_id] = [group, 0, 0.0, 0, 0.0, 0, 0.0]
+        row = state["d"][device_id] = _empty_row(group)
     i = _CELL[cell]
     row[i] += 1
     row[i + 1] += value
@@ -157,7 +161,7 @@ def state_from_cells(cells: Iterable) -> dict:
     total). The newest reading time is not known from totals (``t`` stays None)."""
     state: dict = {"t": None, "d": {}}
     for c in cells:
-        row = state["d"].setdefault(c.device_id, [c.device_group, 0, 0.0, 0, 0.0, 0, 0.0])
+        row = state["d"].setdefault(c.device_id, _empty_row(c.device_group))
         i = _CELL[c.cell]
         row[i] += c.readings
         row[i + 1] += c.total
@@ -217,10 +221,6 @@ class ImpactResult:
         d = asdict(self)
         d["warnings"] = list(self.warnings)
         return d
-
-    def explain(self) -> list[str]:
-        """The sentence for each warning."""
-        return [WARNINGS[w] for w in self.warnings]
 
 
 def _two_sample(a: list[float], b: list[float]) -> tuple[float, float | None, float | None]:
@@ -450,7 +450,7 @@ PLAN_WARNINGS: dict[str, str] = {
 
 def minimum_detectable(n_t: int, n_c: int, change_sd: float, power: float = 0.8) -> float | None:
     """The smallest true difference in mean device change (on the analysis scale) that the
-    Welch test at level 1 − LEVEL detects with probability ``power`` (t approximation with
+    two-sample t-test at level 1 − LEVEL detects with probability ``power`` (t approximation with
     n_t + n_c − 2 degrees of freedom, Cohen 1988)."""
     if n_t < 2 or n_c < 2:
         return None
