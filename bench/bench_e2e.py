@@ -59,14 +59,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench import bench_ingest, bench_sink  # noqa: E402
 from bench.e2e.cpu import CpuMeter  # noqa: E402
+from bench.e2e.kafka_requests import RequestCounter  # noqa: E402
 from bench.e2e.load import EXPERIMENT, METRICS, device_ids, payload, read_times  # noqa: E402
-from pilotlab import registry  # noqa: E402
-from pilotlab.contracts import Reading, ReadingBatch, telemetry_topic, to_ms, utcnow  # noqa: E402
-from pilotlab.credentials import MqttEndpoint  # noqa: E402
-from pilotlab.kafka_admin import ensure_topics  # noqa: E402
-from pilotlab.manifest import Experiment  # noqa: E402
-from pilotlab.services import Services  # noqa: E402
-from pilotlab.stack import (  # noqa: E402
+from control.services import Services  # noqa: E402
+from control.stack import (  # noqa: E402
     KAFKA_STORAGE,
     Stack,
     StackState,
@@ -74,6 +70,11 @@ from pilotlab.stack import (  # noqa: E402
     find_postgres_bindir,
     find_tansu,
 )
+from pilotlab import registry  # noqa: E402
+from pilotlab.contracts import Reading, ReadingBatch, telemetry_topic, to_ms, utcnow  # noqa: E402
+from pilotlab.credentials import MqttEndpoint  # noqa: E402
+from pilotlab.kafka_admin import ensure_topics  # noqa: E402
+from pilotlab.manifest import Experiment  # noqa: E402
 from storage import writer  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
 
@@ -322,6 +323,10 @@ class Bench:
             roots["publisher"] = publisher_pid
         return roots
 
+    @property
+    def kafka_port(self) -> int:
+        return self.state.services["kafka"].port
+
     def next_seq_base(self, messages: int) -> int:
         base = self.seq_next
         r = self.cfg.readings
@@ -433,7 +438,9 @@ def run_load(
         if poller:
             poller.start()
         proc, out, times_path, seq0 = b.publish(name, rate=rate, duration=duration, datapoints=datapoints)
-        meter = CpuMeter({**b.cpu_roots(proc.pid), **(extra_roots or {})}).start()
+        roots = {**b.cpu_roots(proc.pid), **(extra_roots or {})}
+        meter = CpuMeter(roots).start()
+        requests = RequestCounter(b.kafka_port, roots).start()
         try:
             b.wait_publisher(proc, name, timeout=(duration or 0) + 600)
             load = json.loads(out.read_text())
@@ -456,6 +463,7 @@ def run_load(
             # the load generator has exited: it reported its own CPU
             done = json.loads(out.read_text()) if out.exists() else {}
             cpu = meter.stop({"publisher": done["cpu_s"]} if "cpu_s" in done else None)
+            kafka_requests = requests.stop()
             samples = poller.stop() if poller else []
             if proc.poll() is None:
                 proc.kill()
@@ -483,7 +491,8 @@ def run_load(
         "stored_datapoints_per_s": middle_rate(stored_times, cfg.per_message),
         "first_publish_to_last_stored_s": (stored_times[-1] - load["first_publish"]) if stored_times else None,
         "publish_span_s": span_pub,
-        "cpu": cpu,
+        "cpu": {**cpu, "us_per_datapoint": us_per_datapoint(cpu, n_dp)},
+        "kafka_requests": kafka_requests,
         "wall_s": round(time.monotonic() - t_start, 2),
         "drained_at": drained_at,
         "drained_after_last_publish_s": drained_at - load["last_publish"],
@@ -498,6 +507,16 @@ def run_load(
             kp["complete_at"] - load["first_publish"] if kp["complete_at"] else None
         )
     return res
+
+
+def us_per_datapoint(cpu: dict, datapoints: int) -> dict[str, float]:
+    """CPU µs per published datapoint of each measured process (and the whole machine) over the
+    run: from publish start to drained, so a process's idle cost is spread over the datapoints."""
+    if datapoints <= 0:
+        return {}
+    out = {k: round(v * 1e6 / datapoints, 2) for k, v in cpu["cpu_s"].items()}
+    out["machine"] = round(cpu["machine_cores_busy"] * cpu["wall_s"] * 1e6 / datapoints, 2)
+    return out
 
 
 def kept_up(run: dict, key: str) -> bool:
@@ -669,9 +688,11 @@ def pipeline_run(b: Bench, name: str, **kw) -> dict:
 def measure_idle(b: Bench, seconds: float) -> dict:
     """CPU per process with the services up and nothing published: the pipeline's idle cost
     (consumers polling the broker, timers), the baseline of the loaded figures."""
-    meter = CpuMeter(b.cpu_roots(None)).start()
+    roots = b.cpu_roots(None)
+    meter = CpuMeter(roots).start()
+    requests = RequestCounter(b.kafka_port, roots).start()
     time.sleep(seconds)
-    return {"name": "idle (no load)", "cpu": meter.stop()}
+    return {"name": "idle (no load)", "cpu": meter.stop(), "kafka_requests": requests.stop()}
 
 
 def phase_fixed(b: Bench) -> list[dict]:
@@ -919,6 +940,65 @@ def _ratio(a, b) -> str:
     return "—" if not a or not b else f"{a / b:.2f}"
 
 
+def cpu_per_datapoint_table(runs: list[dict], names: list[str]) -> list[str]:
+    """CPU µs per published datapoint per process, for the runs that published any."""
+    rows = [r for r in runs if r["cpu"].get("us_per_datapoint")]
+    if not rows:
+        return []
+    cols = [k for k in names if any(r["cpu"]["us_per_datapoint"].get(k) for r in rows)]
+    L = [
+        "## CPU per datapoint (µs of CPU per published datapoint, publish start → drained)",
+        "",
+        "| run | " + " | ".join(cols) + " | pipeline | machine |",
+        "| --- |" + " ---: |" * (len(cols) + 2),
+    ]
+    pipeline = ("ingest", "streams", "sink", "peer", "mosquitto", "tansu", "objects", "postgres")
+    for r in rows:
+        u = r["cpu"]["us_per_datapoint"]
+        total = sum(u.get(k) or 0.0 for k in pipeline)
+        L.append(
+            f"| {r['name']} | " + " | ".join(_n(u.get(k), ".1f") for k in cols) + f" | {total:.1f} | "
+            f"{_n(u.get('machine'), '.1f')} |"
+        )
+    L += [
+        "",
+        "pipeline = the services and the brokers and database they use (not the load generator nor the harness); "
+        "machine = everything on the box, other engineers' programs included.",
+        "",
+    ]
+    return L
+
+
+REQUEST_COLUMNS = ("Fetch", "Produce", "OffsetCommit", "Heartbeat", "Metadata", "ListOffsets", "OffsetFetch")
+
+
+def kafka_requests_table(runs: list[dict]) -> list[str]:
+    """Kafka requests/s to the broker by sending process and API, for the idle, fixed and
+    saturation runs (bench/e2e/kafka_requests.py counts them on the loopback interface)."""
+    rows = [r for r in runs if (r.get("kafka_requests") or {}).get("per_s") and not r["name"].startswith("step-")]
+    if not rows:
+        errors = {r["kafka_requests"].get("error") for r in runs if r.get("kafka_requests")} - {None}
+        return [f"Kafka requests not counted: {e}" for e in errors] + ([""] if errors else [])
+    L = [
+        "## Kafka requests/s to the broker (counted on the loopback interface)",
+        "",
+        "| run | process | " + " | ".join(REQUEST_COLUMNS) + " | other | all |",
+        "| --- | --- |" + " ---: |" * (len(REQUEST_COLUMNS) + 2),
+    ]
+    for r in rows:
+        kr = r["kafka_requests"]
+        for who, apis in [*sorted(kr["per_s"].items()), ("all", kr["total_per_s"])]:
+            other = sum(v for k, v in apis.items() if k not in REQUEST_COLUMNS)
+            L.append(
+                f"| {r['name']} | {who} | " + " | ".join(_n(apis.get(k), ",.1f") for k in REQUEST_COLUMNS)
+                + f" | {other:,.1f} | {sum(apis.values()):,.1f} |"
+            )
+        if kr.get("dropped"):
+            L.append(f"| {r['name']} | (the packet socket dropped {kr['dropped']:,} packets: counts are low) | |")
+    L.append("")
+    return L
+
+
 def markdown(res: dict) -> str:
     m, cfg = res["machine"], res["config"]
     L = [f"# pilotlab end-to-end benchmark — {res['started_at']}", ""]
@@ -1004,6 +1084,8 @@ def markdown(res: dict) -> str:
                 + f" | {r['cpu']['machine_cores_busy']:.2f} | {r['cpu']['untracked_cores_busy']:.2f} |"
             )
         L.append("")
+        L += cpu_per_datapoint_table(runs, names)
+        L += kafka_requests_table(runs)
     if step:
         L += [
             "## Step load",

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import psycopg  # noqa: E402
 
-from pilotlab.stack import Stack  # noqa: E402
+from control.stack import Stack  # noqa: E402
 from simulators.synthetic import PilotSpec  # noqa: E402
 from storage.migrate import migrate  # noqa: E402
 from storage.writer import write_experiments  # noqa: E402

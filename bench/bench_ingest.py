@@ -35,13 +35,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from control.services import Services
+from control.stack import Stack
 from pilotlab import registry
 from pilotlab.contracts import telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.kafka_admin import ensure_topics
 from pilotlab.manifest import Experiment
-from pilotlab.services import Services
-from pilotlab.stack import Stack
 
 DEVICES = 20
 METRICS_PER_READING = 2

@@ -17,7 +17,7 @@ since the last save and had not delivered to ingest. Two cases, each repeated:
   acknowledged to the device and never delivered.
 
 The subscriber uses a plain subscription (what ingest does with Mosquitto < 2.0.12, see
-``pilotlab.stack.ingest_env``). Run: ``python bench/bench_mqtt_window.py [--messages 2000]``;
+``control.stack.ingest_env``). Run: ``python bench/bench_mqtt_window.py [--messages 2000]``;
 writes ``bench/results/mqtt-window-<UTC>.json`` and ``.md``.
 """
 
@@ -42,7 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pilotlab.stack import MQTT_AUTOSAVE_CHANGES, find_mosquitto, free_port, port_answers
+from control.stack import MQTT_AUTOSAVE_CHANGES, find_mosquitto, free_port, port_answers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOPIC = "pilots/bench/dev/telemetry"

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pilotlab.stack import free_port, port_answers  # noqa: E402
+from control.stack import free_port, port_answers  # noqa: E402
 from simulators.engine import MqttPool, send  # noqa: E402
 from simulators.faults import Run  # noqa: E402
 from simulators.spec import load_scenario  # noqa: E402

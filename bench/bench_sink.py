@@ -131,7 +131,7 @@ def main() -> None:
                 c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier("pilotlab_bench")))
         bench(psycopg.conninfo.make_conninfo(url, dbname="pilotlab_bench"), args.rows, sizes)
         return
-    from pilotlab.stack import Stack  # noqa: PLC0415
+    from control.stack import Stack  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="pilotlab-bench-") as tmp:
         stack = Stack(Path(tmp))

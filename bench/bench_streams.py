@@ -36,11 +36,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from control.stack import Stack  # noqa: E402
 from pilotlab import registry  # noqa: E402
 from pilotlab.contracts import KafkaTopics, KpiValue, Reading, ReadingBatch, decode_kpis, to_ms, utcnow  # noqa: E402
 from pilotlab.kafka_admin import ensure_topics  # noqa: E402
 from pilotlab.manifest import Experiment  # noqa: E402
-from pilotlab.stack import Stack  # noqa: E402
 
 EXP_ID = "bench-streams"
 KPIS = [
@@ -263,7 +263,7 @@ def main() -> None:
         env = {**os.environ, **state.env(), "PILOTLAB_STREAMS_DATA_DIR": str(data / "streams"),
                "PILOTLAB_STREAMS_APP_ID": f"bench-streams-{uuid.uuid4().hex[:8]}"}  # fmt: skip
         log = open(data / "streams.log", "ab")  # noqa: SIM115
-        worker = subprocess.Popen([sys.executable, "-m", "pilotlab", "run", "streams"], env=env,
+        worker = subprocess.Popen([sys.executable, "-m", "control", "run", "streams"], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
         log.close()
         records = kpi_records(state.kafka_bootstrap, lambda r: counted(r) >= 4 * n, timeout=900)

@@ -11,7 +11,7 @@
   (``$7$iterations$salt$hash``, what ``mosquitto_passwd`` writes), never a password.
 - ``sync`` rewrites both files atomically and sends Mosquitto SIGHUP, which makes it reload
   them: a manifest applied while the broker runs gets working credentials without a restart.
-- The embedded stack's fallback broker, amqtt (``pilotlab/amqtt_broker.py``), gets the same
+- The embedded stack's fallback broker, amqtt (``control/amqtt_broker.py``), gets the same
   accounts and rules in its own formats: ``amqtt-passwd`` (argon2id hashes, what its
   ``FileAuthPlugin`` reads) and ``amqtt-acl.json`` (``publish_acl`` and ``acl``, i.e.
   subscribe, per user, for its ``TopicAccessControlListPlugin``); SIGHUP reloads them too.

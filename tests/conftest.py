@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from control.stack import Stack, StackState
 from pilotlab.kafka_admin import ensure_topics
-from pilotlab.stack import Stack, StackState
 from storage.migrate import migrate
 
 REPO = Path(__file__).resolve().parents[1]

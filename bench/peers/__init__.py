@@ -60,8 +60,8 @@ import paho.mqtt.client as mqtt
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
+from control.stack import StackState
 from pilotlab.credentials import MqttEndpoint
-from pilotlab.stack import StackState
 
 HERE = Path(__file__).resolve().parent
 NODE_RED_DIR = HERE / "node-red"

@@ -28,9 +28,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.peers import NODE_RED_FLOWS, PEERS, _node_red_installed, ensure_node_red, latency_ms, peer, versions
+from control.stack import Stack
 from pilotlab.contracts import telemetry_topic
 from pilotlab.credentials import MqttEndpoint
-from pilotlab.stack import Stack
 
 EXPERIMENT = "bench-e2e"
 METRICS = ("pm25", "pm10", "no2")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from pilotlab.stack import StackError, choose_mqtt, wanted_parts
+from control.stack import StackError, choose_mqtt, wanted_parts
 
 RESTART = "amqtt keeps no session or queued message across its own restart"
 NEEDS_MOSQUITTO = {

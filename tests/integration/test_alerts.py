@@ -29,13 +29,13 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from control.services import Services
+from control.stack import free_port
 from pilotlab import registry
 from pilotlab.contracts import telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.kafka_admin import lag_or_reason
 from pilotlab.manifest import Experiment
-from pilotlab.services import Services
-from pilotlab.stack import free_port
 from storage.queries import alert_deliveries, alert_history
 from streams.alerting import TOPICS as ALERT_TOPICS
 from streams.delivery import backoff_s

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from bench.peers import NODE_RED_FLOWS, PEERS, PROBE_DEVICE, latency_ms, peer, stored_count
+from control.stack import StackState
 from pilotlab.contracts import telemetry_topic
-from pilotlab.stack import StackState
 from tests.integration.test_end_to_end import publish_raw
 
 pytestmark = pytest.mark.integration

@@ -10,11 +10,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from control.services import Services
+from control.stack import Stack
 from pilotlab import registry
 from pilotlab.contracts import to_ms
 from pilotlab.kafka_admin import end_offsets, ensure_topics
-from pilotlab.services import Services
-from pilotlab.stack import Stack
 from simulators.publisher import publish
 from storage.migrate import migrate
 from tests.integration.test_end_to_end import expected_kpis, make_experiment, stored_kpis

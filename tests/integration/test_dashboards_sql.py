@@ -13,6 +13,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
+from control.services import Services
 from dashboards import impact_sql, impact_text
 from dashboards.build import build_all
 from dashboards.checks import result_problems, sql_targets, stat_fields
@@ -21,7 +22,6 @@ from dashboards.sdk import variable_query
 from pilotlab import registry
 from pilotlab.contracts import utcnow
 from pilotlab.manifest import Experiment
-from pilotlab.services import Services
 from simulators.publisher import publish
 
 pytestmark = pytest.mark.integration

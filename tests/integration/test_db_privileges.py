@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pilotlab.stack import (
+from control.stack import (
     PASSWORDS_FILE,
     Stack,
     StackState,
@@ -179,7 +179,7 @@ def test_migrations_run_as_the_owner_who_owns_everything(stack_state: StackState
 def test_db_migrate_uses_the_owner_url_and_never_the_sinks(stack_state: StackState):
     def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "pilotlab", "db", *args],
+            [sys.executable, "-m", "control", "db", *args],
             env={"PATH": os.environ["PATH"], "PGPASSFILE": "/nonexistent", **env},
             capture_output=True,
             text=True,

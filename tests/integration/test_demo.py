@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from control.demo import EXAMPLES
+from control.stack import Stack, pid_alive
 from dashboards.impact_text import VERDICTS, metric_scale
-from pilotlab.demo import EXAMPLES
 from pilotlab.manifest import load_manifests
-from pilotlab.stack import Stack, pid_alive
 from streams.impact import WARNINGS
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ def test_demo_json_recovers_true_effects_and_stops_everything(tmp_path: Path):
     data = tmp_path / "demo"
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "pilotlab", "demo", "--duration", "5", "--json", "--data-dir", str(data)],
+            [sys.executable, "-m", "control", "demo", "--duration", "5", "--json", "--data-dir", str(data)],
             capture_output=True, text=True, timeout=600, check=False,
         )
         assert result.returncode == 0, result.stderr[-3000:]

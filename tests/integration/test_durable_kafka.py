@@ -1,4 +1,4 @@
-"""The embedded Kafka broker's durable storage (tansu's s3:// engine on pilotlab.objectstore):
+"""The embedded Kafka broker's durable storage (tansu's s3:// engine on control.objectstore):
 what survives a kill -9 of the broker, restarted with ``Stack.up()`` as ``pilotlab stack up``
 does, and the two places where a restarted tansu would lose or strand records without this
 repository's care (conditional writes honoured by the object server; the watermark repair)."""
@@ -12,9 +12,9 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pilotlab import objectstore
+from control import objectstore
+from control.stack import OBJECTS_BUCKET, Stack
 from pilotlab.kafka_admin import end_offsets, ensure_topics
-from pilotlab.stack import OBJECTS_BUCKET, Stack
 
 pytestmark = pytest.mark.integration
 TOPIC = "durable-test"

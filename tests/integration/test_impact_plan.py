@@ -29,7 +29,7 @@ def pilotlab(*args: str, database_url: str | None) -> subprocess.CompletedProces
     env = {k: v for k, v in os.environ.items() if not k.startswith("PILOTLAB_")}
     if database_url:
         env["PILOTLAB_DATABASE_URL"] = database_url
-    return subprocess.run([sys.executable, "-m", "pilotlab", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "control", *args], capture_output=True, text=True, env=env,
                           timeout=120, check=False)  # fmt: skip
 
 

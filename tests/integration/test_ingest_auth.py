@@ -30,11 +30,11 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
 
+from control.services import Services
+from control.stack import AMQTT_SCRIPT, StackError, StackState, choose_mqtt, free_port, port_answers, wanted_parts
 from pilotlab import credentials, registry
 from pilotlab.contracts import KafkaTopics, Reason, feedback_topic, telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
-from pilotlab.services import Services
-from pilotlab.stack import AMQTT_SCRIPT, StackError, StackState, choose_mqtt, free_port, port_answers, wanted_parts
 from tests.integration.test_end_to_end import make_experiment
 
 pytestmark = pytest.mark.integration
@@ -295,7 +295,7 @@ def test_credentials_files_for_an_external_broker(stack_state, tmp_path: Path):
     out = tmp_path / "auth"
     result = subprocess.run(
         # the running interpreter: a bare python3 is whatever the machine has, maybe without pilotlab
-        [sys.executable, "-m", "pilotlab", "credentials", "files", "--out", str(out), "--show", exp.devices[0].id],
+        [sys.executable, "-m", "control", "credentials", "files", "--out", str(out), "--show", exp.devices[0].id],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

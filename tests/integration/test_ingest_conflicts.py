@@ -12,10 +12,10 @@ import orjson
 import psycopg
 import pytest
 
+from control.services import Services
 from pilotlab import credentials, registry
 from pilotlab.contracts import feedback_topic, telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
-from pilotlab.services import Services
 from tests.integration.test_end_to_end import make_experiment
 from tests.integration.test_ingest_auth import connect_when_reloaded, wait_until
 

@@ -14,10 +14,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from control.stack import free_port
 from pilotlab import registry
 from pilotlab.contracts import KafkaTopics, Reason, telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
-from pilotlab.stack import free_port
 from tests.integration.test_end_to_end import make_experiment
 from tests.integration.test_ingest_auth import Mqtt5, ingest_metric, kafka_records, wait_until
 
@@ -41,7 +41,7 @@ def start_replica(stack_state, name: str, log_dir) -> tuple[subprocess.Popen, in
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pilotlab", "run", "ingest"],
+            [sys.executable, "-m", "control", "run", "ingest"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     return proc, port

@@ -11,8 +11,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from control.stack import StackState, free_port
 from pilotlab.kafka_admin import LagUnavailable, end_offsets, group_lag, lag_or_reason
-from pilotlab.stack import StackState, free_port
 
 pytestmark = pytest.mark.integration
 

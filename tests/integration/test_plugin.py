@@ -44,7 +44,7 @@ def test_scenario_reaches_storage(pilotlab):
 
 def test_a_wrong_expectation_fails(pilotlab):
     import pytest
-    from pilotlab.pytest_plugin import PilotlabTimeout
+    from control.pytest_plugin import PilotlabTimeout
     with pytest.raises(PilotlabTimeout, match="0 of 5 readings"):
         pilotlab.wait_for_readings("no-such-experiment", 5, timeout=2)
 '''

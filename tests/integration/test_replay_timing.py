@@ -44,7 +44,7 @@ def test_replay_keeps_order_and_timing_and_shifts_time(stack_state, tmp_path):
         assert ready.wait(30), "recorder did not subscribe"
         env = {**os.environ, **stack_state.env()}
         result = subprocess.run(
-            [sys.executable, "-m", "pilotlab", "replay", str(source), "--speed", "2", "--time-shift", "1d", "-q"],
+            [sys.executable, "-m", "control", "replay", str(source), "--speed", "2", "--time-shift", "1d", "-q"],
             env=env, capture_output=True, text=True, timeout=120, check=False,
         )
         assert result.returncode == 0, result.stderr

@@ -24,7 +24,7 @@ def pilot(stack_state, stack):
 
 def _cli(args, database_url, cwd):
     env = {"PATH": "/usr/bin:/bin", "PILOTLAB_DATABASE_URL": database_url} if database_url else {"PATH": "/usr/bin"}
-    return subprocess.run([sys.executable, "-m", "pilotlab", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "control", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=120, check=False)
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from control.services import Services
+from control.stack import free_port
 from dashboards.build import build_all
 from dashboards.checks import prom_metric_names, prom_targets
 from pilotlab import registry
 from pilotlab.contracts import KafkaTopics
 from pilotlab.kafka_admin import end_offsets
-from pilotlab.services import Services
-from pilotlab.stack import free_port
 from simulators.publisher import publish
 from storage.sink import TOPICS as SINK_TOPICS
 from tests.integration.test_end_to_end import make_experiment

@@ -11,9 +11,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from control.services import Services
 from pilotlab import registry
 from pilotlab.contracts import to_ms
-from pilotlab.services import Services
 from simulators.engine import MqttPool, send
 from simulators.faults import Run
 from simulators.runner import default_anchor

@@ -21,9 +21,9 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from control.stack import free_port
 from pilotlab.contracts import KafkaTopics, encode_kpis, to_ms
 from pilotlab.kafka_admin import end_offsets, group_lag
-from pilotlab.stack import free_port
 from storage.sink import TOPICS
 from tests.timescale.data import Dataset, build
 
@@ -72,7 +72,7 @@ def start_sink(stack_state, log: Path, group: str, **env: str) -> subprocess.Pop
     with open(log, "ab") as fh:
         # unsupervised: the test hook's exit 137 must end the process, not be restarted
         return subprocess.Popen(
-            [sys.executable, "-m", "pilotlab", "run", "sink", "--no-supervise"],
+            [sys.executable, "-m", "control", "run", "sink", "--no-supervise"],
             env=full,
             stdout=fh,
             stderr=subprocess.STDOUT,

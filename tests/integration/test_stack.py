@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from pilotlab.stack import pid_alive
+from control.stack import pid_alive
 
 pytestmark = pytest.mark.integration
 
 
 def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pilotlab", "stack", *args, "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "control", "stack", *args, "--data-dir", str(data_dir)],
         capture_output=True, text=True, timeout=120, check=False,
     )
 
@@ -82,7 +82,7 @@ def test_missing_binary_says_what_to_install(tmp_path: Path):
     data = tmp_path / "nobin"
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "pilotlab", "stack", "up", "--data-dir", str(data)],
+            [sys.executable, "-m", "control", "stack", "up", "--data-dir", str(data)],
             capture_output=True, text=True, timeout=120, env=env, check=False,
         )
     finally:
@@ -95,7 +95,7 @@ def test_missing_binary_says_what_to_install(tmp_path: Path):
 
 
 def test_purging_down_deletes_postgres_data_kept_outside_the_data_dir(tmp_path: Path):
-    from pilotlab.stack import Stack  # noqa: PLC0415
+    from control.stack import Stack  # noqa: PLC0415
 
     stack = Stack(tmp_path / "stack")
     state = stack.up()

@@ -27,11 +27,11 @@ import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from control.services import Services
+from control.stack import free_port
 from pilotlab import registry
 from pilotlab.contracts import DeviceStatus, KafkaTopics, ReadingBatch, telemetry_topic, to_ms, utcnow
 from pilotlab.manifest import Experiment
-from pilotlab.services import Services
-from pilotlab.stack import free_port
 from simulators.publisher import publish
 from streams.engine import window_start
 from streams.impact import estimate_impact
@@ -348,7 +348,7 @@ def test_two_workers_share_partitions_and_a_killed_one_recovers_without_double_c
     with Services(stack_state, log_dir).start() as services:
         second_log = open(log_dir / "streams-2.log", "ab")  # noqa: SIM115
         second = subprocess.Popen(
-            [sys.executable, "-m", "pilotlab", "run", "streams"],
+            [sys.executable, "-m", "control", "run", "streams"],
             env={
                 **services.env,
                 "PILOTLAB_STREAMS_DATA_DIR": str(log_dir / "streams-2"),

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pilotlab.stack import free_port, port_answers
+from control.stack import free_port, port_answers
 from storage.migrate import available, migrate, status
 from tests.timescale.data import build, check_query_layer, load
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from control.stack import free_port
 from pilotlab.health import Health, default_port, serve
-from pilotlab.stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -3,8 +3,8 @@ fields of each impact KPI and the terminal line with its warnings as sentences."
 
 from __future__ import annotations
 
-from pilotlab import demo
-from pilotlab.demo import ImpactRow, impact_line, summarise
+from control import demo
+from control.demo import ImpactRow, impact_line, summarise
 from pilotlab.manifest import load_manifests
 from streams.impact import WARNINGS
 

@@ -13,11 +13,11 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from control.stack import free_port
+from control.supervisor import Supervisor
 from pilotlab.health import Health, serve
 from pilotlab.lag import LagMonitor
 from pilotlab.settings import SinkSettings
-from pilotlab.stack import free_port
-from pilotlab.supervisor import Supervisor
 from storage import metrics
 
 

@@ -1,4 +1,4 @@
-"""pilotlab.objectstore: the loopback S3 server behind the durable Kafka broker. What tansu's
+"""control.objectstore: the loopback S3 server behind the durable Kafka broker. What tansu's
 S3 client relies on: conditional writes, listing in key order with continuation, atomic
 objects that survive a restart of the server."""
 
@@ -8,7 +8,7 @@ import asyncio
 
 from aiohttp.test_utils import RawTestServer, TestClient
 
-from pilotlab.objectstore import Server, Store
+from control.objectstore import Server, Store
 
 
 def run(store: Store, scenario) -> None:

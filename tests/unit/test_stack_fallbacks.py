@@ -13,7 +13,8 @@ import pytest
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
-from pilotlab import credentials, settings, stack
+from control import stack
+from pilotlab import credentials, settings
 from pilotlab.credentials import DeviceAccount
 
 
@@ -161,7 +162,7 @@ def test_no_running_stack_no_defaults(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     for v in settings.STACK_URL_VARIABLES:
         monkeypatch.delenv(v, raising=False)
-    assert settings.running_stack_env(settings.MigrateSettings) == {}
+    assert stack.running_stack_env(settings.MigrateSettings) == {}
     with pytest.raises(settings.SettingsError, match="PILOTLAB_DATABASE_OWNER_URL: Field required"):
         settings.load(settings.MigrateSettings)
 
@@ -171,5 +172,5 @@ def test_an_explicit_variable_means_no_stack_defaults(tmp_path, monkeypatch) -> 
     (tmp_path / ".pilotlab").mkdir()
     (tmp_path / ".pilotlab" / "state.json").write_text("{broken")  # never read: the variable wins
     monkeypatch.setenv("PILOTLAB_KAFKA_BOOTSTRAP", "kafka:9092")
-    assert settings.running_stack_env(settings.MigrateSettings) == {}
-    assert settings.running_stack_env(settings.StackSettings) == {}  # reads no endpoint at all
+    assert stack.running_stack_env(settings.MigrateSettings) == {}
+    assert stack.running_stack_env(settings.StackSettings) == {}  # reads no endpoint at all

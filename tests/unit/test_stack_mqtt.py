@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from pilotlab import stack
+from control import stack
 
 
 def fake_mosquitto(tmp_path, version: str) -> str:
@@ -35,7 +35,7 @@ def test_another_broker_keeps_the_shared_subscription(tmp_path) -> None:
 
 def test_on_amqtt_ingest_subscribes_plainly() -> None:
     """amqtt has no shared subscriptions: ``$share/...`` would be a literal filter (refused by
-    its ACL), so ingest subscribes plainly, one replica (pilotlab/amqtt_broker.py)."""
+    its ACL), so ingest subscribes plainly, one replica (control/amqtt_broker.py)."""
     assert stack.ingest_env(stack.AMQTT_SCRIPT) == {"PILOTLAB_INGEST_SHARE_GROUP": ""}
 
 

@@ -1,4 +1,4 @@
-"""pilotlab.supervisor: a service that exits with an error is started again, with its cause
+"""control.supervisor: a service that exits with an error is started again, with its cause
 in the log; a configuration error is not retried; a stop request ends both."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 
-from pilotlab.supervisor import Supervisor
+from control.supervisor import Supervisor
 
 
 def child(code: str) -> list[str]:

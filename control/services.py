@@ -14,9 +14,9 @@ from pathlib import Path
 
 import psycopg
 
+from control.stack import StackState, free_port
 from pilotlab.contracts import KafkaTopics
 from pilotlab.kafka_admin import lag_or_reason
-from pilotlab.stack import StackState, free_port
 from storage.sink import TOPICS as SINK_TOPICS
 
 SERVICE_NAMES = ("ingest", "streams", "sink")
@@ -60,7 +60,7 @@ class Services:
             log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
             try:
                 self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "pilotlab", "run", name],
+                    [sys.executable, "-m", "control", "run", name],
                     env=self.env,
                     stdout=log,
                     stderr=subprocess.STDOUT,

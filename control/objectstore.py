@@ -17,7 +17,7 @@ By default nothing is fsynced (like Kafka's default: a process crash of the brok
 server loses nothing, a power cut may lose the last seconds); ``--fsync`` syncs each object
 and its directory before answering.
 
-Run: ``python -m pilotlab.objectstore --dir DATA --port PORT [--bucket tansu] [--fsync]``.
+Run: ``python -m control.objectstore --dir DATA --port PORT [--bucket tansu] [--fsync]``.
 """
 
 from __future__ import annotations

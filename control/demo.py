@@ -16,14 +16,14 @@ from pathlib import Path
 
 import psycopg
 
+from control.services import Services
+from control.stack import Stack
 from dashboards import impact_text as it
 from pilotlab import registry
 from pilotlab.contracts import utcnow
 from pilotlab.kafka_admin import ensure_topics
 from pilotlab.manifest import Experiment, load_manifests
 from pilotlab.metrics import METRICS
-from pilotlab.services import Services
-from pilotlab.stack import Stack
 from simulators.publisher import publish
 from storage.migrate import migrate
 from storage.queries import PeriodValue, rejections_by_reason, table_counts

@@ -57,9 +57,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session")
 def pilotlab_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """The embedded stack's :class:`pilotlab.stack.StackState` (schema and topics ready)."""
+    """The embedded stack's :class:`control.stack.StackState` (schema and topics ready)."""
+    from control.stack import Stack  # noqa: PLC0415
     from pilotlab.kafka_admin import ensure_topics  # noqa: PLC0415
-    from pilotlab.stack import Stack  # noqa: PLC0415
     from storage.migrate import migrate  # noqa: PLC0415
 
     given = request.config.getoption("--pilotlab-stack-dir")
@@ -92,7 +92,7 @@ class Pipeline:
 @pytest.fixture(scope="session")
 def pilotlab_pipeline(request: pytest.FixtureRequest, pilotlab_stack, tmp_path_factory):
     """ingest, streams and sink as subprocesses against ``pilotlab_stack``."""
-    from pilotlab.services import Services  # noqa: PLC0415
+    from control.services import Services  # noqa: PLC0415
 
     max_age_s = parse_duration(request.config.getoption("--pilotlab-max-age"))
     logs = tmp_path_factory.mktemp("pilotlab-services") / "logs"

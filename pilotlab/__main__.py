@@ -1,3 +1,0 @@
-from pilotlab.cli import main
-
-main()
