@@ -1,0 +1,5 @@
+"""``python -m dashboards.portal``: ``pilotlab serve`` without the rest of the CLI."""
+
+from dashboards.portal.cli import main
+
+main()
