@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from pilotlab import kpi_kinds
+from pilotlab.kpi_kinds import KpiKind
 from pilotlab.metrics import METRICS
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
@@ -109,25 +111,10 @@ class Device(_Model):
     interval: Seconds = Field(description="expected sampling interval")
 
 
-KpiKind = Literal[
-    "count",
-    "sum",
-    "mean",
-    "min",
-    "max",
-    "quantile",  # q-quantile of the values (mergeable sketch, 1% relative error)
-    "exceedance",  # share of samples above ``threshold``
-    "availability",  # share of the group's registered devices reporting in the window
-    "completeness",  # received / expected samples (from the devices' declared intervals)
-    "freshness",  # p95 of the ingest delay (received - ts), in seconds
-    "impact",  # device-level difference-in-differences over the periods, 95% CI and verdict
-]
-
-
 class Kpi(_Model):
     name: Identifier
     metric: str
-    kind: KpiKind
+    kind: KpiKind  # pilotlab.kpi_kinds.KINDS (docs/kpis.md)
     window: Seconds = 60
     # the desired direction of change, for reading the impact: lower energy is better
     better: Literal["lower", "higher"] = "lower"
@@ -150,17 +137,9 @@ class Kpi(_Model):
 
     @model_validator(mode="after")
     def _parameters(self) -> Kpi:
-        if self.kind == "quantile" and self.q is None:
-            raise ValueError("a quantile KPI needs q, e.g. q: 0.95")
-        if self.kind != "quantile" and self.q is not None:
-            raise ValueError(f"q applies to quantile KPIs only, not {self.kind}")
-        if self.kind == "exceedance" and self.threshold is None:
-            raise ValueError("an exceedance KPI needs threshold, e.g. threshold: 25")
-        if self.kind != "exceedance" and self.threshold is not None:
-            raise ValueError(f"threshold applies to exceedance KPIs only, not {self.kind}")
-        for name in ("expected_effect", "change_sd"):
-            if self.kind != "impact" and getattr(self, name) is not None:
-                raise ValueError(f"{name} applies to impact KPIs only, not {self.kind}")
+        problems = kpi_kinds.parameter_problems(self.kind, self._params())
+        if problems:
+            raise ValueError(problems[0])
         if (
             self.expected_effect is not None
             and METRICS[self.metric].scale == "ratio"
@@ -171,11 +150,10 @@ class Kpi(_Model):
 
     def signature(self) -> str:
         """What the KPI computes; a window state made under another signature starts afresh."""
-        if self.kind == "quantile":
-            return f"quantile:{self.q!r}"
-        if self.kind == "exceedance":
-            return f"exceedance:{self.threshold!r}"
-        return self.kind
+        return kpi_kinds.signature(self.kind, self._params())
+
+    def _params(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in kpi_kinds.PARAMS}
 
 
 class Simulation(_Model):

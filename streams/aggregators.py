@@ -1,6 +1,9 @@
-"""KPI aggregators: small, pure, mergeable. ``initialize() → state``, ``add(state, value) →
-state``, ``result(state) → value``. States are short JSON lists (they live in Faust tables
-and their changelogs); no aggregator keeps raw events.
+"""Aggregators of plain values: small, pure, mergeable. ``initialize() → state``,
+``add(state, value) → state``, ``merge(state, state) → state`` (the state of both inputs'
+values together), ``result(state) → value``, as quix-streams' window aggregations. States are
+short JSON lists (they live in Faust tables and their changelogs); no aggregator keeps raw
+events. The KPI kinds ``count``, ``sum``, ``mean``, ``min`` and ``max`` are these folds of the
+observation's value (``streams.kpis.REGISTRY``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ class Aggregator(Protocol):
     def add(state: list, value: float) -> list: ...
 
     @staticmethod
+    def merge(a: list, b: list) -> list: ...
+
+    @staticmethod
     def result(state: list) -> float | None: ...
 
 
@@ -31,6 +37,10 @@ class Count:
     @staticmethod
     def add(state: list, value: float) -> list:
         return [state[0] + 1]
+
+    @staticmethod
+    def merge(a: list, b: list) -> list:
+        return [a[0] + b[0]]
 
     @staticmethod
     def result(state: list) -> float | None:
@@ -54,6 +64,11 @@ class Sum:
         return [t, (t - total) - y]
 
     @staticmethod
+    def merge(a: list, b: list) -> list:
+        """a's sum plus b's, then b's compensation taken back (b's value is its sum − comp)."""
+        return Sum.add(Sum.add(a, b[0]), -b[1])
+
+    @staticmethod
     def result(state: list) -> float | None:
         return state[0]
 
@@ -74,6 +89,14 @@ class Mean:
         return [n, mean + (value - mean) / n]
 
     @staticmethod
+    def merge(a: list, b: list) -> list:
+        """Chan et al.'s pairwise update of the mean."""
+        n = a[0] + b[0]
+        if n == 0:
+            return [0, 0.0]
+        return [n, a[1] + (b[1] - a[1]) * b[0] / n]
+
+    @staticmethod
     def result(state: list) -> float | None:
         return state[1] if state[0] else None
 
@@ -90,6 +113,10 @@ class Min:
         return [value if state[0] is None else min(state[0], value)]
 
     @staticmethod
+    def merge(a: list, b: list) -> list:
+        return a if b[0] is None else Min.add(a, b[0])
+
+    @staticmethod
     def result(state: list) -> float | None:
         return state[0]
 
@@ -104,6 +131,10 @@ class Max:
     @staticmethod
     def add(state: list, value: float) -> list:
         return [value if state[0] is None else max(state[0], value)]
+
+    @staticmethod
+    def merge(a: list, b: list) -> list:
+        return a if b[0] is None else Max.add(a, b[0])
 
     @staticmethod
     def result(state: list) -> float | None:

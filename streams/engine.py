@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pilotlab.contracts import DeviceStatus, KpiValue, Reading, ReadingBatch
+from pilotlab.kpi_kinds import KINDS
 from pilotlab.manifest import Experiment
 from streams import kpis
 
@@ -73,7 +74,7 @@ def apply_batch(
     for kpi in experiment.kpis:
         agg = aggs[kpi.name]
         name, metric, sig = kpi.name, kpi.metric, kpi.signature()
-        impact = kpi.kind == "impact"
+        impact = not KINDS[kpi.kind].windowed  # one window over the experiment's span
         for reading in batch.readings:
             value = reading.metrics.get(metric)
             if value is None:
@@ -146,7 +147,7 @@ def closes_at(reading: Reading, experiment: Experiment) -> int:
     ends = [
         window_start(reading.ts_ms, k.window) + k.window * 1000
         for k in experiment.kpis
-        if k.kind != "impact" and k.metric in reading.metrics
+        if KINDS[k.kind].windowed and k.metric in reading.metrics
     ]
     return (min(ends) if ends else reading.ts_ms) + lateness_ms
 

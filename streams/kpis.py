@@ -2,13 +2,15 @@
 
 An observation is one value of a KPI's metric with its context (device, group, event time
 ``ts``, ingest time). A kind is built from its manifest entry and experiment
-(``make(kpi, experiment)``) and offers ``initialize() → state``, ``add(state, obs) → state``
-and ``result(state, group) → (value, details)``. States are small JSON values (they live in
+(``make(kpi, experiment)``, through :data:`REGISTRY`: one aggregator per name of
+``pilotlab.kpi_kinds.KINDS``) and offers ``initialize() → state``, ``add(state, obs) →
+state``, ``merge(state, state) → state`` (both inputs' observations together) and
+``result(state, group) → (value, details)``. States are small JSON values (they live in
 Faust tables and their changelogs), no kind keeps raw events, and the result does not depend
 on the order observations were added in (exactly for counts, sketches, min and max; to
 floating-point rounding for sums and moments).
 
-Kinds (see the README, "KPI kinds"):
+Kinds (docs/kpis.md):
 
 * ``count``, ``sum``, ``mean``, ``min``, ``max`` — :mod:`streams.aggregators`.
 * ``quantile`` (``q``) — a DDSketch (the ``ddsketch`` library's logarithmic mapping) with
@@ -28,22 +30,23 @@ Kinds (see the README, "KPI kinds"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ddsketch import DDSketch
 from ddsketch.mapping import LogarithmicMapping
 
+from pilotlab import kpi_kinds
 from pilotlab.manifest import Experiment, Kpi
 from streams import impact
-from streams.aggregators import AGGREGATORS
+from streams.aggregators import AGGREGATORS, Aggregator
 
 SKETCH_ALPHA = 0.01  # relative accuracy of quantiles (the DDSketch guarantee)
 _MAPPING = LogarithmicMapping(SKETCH_ALPHA)
 
-WINDOWED = ("count", "sum", "mean", "min", "max", "quantile", "exceedance", "availability",
-            "completeness", "freshness")  # fmt: skip
-ALL_KINDS = (*WINDOWED, "impact")
+WINDOWED = kpi_kinds.WINDOWED
+ALL_KINDS = kpi_kinds.KIND_NAMES
 
 Result = tuple[float | None, dict | None]
 
@@ -130,20 +133,52 @@ def sketch_count(state: dict) -> int:
 # --- kinds ---------------------------------------------------------------------------------
 
 
-class _Simple:
-    """count/sum/mean/min/max: the plain aggregators, on the observation's value."""
+class KindAggregator(Protocol):
+    """What every KPI kind offers (states are JSON values; ``add`` and ``merge`` return the
+    new state, and only the impact kind updates its own state in place)."""
 
-    def __init__(self, kind: str) -> None:
-        self._agg = AGGREGATORS[kind]
+    def initialize(self) -> Any: ...
+
+    def add(self, state: Any, obs: Obs) -> Any: ...
+
+    def merge(self, a: Any, b: Any) -> Any: ...
+
+    def result(self, state: Any, group: str) -> Result: ...
+
+
+Factory = Callable[[Kpi, Experiment], KindAggregator]
+
+REGISTRY: dict[str, Factory] = {}
+
+
+def register(name: str, factory: Factory) -> Factory:
+    """The aggregator of one kind of ``pilotlab.kpi_kinds.KINDS``; a name is registered once."""
+    if name not in kpi_kinds.KINDS:
+        raise ValueError(f"{name!r} is not a KPI kind of pilotlab.kpi_kinds.KINDS")
+    if name in REGISTRY:
+        raise ValueError(f"the KPI kind {name!r} already has an aggregator")
+    REGISTRY[name] = factory
+    return factory
+
+
+class OfValue:
+    """count/sum/mean/min/max: a fold of plain values (:mod:`streams.aggregators`) over the
+    observations' values."""
+
+    def __init__(self, fold: type[Aggregator]) -> None:
+        self.fold = fold
 
     def initialize(self) -> Any:
-        return self._agg.initialize()
+        return self.fold.initialize()
 
     def add(self, state: Any, obs: Obs) -> Any:
-        return self._agg.add(state, obs.value)
+        return self.fold.add(state, obs.value)
+
+    def merge(self, a: Any, b: Any) -> Any:
+        return self.fold.merge(a, b)
 
     def result(self, state: Any, group: str) -> Result:
-        return self._agg.result(state), None
+        return self.fold.result(state), None
 
 
 class Quantile:
@@ -155,6 +190,9 @@ class Quantile:
 
     def add(self, state: dict, obs: Obs) -> dict:
         return sketch_add(state, obs.value)
+
+    def merge(self, a: dict, b: dict) -> dict:
+        return sketch_merge(a, b)
 
     def result(self, state: dict, group: str) -> Result:
         return sketch_quantile(state, self.q), {"q": self.q, "relative_accuracy": SKETCH_ALPHA}
@@ -180,6 +218,9 @@ class Exceedance:
     def add(self, state: list, obs: Obs) -> list:
         return [state[0] + (obs.value > self.threshold), state[1] + 1]
 
+    def merge(self, a: list, b: list) -> list:
+        return [a[0] + b[0], a[1] + b[1]]
+
     def result(self, state: list, group: str) -> Result:
         above, n = state
         return (above / n if n else None), {"above": above, "samples": n, "threshold": self.threshold}
@@ -196,6 +237,9 @@ class Availability:
 
     def add(self, state: list, obs: Obs) -> list:
         return state if obs.device_id in state else sorted([*state, obs.device_id])
+
+    def merge(self, a: list, b: list) -> list:
+        return sorted(set(a) | set(b))
 
     def result(self, state: list, group: str) -> Result:
         registered = self._registered.get(group, 0)
@@ -214,6 +258,9 @@ class Completeness:
 
     def add(self, state: list, obs: Obs) -> list:
         return [state[0] + 1]
+
+    def merge(self, a: list, b: list) -> list:
+        return [a[0] + b[0]]
 
     def result(self, state: list, group: str) -> Result:
         expected = self._expected.get(group, 0.0)
@@ -245,25 +292,26 @@ class Impact:
         """Updates ``state`` in place (the engine hands out its own decoded copy)."""
         return impact.add(state, self.design, obs.device_id, obs.group, obs.ts_ms, obs.value)
 
+    def merge(self, a: dict, b: dict) -> dict:
+        return impact.merge(a, b)
+
     def result(self, state: dict, group: str) -> Result:
         r = impact.analyse(state, self.design, self.has_control)
         return r.estimate, r.as_dict()
 
 
-def make(kpi: Kpi, experiment: Experiment):
+# --- the registry: one aggregator per kind of pilotlab.kpi_kinds.KINDS ----------------------------
+
+for _fold in AGGREGATORS.values():
+    register(_fold.kind, lambda kpi, experiment, fold=_fold: OfValue(fold))
+register("quantile", lambda kpi, experiment: Quantile(kpi.q))
+register("exceedance", lambda kpi, experiment: Exceedance(kpi.threshold))
+register("availability", lambda kpi, experiment: Availability(experiment))
+register("completeness", lambda kpi, experiment: Completeness(experiment, kpi.window))
+register("freshness", lambda kpi, experiment: Freshness())
+register("impact", lambda kpi, experiment: Impact(experiment, kpi))
+
+
+def make(kpi: Kpi, experiment: Experiment) -> KindAggregator:
     """The aggregator of one manifest KPI."""
-    if kpi.kind in AGGREGATORS:
-        return _Simple(kpi.kind)
-    if kpi.kind == "quantile":
-        return Quantile(kpi.q)
-    if kpi.kind == "exceedance":
-        return Exceedance(kpi.threshold)
-    if kpi.kind == "availability":
-        return Availability(experiment)
-    if kpi.kind == "completeness":
-        return Completeness(experiment, kpi.window)
-    if kpi.kind == "freshness":
-        return Freshness()
-    if kpi.kind == "impact":
-        return Impact(experiment, kpi)
-    raise KeyError(kpi.kind)
+    return REGISTRY[kpi.kind](kpi, experiment)

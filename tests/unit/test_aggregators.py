@@ -172,3 +172,45 @@ def test_order_independence(kind: str, values: list[float], rnd) -> None:
     else:
         assert_close(kind, a, values)
         assert_close(kind, b, values)
+
+
+def fold(kind: str, values: list[float]) -> list:
+    agg = AGGREGATORS[kind]
+    state = agg.initialize()
+    for v in values:
+        state = agg.add(state, v)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("kind", "head", "tail", "expected"),
+    [
+        ("count", [1.0, 2.0], [3.0], 3.0),
+        ("count", [], [], 0.0),
+        ("sum", [0.1] * 5, [0.1] * 5, 1.0),  # the compensation of both halves is kept
+        ("mean", [1.0, 2.0], [6.0], 3.0),
+        ("mean", [], [4.0], 4.0),
+        ("mean", [4.0], [], 4.0),
+        ("mean", [], [], None),
+        ("min", [3.0], [-1.0, 2.0], -1.0),
+        ("min", [], [], None),
+        ("max", [3.0], [], 3.0),
+        ("max", [], [5.0], 5.0),
+    ],
+)
+def test_merge_table(kind: str, head: list[float], tail: list[float], expected: float | None) -> None:
+    agg = AGGREGATORS[kind]
+    assert agg.result(agg.merge(fold(kind, head), fold(kind, tail))) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(KINDS), VALUES, VALUES)
+def test_merge_equals_one_fold(kind: str, head: list[float], tail: list[float]) -> None:
+    """Two windows' states merged give the state of both windows' values (to rounding)."""
+    agg = AGGREGATORS[kind]
+    a, b = fold(kind, head), fold(kind, tail)
+    merged = agg.merge(a, b)
+    assert (a, b) == (fold(kind, head), fold(kind, tail))  # neither input changed
+    assert_close(kind, agg.result(merged), head + tail)
+    assert_close(kind, agg.result(agg.merge(b, a)), head + tail)
+    assert_close(kind, agg.result(agg.merge(agg.initialize(), merged)), head + tail)

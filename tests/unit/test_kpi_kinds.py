@@ -194,3 +194,113 @@ def test_impact_kind_is_the_impact_module() -> None:
     assert details["devices"] == {"treatment": 1, "control": 1}
     assert details["verdict"] == "inconclusive"
     assert "no_replication" in details["warnings"] and details["ci_low"] is None
+
+
+# --- one registry: pilotlab.kpi_kinds names the kinds, streams.kpis.REGISTRY computes them ---------
+
+from typing import get_args  # noqa: E402
+
+from pilotlab import kpi_kinds  # noqa: E402
+from pilotlab.manifest import Kpi as ManifestKpi  # noqa: E402
+
+PARAMS_OF = {"quantile": {"q": 0.5}, "exceedance": {"threshold": 25.0}}
+
+
+def test_every_registered_kind_has_exactly_one_aggregator() -> None:
+    assert list(kpis.REGISTRY) == list(kpi_kinds.KINDS)  # same names, same order, each once
+    assert get_args(ManifestKpi.model_fields["kind"].annotation) == kpi_kinds.KIND_NAMES
+    for name in kpi_kinds.KINDS:
+        agg = kpis.make(kpi(name, **PARAMS_OF.get(name, {})), EXP)
+        for method in ("initialize", "add", "merge", "result"):
+            assert callable(getattr(agg, method)), (name, method)
+    with pytest.raises(ValueError, match="already has an aggregator"):
+        kpis.register("mean", lambda k, e: kpis.OfValue(kpis.AGGREGATORS["mean"]))
+    with pytest.raises(ValueError, match="not a KPI kind"):
+        kpis.register("median", lambda k, e: kpis.OfValue(kpis.AGGREGATORS["mean"]))
+    assert list(kpis.REGISTRY) == list(kpi_kinds.KINDS)
+
+
+def test_the_manifest_checks_parameters_from_the_registry() -> None:
+    assert set(kpi_kinds.PARAMS) <= set(ManifestKpi.model_fields)
+    for name, spec in kpi_kinds.KINDS.items():
+        required = {p.name: float(p.example) for p in spec.params if p.required}
+        k = kpi(name, **required)
+        assert k.signature() == ":".join([name, *(repr(v) for v in required.values())])
+        for p in kpi_kinds.PARAMS:
+            if spec.param(p) is None:
+                with pytest.raises(ValueError, match=f"{p} applies to .* KPIs only, not {name}"):
+                    kpi(name, **required, **{p: 0.5})
+        for p in required:
+            with pytest.raises(ValueError, match=f"needs {p}, e.g. {p}: "):
+                kpi(name, **{q: v for q, v in required.items() if q != p})
+
+
+def test_only_the_impact_kind_spans_the_experiment() -> None:
+    assert [n for n, k in kpi_kinds.KINDS.items() if not k.windowed] == ["impact"]
+    assert [n for n, k in kpi_kinds.KINDS.items() if k.period_fold is None] == ["impact"]
+    assert all(k.pooled is not None for k in kpi_kinds.KINDS.values() if k.period_fold == "pooled")
+
+
+DEVICES = [("t1", "treatment"), ("t2", "treatment"), ("c1", "control")]
+SPAN_MS = T_INT - T0
+
+
+def observations(values: list[float], offsets: list[int]) -> list[Obs]:
+    """Plain lists of values and time offsets → observations of the three devices, over both periods."""
+    out = []
+    for i, (v, off) in enumerate(zip(values, offsets, strict=False)):
+        device, group = DEVICES[i % 3]
+        ts = T0 + off % (2 * SPAN_MS)
+        out.append(Obs(v, ts, device, group, ts + (off % 7000)))
+    return out
+
+
+def _state(k: Kpi, obs: list[Obs]):
+    agg = kpis.make(k, EXP)
+    state = agg.initialize()
+    for o in obs:
+        state = agg.add(state, o)
+    return json.loads(json.dumps(state))
+
+
+def _close(got: float | None, want: float | None, rel: float) -> None:
+    assert (got is None) == (want is None)
+    if got is not None:
+        assert got == pytest.approx(want, rel=rel, abs=1e-6)
+
+
+def _same(name: str, got, want) -> None:
+    (gv, gd), (wv, wd) = got, want
+    if name == "impact":
+        assert gd["readings"] == wd["readings"] and gd["devices"] == wd["devices"]
+        assert gd["verdict"] == wd["verdict"] and gd["warnings"] == wd["warnings"]
+        for g in gd["mean"]:
+            for p in gd["mean"][g]:
+                _close(gd["mean"][g][p], wd["mean"][g][p], 1e-9)
+        _close(gv, wv, 1e-6)
+    elif name in ("sum", "mean"):
+        _close(gv, wv, 1e-9)
+        assert gd == wd
+    else:
+        assert (gv, gd) == (wv, wd)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(kpi_kinds.KIND_NAMES),
+    st.lists(st.tuples(finite, st.integers(min_value=0, max_value=10**12)), max_size=60),
+    st.lists(st.tuples(finite, st.integers(min_value=0, max_value=10**12)), max_size=60),
+)
+def test_merge_of_two_states_equals_one_fold(name, head, tail) -> None:
+    """Every kind: the states of two plain lists merged = the state of both lists folded."""
+    k = kpi(name, **PARAMS_OF.get(name, {}))
+    a_obs = observations([v for v, _ in head], [o for _, o in head])
+    b_obs = observations([v for v, _ in tail], [o for _, o in tail])
+    agg = kpis.make(k, EXP)
+    a, b = _state(k, a_obs), _state(k, b_obs)
+    snapshot = json.dumps([a, b], sort_keys=True)
+    merged = agg.merge(a, b)
+    assert json.dumps([a, b], sort_keys=True) == snapshot  # neither input changed
+    for group in ("treatment", "control"):
+        _same(name, agg.result(merged, group), agg.result(_state(k, a_obs + b_obs), group))
+        _same(name, agg.result(agg.merge(agg.initialize(), merged), group), agg.result(merged, group))
