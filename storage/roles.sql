@@ -51,9 +51,13 @@ BEGIN
         IF coalesce(pw, '') <> '' THEN
             EXECUTE format('ALTER ROLE %I PASSWORD %L', r.name, pw);
         END IF;
-        -- members of nothing (docker-compose used to grant grafana_reader pg_read_all_data)
+        -- members of nothing (docker-compose used to grant grafana_reader pg_read_all_data),
+        -- but the startups' roles for grafana_reader (the portal's SET LOCAL ROLE; see below)
         FOR m IN SELECT a.roleid::regrole AS granted FROM pg_auth_members a
                   WHERE a.member = (SELECT oid FROM pg_roles WHERE rolname = r.name)
+                    AND NOT (r.name = 'grafana_reader' AND a.roleid IN (
+                             SELECT s.member FROM pg_auth_members s JOIN pg_roles g ON g.oid = s.roleid
+                              WHERE g.rolname = 'pilotlab_startups'))
         LOOP
             EXECUTE format('REVOKE %s FROM %I', m.granted, r.name);
         END LOOP;
@@ -152,3 +156,115 @@ REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION lo_creat(integer), lo_create(oid), lo_from_bytea(oid, bytea),
                            lo_import(text), lo_import(text, oid)
     FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- Per-startup access (docs/access.md, storage/access.py). The group role every startup's own
+-- role belongs to, and the few things that need CREATEROLE, which no pilotlab role holds:
+-- SECURITY DEFINER functions owned by this superuser in their own schema (not public: the block
+-- above would hand them to the owner), executable by pilotlab_owner alone. They create and
+-- change roles named startup_<slug> that are members of pilotlab_startups and nothing else.
+--
+--   pilotlab_startups   NOLOGIN group: SELECT on the startup-visible tables (migration 0030),
+--                       every row filtered by row-level security to the member's startup.
+--   startup_<slug>      one per startup (storage.access.role_name): LOGIN only while a SQL grant
+--                       is active (a SCRAM verifier computed by pilotlab, never a plaintext
+--                       password), read-only defaults, 5 connections, no TEMP. grafana_reader
+--                       is made a member of it so that the portal, connected as grafana_reader,
+--                       can SET LOCAL ROLE to it (a startup's rows are a subset of the lab's).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pilotlab_startups') THEN
+        CREATE ROLE pilotlab_startups;
+    END IF;
+    ALTER ROLE pilotlab_startups NOLOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+END
+$$;
+
+CREATE SCHEMA IF NOT EXISTS pilotlab_admin;
+DO $$
+BEGIN
+    -- a schema made by an earlier run belongs to whoever ran it: a superuser, as here
+    IF (SELECT NOT r.rolsuper FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
+         WHERE n.nspname = 'pilotlab_admin') THEN
+        RAISE EXCEPTION 'schema pilotlab_admin is not owned by a superuser';
+    END IF;
+END
+$$;
+REVOKE ALL ON SCHEMA pilotlab_admin FROM PUBLIC;
+GRANT USAGE ON SCHEMA pilotlab_admin TO pilotlab_owner;
+
+-- p_role must be a startup role: the name pilotlab gives one and, when it exists, a member of
+-- pilotlab_startups with no attribute beyond LOGIN (so these functions never touch another role).
+CREATE OR REPLACE FUNCTION pilotlab_admin.check_startup_role(p_role text) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+BEGIN
+    IF p_role IS NULL OR p_role !~ '^startup_[a-z0-9_]{1,55}$' THEN
+        RAISE EXCEPTION 'not a startup role name: %', p_role USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO r FROM pg_roles WHERE rolname = p_role;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls
+       OR NOT pg_has_role(r.oid, 'pilotlab_startups', 'MEMBER')
+       OR EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid
+                   AND m.roleid <> 'pilotlab_startups'::regrole) THEN
+        RAISE EXCEPTION 'role % exists and is not a pilotlab startup role', p_role
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Create the startup's role (NOLOGIN until a SQL grant) when missing; idempotent.
+CREATE OR REPLACE FUNCTION pilotlab_admin.ensure_startup_role(p_role text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT pilotlab_admin.check_startup_role(p_role) THEN
+        EXECUTE format('CREATE ROLE %I NOLOGIN INHERIT IN ROLE pilotlab_startups', p_role);
+    END IF;
+    EXECUTE format('ALTER ROLE %I NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS'
+                   ' CONNECTION LIMIT 5', p_role);
+    EXECUTE format('ALTER ROLE %I SET default_transaction_read_only = on', p_role);
+    EXECUTE format('ALTER ROLE %I SET statement_timeout = %L', p_role, '30s');
+    EXECUTE format('ALTER ROLE %I SET temp_file_limit = %L', p_role, '256MB');
+    -- the portal (connected as grafana_reader) takes the role with SET LOCAL ROLE
+    EXECUTE format('GRANT %I TO grafana_reader', p_role);
+END
+$$;
+
+-- Let the role log in with this SCRAM-SHA-256 verifier, or (NULL) take its login away and end
+-- its sessions. Plaintext passwords are refused: they would reach the server's logs.
+CREATE OR REPLACE FUNCTION pilotlab_admin.set_startup_login(p_role text, p_verifier text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT pilotlab_admin.check_startup_role(p_role) THEN
+        RAISE EXCEPTION 'no startup role %', p_role USING ERRCODE = 'undefined_object';
+    END IF;
+    IF p_verifier IS NULL THEN
+        EXECUTE format('ALTER ROLE %I NOLOGIN PASSWORD NULL', p_role);
+        PERFORM pg_terminate_backend(a.pid) FROM pg_stat_activity a
+          WHERE a.usename = p_role AND a.pid <> pg_backend_pid();
+    ELSIF p_verifier ~ '^SCRAM-SHA-256\$[0-9]+:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+$' THEN
+        EXECUTE format('ALTER ROLE %I LOGIN PASSWORD %L', p_role, p_verifier);
+    ELSE
+        RAISE EXCEPTION 'a SCRAM-SHA-256 verifier is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION pilotlab_admin.check_startup_role(text), pilotlab_admin.ensure_startup_role(text),
+                       pilotlab_admin.set_startup_login(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pilotlab_admin.ensure_startup_role(text), pilotlab_admin.set_startup_login(text, text)
+    TO pilotlab_owner;
+
+-- the startups connect to the application's database only (CONNECT comes with the group)
+DO $$
+BEGIN
+    IF NOT (SELECT datistemplate FROM pg_database WHERE datname = current_database()) THEN
+        EXECUTE format('GRANT CONNECT ON DATABASE %I TO pilotlab_startups', current_database());
+    END IF;
+END
+$$;

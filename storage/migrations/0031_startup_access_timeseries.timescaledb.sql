@@ -1,0 +1,11 @@
+-- Per-startup isolation of the time series (see 0030), TimescaleDB mode: NOT granted.
+--
+-- TimescaleDB refuses row-level security on hypertables that use compression (readings,
+-- late_readings and kpi_values do, 0004), does not carry a hypertable's policies to its chunks
+-- (which do get its grants: timescale/timescaledb#7830), and continuous aggregates
+-- (readings_1m / readings_1h) have no row-level security at all (#5787). A startup role
+-- therefore gets no SELECT on any of them here, and the query functions that read them
+-- (kpi_series, metric_series, device_health, ...) are refused to it with "permission denied":
+-- closed, never a leak. The startups still read their experiments, devices, rejections, device
+-- status and alerts (0030). docs/access.md, "Limits".
+REVOKE ALL ON readings, late_readings, kpi_values, readings_1m, readings_1h FROM pilotlab_startups;
