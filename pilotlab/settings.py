@@ -7,14 +7,32 @@ names the variable.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class _Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PILOTLAB_", frozen=True, extra="ignore")
+
+
+def _mqtt_url(v: str) -> str:
+    if not v.startswith(("mqtt://", "mqtts://")):
+        raise ValueError("must look like mqtt://host:port")
+    return v
+
+
+def _pg_url(v: str | None) -> str | None:
+    if v is not None and not v.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must look like postgresql://user:password@host:port/dbname")
+    return v
+
+
+# the URL types every settings object uses (``MqttUrl | None`` where the broker is optional):
+# one check each, so a service cannot accept a URL another one refuses
+MqttUrl = Annotated[str, AfterValidator(_mqtt_url)]
+PostgresUrl = Annotated[str, AfterValidator(_pg_url)]
 
 
 class KafkaSettings(_Settings):
@@ -28,7 +46,7 @@ class KafkaSettings(_Settings):
 
 
 class IngestSettings(KafkaSettings):
-    mqtt_url: str = Field(description="mqtt://host:port of the broker devices publish to")
+    mqtt_url: MqttUrl = Field(description="mqtt://host:port of the broker devices publish to")
     ingest_client_id: str = "pilotlab-ingest"
     # "": a plain persistent subscription (one replica only; see control.stack.ingest_env)
     ingest_share_group: str = Field(default="pilotlab-ingest", pattern=r"^[A-Za-z0-9_-]*$")
@@ -50,13 +68,6 @@ class IngestSettings(KafkaSettings):
     # instants per device whose accepted values ingest remembers to refuse a different value
     # for the same (device, metric, ts) as conflicting_reading
     ingest_conflict_instants: int = Field(default=256, ge=1)
-
-    @field_validator("mqtt_url")
-    @classmethod
-    def _mqtt_scheme(cls, v: str) -> str:
-        if not v.startswith(("mqtt://", "mqtts://")):
-            raise ValueError("must look like mqtt://host:port")
-        return v
 
 
 class StreamsSettings(KafkaSettings):
@@ -85,15 +96,9 @@ class StreamsSettings(KafkaSettings):
         return v
 
 
-def _pg_url(v: str | None) -> str | None:
-    if v is not None and not v.startswith(("postgresql://", "postgres://")):
-        raise ValueError("must look like postgresql://user:password@host:port/dbname")
-    return v
-
-
 class SinkSettings(KafkaSettings):
     # the sink's role, pilotlab_writer: it writes its tables and nothing else (storage/roles.py)
-    database_url: str = Field(description="postgresql://pilotlab_writer:password@host:port/db")
+    database_url: PostgresUrl = Field(description="postgresql://pilotlab_writer:password@host:port/db")
     sink_group: str = "pilotlab-sink"
     sink_batch_size: int = Field(default=5000, ge=1)
     sink_batch_wait_ms: int = Field(default=200, ge=0)
@@ -103,8 +108,6 @@ class SinkSettings(KafkaSettings):
     # before its Kafka offset commit (the crash window the idempotent upserts must absorb)
     sink_fault_after_db_commit: int = Field(default=0, ge=0, description="test hook; 0: off")
 
-    _pg_scheme = field_validator("database_url")(_pg_url)
-
 
 class MigrateSettings(_Settings):
     """``pilotlab db migrate`` / ``db status``: the owner role's URL (pilotlab_owner), which
@@ -112,9 +115,7 @@ class MigrateSettings(_Settings):
     the sink's role, which may not create anything, and a superuser URL there would leave the
     schema owned by a superuser."""
 
-    database_owner_url: str = Field(description="postgresql://pilotlab_owner:password@host:port/db")
-
-    _pg_scheme = field_validator("database_owner_url")(_pg_url)
+    database_owner_url: PostgresUrl = Field(description="postgresql://pilotlab_owner:password@host:port/db")
 
 
 T = TypeVar("T", bound=BaseSettings)
@@ -183,7 +184,7 @@ class _ReadsDatabase(_Settings):
     """Commands that only read: PILOTLAB_DATABASE_READER_URL (a read-only role such as
     grafana_reader) when set, else PILOTLAB_DATABASE_URL; ``database_url`` is the one used."""
 
-    database_reader_url: str | None = Field(
+    database_reader_url: PostgresUrl | None = Field(
         default=None, description="postgresql://grafana_reader:password@host:port/db"
     )
 
@@ -194,23 +195,17 @@ class _ReadsDatabase(_Settings):
             data = {**data, "database_url": data["database_reader_url"]}
         return data
 
-    _pg_reader_scheme = field_validator("database_reader_url")(_pg_url)
-
 
 class ReportSettings(_ReadsDatabase):
     """``pilotlab report``: only the database to read the experiment from."""
 
-    database_url: str = Field(description="postgresql://user:password@host:port/db")
-
-    _pg_scheme = field_validator("database_url")(_pg_url)
+    database_url: PostgresUrl = Field(description="postgresql://user:password@host:port/db")
 
 
 class PlanSettings(_ReadsDatabase):
     """``pilotlab plan``: a database to read a baseline from is optional."""
 
-    database_url: str | None = Field(default=None, description="postgresql://user:password@host:port/db")
-
-    _pg_scheme = field_validator("database_url")(_pg_url)
+    database_url: PostgresUrl | None = Field(default=None, description="postgresql://user:password@host:port/db")
 
 
 class AlertsSettings(KafkaSettings):
@@ -219,14 +214,14 @@ class AlertsSettings(KafkaSettings):
     e-mail and the devices' MQTT feedback topics."""
 
     # the sink's role, pilotlab_writer, which migration 0023 lets write the alert tables
-    database_url: str = Field(description="postgresql://pilotlab_writer:password@host:port/db")
+    database_url: PostgresUrl = Field(description="postgresql://pilotlab_writer:password@host:port/db")
     alerts_group: str = Field(default="pilotlab-alerts", description="consumer group (offsets, lag)")
     # lab-wide rules and targets (YAML: alerts:, notify:), read and validated at start-up
     alerts_defaults: str | None = Field(default=None, description="path of the lab's alert defaults")
     alerts_batch_size: int = Field(default=5000, ge=1)
     alerts_batch_wait_ms: int = Field(default=200, ge=0)
     # device-level alerts to pilots/{experiment}/{device}/feedback; unset: not sent
-    mqtt_url: str | None = Field(default=None, description="mqtt://user:password@host:port")
+    mqtt_url: MqttUrl | None = Field(default=None, description="mqtt://user:password@host:port")
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
     mqtt_ca_file: str | None = None
@@ -242,20 +237,6 @@ class AlertsSettings(KafkaSettings):
     alerts_retry_cap_s: float = Field(default=600.0, gt=0, le=86400)
     alerts_max_attempts: int = Field(default=10, ge=1, le=100)
     alerts_delivery_poll_ms: int = Field(default=500, ge=10, le=60_000)
-
-    @field_validator("database_url")
-    @classmethod
-    def _alerts_pg_scheme(cls, v: str) -> str:
-        if not v.startswith(("postgresql://", "postgres://")):
-            raise ValueError("must look like postgresql://user:password@host:port/dbname")
-        return v
-
-    @field_validator("mqtt_url")
-    @classmethod
-    def _alerts_mqtt_scheme(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("mqtt://", "mqtts://")):
-            raise ValueError("must look like mqtt://host:port")
-        return v
 
     @field_validator("smtp_url")
     @classmethod

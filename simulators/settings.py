@@ -3,25 +3,20 @@ from ``PILOTLAB_*`` variables, loaded with :func:`pilotlab.settings.load` like e
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pilotlab.settings import MqttUrl
 
 
 class SimulatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PILOTLAB_", frozen=True, extra="ignore")
 
-    mqtt_url: str = Field(description="mqtt://host:port of the broker (credentials may be in the URL)")
+    mqtt_url: MqttUrl = Field(description="mqtt://host:port of the broker (credentials may be in the URL)")
     mqtt_username: str | None = None
     mqtt_password: SecretStr | None = None
     kafka_bootstrap: str | None = Field(default=None, description="to register the scenario's experiments")
     sim_connections: int = Field(default=4, ge=1, le=64, description="MQTT connections of the simulator")
-
-    @field_validator("mqtt_url")
-    @classmethod
-    def _mqtt_scheme(cls, v: str) -> str:
-        if not v.startswith(("mqtt://", "mqtts://")):
-            raise ValueError("must look like mqtt://host:port")
-        return v
 
     @property
     def password(self) -> str | None:
