@@ -15,10 +15,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import psycopg
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from control.services import Services
 from control.stack import Stack
 from dashboards import impact_text as it
+from dashboards.report import load as load_report
+from dashboards.report import render as render_report
 from pilotlab import registry
 from pilotlab.contracts import utcnow
 from pilotlab.kafka_admin import ensure_topics
@@ -207,9 +212,6 @@ def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXA
                     )
                 )
             counts = table_counts(conn)
-            from dashboards.report import load as load_report  # noqa: PLC0415
-            from dashboards.report import render as render_report  # noqa: PLC0415
-
             reports = []
             for exp in experiments:  # one self-contained HTML impact report per experiment
                 path = stack.data_dir / "reports" / f"{exp.id}.html"
@@ -246,10 +248,6 @@ _VERDICT_STYLES = {"improved": "bold green", "worsened": "bold red", "no clear e
 
 
 def render(result: dict) -> None:
-    from rich.console import Console  # noqa: PLC0415
-    from rich.markup import escape  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
-
     console = Console()
     for exp in result["experiments"]:
         table = Table(

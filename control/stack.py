@@ -44,8 +44,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+import psycopg
+from confluent_kafka.admin import AdminClient
+
 from pilotlab.credentials import LAB_USER, prepare_stack_broker, with_credentials
-from pilotlab.settings import STACK_URL_VARIABLES
+from pilotlab.settings import STACK_URL_VARIABLES, StackSettings, load
 from storage import roles
 
 if TYPE_CHECKING:
@@ -311,7 +314,6 @@ class Part:
 def wanted_parts(mqtt: str | None = None, postgres: str | None = None) -> tuple[tuple[str, str], tuple[str, str]]:
     """What was asked for each part and who asked: an argument, else the setting
     (``PILOTLAB_STACK_MQTT``, ``PILOTLAB_STACK_POSTGRES``), else ``auto``."""
-    from pilotlab.settings import StackSettings, load  # noqa: PLC0415
 
     s = load(StackSettings)
     return (
@@ -779,7 +781,7 @@ class Stack:
 
     def _start_objects(self, state: StackState, port: int, timeout: float) -> ServiceState:
         """The object server behind the durable Kafka broker (``control.objectstore``)."""
-        from control import objectstore  # noqa: PLC0415
+        from control import objectstore  # noqa: PLC0415 - aiohttp; durable Kafka storage only
 
         log = self.logs / "objects.log"
         script = str(Path(objectstore.__file__).resolve())
@@ -802,7 +804,7 @@ class Stack:
         env = None
         storage = "memory://tansu/"
         if state.kafka_storage == "durable":
-            from control import objectstore  # noqa: PLC0415
+            from control import objectstore  # noqa: PLC0415 - aiohttp; durable Kafka storage only
 
             objects = state.services["objects"].url
             # a batch whose watermark was written but not the batch itself (kill -9 in between)
@@ -840,8 +842,6 @@ class Stack:
                 return True
             if not port_answers(port):
                 return False
-            from confluent_kafka.admin import AdminClient  # noqa: PLC0415
-
             try:
                 AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=2)
                 return True
@@ -960,8 +960,6 @@ class Stack:
         def answers() -> bool:
             if proc.poll() is not None:
                 return True
-            import psycopg  # noqa: PLC0415
-
             try:
                 with _postgres_socket_connect(root, port, "postgres", connect_timeout=2) as conn:
                     exists = conn.execute(
@@ -1063,8 +1061,6 @@ def postgres_admin_connect(state: StackState, dbname: str = POSTGRES_DATABASE):
 
 
 def _postgres_socket_connect(root: Path, port: int, dbname: str, connect_timeout: int = 5):
-    import psycopg  # noqa: PLC0415
-
     return psycopg.connect(
         host=str(root / "run"),
         port=port,
@@ -1077,7 +1073,6 @@ def _postgres_socket_connect(root: Path, port: int, dbname: str, connect_timeout
 
 def database_mode(database_url: str) -> str:
     """``timescaledb`` when the extension is installed in the database, else ``postgresql``."""
-    import psycopg  # noqa: PLC0415
 
     with psycopg.connect(database_url, connect_timeout=5) as conn:
         row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
