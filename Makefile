@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: demo test test-fallback unit integration bench bench-impact bench-export bench-sim lint clean install
+.PHONY: demo test test-fallback unit integration bench bench-impact bench-export bench-sim bench-streams bench-ingest \
+	bench-sink dashboards docs lint clean install
 
 install: $(STAMP)
 
@@ -68,6 +69,15 @@ bench-sim: $(STAMP)
 ## sink write paths into PostgreSQL (unnest vs COPY+merge) against the raw COPY ceiling
 bench-sink: $(STAMP)
 	$(BIN)/python bench/bench_sink.py $(ARGS)
+
+## the committed Grafana dashboards (deploy/grafana/dashboards) rebuilt from dashboards/, to review and commit;
+## the only way they are written (tests/unit/test_dashboards_models.py compares them with the build, never writes them)
+dashboards: $(STAMP)
+	$(BIN)/pilotlab dashboards build --out deploy/grafana/dashboards
+
+## the docs site (mkdocs.yml, docs/) into site/, strictly: a broken link or anchor, or a page left out of the nav, fails
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff

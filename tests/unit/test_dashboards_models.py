@@ -16,7 +16,7 @@ from dashboards.sdk import DATASOURCE_UID, PROMETHEUS_UID
 
 REPO = Path(__file__).resolve().parents[2]
 PROVISIONED = REPO / "deploy" / "grafana" / "dashboards"
-REBUILD = "pilotlab dashboards build --out deploy/grafana/dashboards"
+REBUILD = "make dashboards (pilotlab dashboards build --out deploy/grafana/dashboards)"
 UIDS = ["pilotlab-overview", "pilotlab-experiment", "pilotlab-device-health", "pilotlab-pipeline"]
 
 
