@@ -293,7 +293,6 @@ def plan_cmd(
         _fail(str(exc))
     conn = None
     if s.database_url:
-
         try:
             conn = psycopg.connect(s.database_url, connect_timeout=10)
         except psycopg.OperationalError as exc:
@@ -306,7 +305,6 @@ def plan_cmd(
                     continue
                 baseline = None
                 if conn is not None and kpi.change_sd is None:
-
                     cells = impact_device_periods(conn, exp.id, kpi.metric)
                     baseline = state_from_cells(c for c in cells if c.cell != "i") if cells else None
                 p = plan(exp, kpi, baseline_state=baseline, power=power)
@@ -603,7 +601,6 @@ def simulate(  # noqa: PLR0917 - typer options
         scenario = scenario.model_copy(update={"seed": seed})
     speed = 1.0 if live else speed
     if dry_run:
-
         if out is None:
             _fail("--dry-run needs --out DIR")
         truth = plan_to_files(scenario, out, speed=speed)
@@ -617,7 +614,6 @@ def simulate(  # noqa: PLR0917 - typer options
             return
         if not s.kafka_bootstrap:
             _fail("set PILOTLAB_KAFKA_BOOTSTRAP to register the experiments, or pass --no-apply")
-
         registry.publish(s.kafka_bootstrap, experiments)
         typer.echo(f"registered: {', '.join(e.id for e in experiments)}", err=True)
 
@@ -760,7 +756,6 @@ def export_cmd(  # noqa: PLR0917 - typer options
     PILOTLAB_DATABASE_READER_URL, else PILOTLAB_DATABASE_URL)."""
 
     from storage.export import TABLES, ExportError, export_experiment  # noqa: PLC0415 - start-up: pyarrow
-
     if fmt not in ("csv", "parquet"):
         _fail(f"--format must be csv or parquet, not {fmt!r}")
     tables = tuple(table or TABLES)
