@@ -754,8 +754,8 @@ def export_cmd(  # noqa: PLR0917 - typer options
     """Export an experiment's readings, KPIs and rejections (CSV or Parquet, streamed with
     bounded memory) with its manifest and stored impact results beside them (reads
     PILOTLAB_DATABASE_READER_URL, else PILOTLAB_DATABASE_URL)."""
-
     from storage.export import TABLES, ExportError, export_experiment  # noqa: PLC0415 - start-up: pyarrow
+
     if fmt not in ("csv", "parquet"):
         _fail(f"--format must be csv or parquet, not {fmt!r}")
     tables = tuple(table or TABLES)
