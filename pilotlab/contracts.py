@@ -32,7 +32,7 @@ def feedback_topic(experiment_id: str, device_id: str) -> str:
 
 
 class KafkaTopics:
-    """Kafka topic names. Readings are keyed by experiment id (see README, partitioning)."""
+    """Kafka topic names. Readings are keyed by experiment id (docs/experiments.md, Partitioning and its limit)."""
 
     READINGS = "pilotlab.readings"
     KPIS = "pilotlab.kpis"
@@ -68,7 +68,7 @@ class Reason(enum.StrEnum):
     UNKNOWN_METRIC = "unknown_metric"
     UNKNOWN_UNIT = "unknown_unit"  # a unit the metric table cannot convert to the canonical one
     UNSUPPORTED_SENML = "unsupported_senml"  # SenML features pilotlab does not take (vs, vb, vd, ...)
-    DUPLICATE = "duplicate"  # a device's seq seen again (ingest's bounded memory; see README)
+    DUPLICATE = "duplicate"  # a device's seq seen again (ingest's bounded memory; docs/payloads.md)
     # the same (device, metric, ts) accepted before with another value (storage keeps one)
     CONFLICTING_READING = "conflicting_reading"
     # raised by the sink when the database refuses a row

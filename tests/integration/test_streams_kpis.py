@@ -393,7 +393,7 @@ def test_two_workers_share_partitions_and_a_killed_one_recovers_without_double_c
                 second.wait()
     for name in ("streams.log", "streams-2.log"):
         # no Faust service crashed on the way (a recovery ConsistencyError, say, is logged, then
-        # the worker leaves the group: with tansu 0.6.0 that can wedge the group, see README)
+        # the worker leaves the group: with tansu 0.6.0 that can wedge the group, see docs/broker-behaviours.md)
         lines = (log_dir / name).read_text().splitlines()
         assert not [ln for ln in lines if "[ERROR]" in ln or "[CRITICAL]" in ln], name
 
