@@ -784,5 +784,9 @@ def export_cmd(  # noqa: PLR0917 - typer options
         typer.echo(f"wrote {path} ({name})")
 
 
+from dashboards.portal.cli import serve as serve_cmd  # noqa: E402 - `pilotlab serve`: the web portal
+app.command("serve")(serve_cmd)
+
+
 def main() -> None:
     app()

@@ -55,7 +55,7 @@ def serve(
     data_dir: Annotated[Path, typer.Option(help="The embedded stack's data directory, if any.")] = Path(".pilotlab"),
 ) -> None:
     """Serve the web portal and its JSON API: the city lab sees every pilot, a startup only its
-    own (log in with a token from `pilotlab access grant`). API docs at /docs."""
+    own (log in with a token from `pilotlab access grant`). The API's endpoints: /api."""
     import uvicorn  # noqa: PLC0415
 
     from dashboards.portal.app import create_app  # noqa: PLC0415
