@@ -26,10 +26,11 @@ Phases (each on the same stack, one after the other):
 - peers: the same saturation workload and the 1,000 datapoints/s latency run against each
   peer of bench/peers (Node-RED per message and batched, paho → per-message INSERT).
 
-Writes ``bench/results/e2e-<UTC>.json`` and ``.md`` plus ``latest.json``/``latest.md`` (with
-machine info), prints the markdown. ``--quick`` is a 1-3 minute smoke run of tiny loads (written
-as ``e2e-quick-<UTC>.*`` / ``latest-quick.*``). The machine is measured as a whole too: the
-CPU table's "not tracked" column is what other programs on the box used meanwhile.
+Writes ``bench/results/e2e-<UTC>.json`` and ``.md`` (with machine info), each run's figures
+once, and ``latest.md``, a pointer to them; prints the markdown. ``--quick`` is a 1-3 minute
+smoke run of tiny loads (written as ``e2e-quick-<UTC>.*``, pointed at by ``latest-quick.md``).
+The machine is measured as a whole too: the CPU table's "not tracked" column is what other
+programs on the box used meanwhile.
 """
 
 from __future__ import annotations
@@ -1181,8 +1182,9 @@ def markdown(res: dict) -> str:
 
 
 def save(res: dict, out_dir: Path) -> tuple[Path, Path]:
-    """``e2e-<UTC>.json``/``.md`` and ``latest.json``/``.md``; a quick run writes
-    ``e2e-quick-<UTC>.*`` and ``latest-quick.*`` (it never replaces a full run's ``latest``)."""
+    """``e2e-<UTC>.json``/``.md``, the one copy of the run's figures, and ``latest.md``, which
+    only points at them (no second copy to drift); a quick run writes ``e2e-quick-<UTC>.*`` and
+    ``latest-quick.md`` (it never replaces a full run's ``latest``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = res["started_at"].replace(":", "").replace("-", "")
     kind = ("-quick" if res["config"]["quick"] else "") + (
@@ -1193,9 +1195,17 @@ def save(res: dict, out_dir: Path) -> tuple[Path, Path]:
     mdt = markdown(res)
     j.write_text(text)
     md.write_text(mdt)
-    (out_dir / f"latest{kind}.json").write_text(text)
-    (out_dir / f"latest{kind}.md").write_text(mdt)
+    (out_dir / f"latest{kind}.md").write_text(latest_pointer(j, md))
     return j, md
+
+
+def latest_pointer(j: Path, md: Path) -> str:
+    """The text of ``latest*.md``: links to the newest run's files beside it, nothing copied."""
+    return (
+        "# Latest end-to-end benchmark run\n\n"
+        f"[{md.name}]({md.name}) (the figures as JSON: [{j.name}]({j.name})). Each run is written\n"
+        "once, under its start time; this file only points at the newest.\n"
+    )
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -1298,7 +1308,7 @@ def main(argv: list[str] | None = None) -> int:
     j, md = save(res, a.out_dir)
     print()
     print(markdown(res))
-    print(f"written: {j} and {md} (and their latest*.json / .md copies beside them)")
+    print(f"written: {j} and {md} (and the latest*.md pointer beside them)")
     return 0
 
 

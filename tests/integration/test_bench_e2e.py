@@ -30,10 +30,15 @@ def test_quick_run_measures_everything_and_loses_nothing(tmp_path: Path):
         capture_output=True, text=True, timeout=540, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    res = json.loads((out / "latest-quick.json").read_text())
-    assert (out / "latest-quick.md").read_text().startswith("# pilotlab end-to-end benchmark")
-    assert len(list(out.glob("e2e-quick-*.json"))) == 1 and len(list(out.glob("e2e-quick-*.md"))) == 1
-    assert not (out / "latest.json").exists()  # a quick run never replaces a full run's figures
+    runs, reports = list(out.glob("e2e-quick-*.json")), list(out.glob("e2e-quick-*.md"))
+    assert len(runs) == 1 and len(reports) == 1
+    res = json.loads(runs[0].read_text())
+    assert reports[0].read_text().startswith("# pilotlab end-to-end benchmark")
+    # latest-quick.md points at the run's files, and is no second copy of its figures
+    pointer = (out / "latest-quick.md").read_text()
+    assert f"]({runs[0].name})" in pointer and f"]({reports[0].name})" in pointer
+    assert sorted(p.name for p in out.iterdir()) == sorted([runs[0].name, reports[0].name, "latest-quick.md"])
+    assert not (out / "latest.md").exists()  # a quick run never replaces a full run's pointer
 
     m = res["machine"]
     assert m["cores"] >= 1 and m["cpu"] and m["mosquitto"] and m["tansu"] and m["postgres"]
