@@ -34,9 +34,8 @@ from confluent_kafka.admin import AdminClient
 
 from control.services import Services
 from control.stack import Stack
-from ingest.decode import Limits
 from pilotlab import registry
-from pilotlab.contracts import KafkaTopics, to_ms
+from pilotlab.contracts import KafkaTopics, Limits, to_ms
 from pilotlab.kafka_admin import ensure_topics, lag_or_reason
 from pilotlab.manifest import Experiment, load_manifests, parse_duration
 from simulators.replay import replay

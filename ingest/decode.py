@@ -15,20 +15,13 @@ from datetime import datetime
 import orjson
 
 from ingest.senml import decode_pack, is_senml, looks_like_bare_record
-from pilotlab.contracts import Reading, Reason, to_ms
+from pilotlab.contracts import Limits, Reading, Reason, to_ms
 from pilotlab.metrics import METRICS, canonical_metric
 
 _ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # used with fullmatch
 # epoch milliseconds below this are before 1973-03: almost surely epoch *seconds*
 _SECONDS_NOT_MS_BELOW = 100_000_000_000
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_payload_bytes: int = 256 * 1024
-    max_batch: int = 500
-    max_age_ms: int = 7 * 86400 * 1000
-    max_future_ms: int = 300 * 1000
+_DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +83,14 @@ def _parse_ts(raw: object, now_ms: int, limits: Limits) -> int | ItemError:
             )
     else:
         return ItemError(Reason.WRONG_TYPE, "ts must be an ISO-8601 string or epoch milliseconds")
-    if ts_ms > now_ms + limits.max_future_ms:
+    verdict = limits.ts_verdict(ts_ms, now_ms)
+    if verdict is Reason.TIMESTAMP_IN_FUTURE:
         return ItemError(
             Reason.TIMESTAMP_IN_FUTURE,
             f"ts is {(ts_ms - now_ms) / 1000:.0f} s ahead of the server clock "
             f"(allowed {limits.max_future_ms / 1000:.0f} s); check the device clock",
         )
-    if ts_ms < now_ms - limits.max_age_ms:
+    if verdict is Reason.TIMESTAMP_TOO_OLD:
         return ItemError(
             Reason.TIMESTAMP_TOO_OLD,
             f"ts is {(now_ms - ts_ms) / 86_400_000:.1f} days old "
@@ -149,7 +143,7 @@ def decode_item(item: object, index: int | None, now_ms: int, limits: Limits) ->
     return Reading(seq=seq, ts_ms=ts, metrics=clean)
 
 
-def decode(payload: bytes, now_ms: int, limits: Limits = Limits()) -> Decoded:
+def decode(payload: bytes, now_ms: int, limits: Limits = _DEFAULT_LIMITS) -> Decoded:
     """A payload (one object, or a JSON array of objects) → valid readings and item errors."""
     out = Decoded()
     if len(payload) > limits.max_payload_bytes:

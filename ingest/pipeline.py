@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ingest.decode import ItemError, Limits, TopicAddress, decode, parse_topic
+from ingest.decode import ItemError, TopicAddress, decode, parse_topic
 from ingest.dedup import SeqMemory, ValueMemory
-from pilotlab.contracts import Reading, ReadingBatch, Reason, Rejection, excerpt, from_ms
+from pilotlab.contracts import Limits, Reading, ReadingBatch, Reason, Rejection, excerpt, from_ms
 from pilotlab.registry import Refusal, Registry
 
 

@@ -19,10 +19,9 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter, Gauge, Histogram
 
-from ingest.decode import Limits
 from ingest.dedup import SeqMemory, ValueMemory
 from ingest.pipeline import handle, remember, screen_conflicts, screen_duplicates
-from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, Reason, feedback_topic, to_ms, utcnow
+from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, Limits, Reason, feedback_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.errorlog import ErrorLog
 from pilotlab.health import Health, serve

@@ -1,4 +1,5 @@
-"""The contracts every service shares: topic names, the reading, the rejection, the KPI value.
+"""The contracts every service shares: topic names, reason codes, ingest's limits, the reading,
+the rejection, the KPI value.
 
 Records travel through Kafka as compact JSON (orjson). Times inside Kafka are epoch
 milliseconds (UTC); in Python they are timezone-aware ``datetime`` objects.
@@ -73,6 +74,29 @@ class Reason(enum.StrEnum):
     CONFLICTING_READING = "conflicting_reading"
     # raised by the sink when the database refuses a row
     STORAGE_REFUSED = "storage_refused"
+
+
+# --- what ingest accepts ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What ingest accepts: a message's size, a batch's items and the timestamp window, judged
+    against the time the message reaches ingest. Ingest enforces them (``ingest.decode``); the
+    simulators judge their ground truth with the same rule (``simulators.faults``)."""
+
+    max_payload_bytes: int = 256 * 1024
+    max_batch: int = 500
+    max_age_ms: int = 7 * 86400 * 1000
+    max_future_ms: int = 300 * 1000
+
+    def ts_verdict(self, ts_ms: int, now_ms: int) -> Reason | None:
+        """The timestamp window at ``now_ms``: the refusal, or None when accepted."""
+        if ts_ms > now_ms + self.max_future_ms:
+            return Reason.TIMESTAMP_IN_FUTURE
+        if ts_ms < now_ms - self.max_age_ms:
+            return Reason.TIMESTAMP_TOO_OLD
+        return None
 
 
 # --- records -----------------------------------------------------------------------------

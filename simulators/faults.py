@@ -21,7 +21,7 @@ key (device, metric, ts), duplicates once. What it must refuse and why, keyed li
 once: broken payloads; timestamps outside ingest's window; and the repeated copy of a
 duplicated message (``duplicate``, from ingest's per-device ``seq`` memory).
 
-Timestamps are judged with ingest's own rule and :class:`ingest.decode.Limits` against the
+Timestamps are judged with ingest's own rule and :class:`pilotlab.contracts.Limits` against the
 time the message *reaches* ingest: in a run anchored at ``anchor`` at ×``speed``, simulated
 time ``t`` is sent at wall time ``anchor + (t - anchor) / speed``. A message whose verdict
 would change if it arrived up to ``lag_allowance_ms`` later (or ``early_ms`` earlier) is
@@ -41,14 +41,13 @@ from pathlib import Path
 
 import orjson
 
-from ingest.decode import Limits
-from pilotlab.contracts import Reason, telemetry_topic, to_ms
+from pilotlab.contracts import Limits, Reason, telemetry_topic, to_ms
 from pilotlab.manifest import Experiment
 from simulators.models import Sample, derive_seed, simulate_experiment
 from simulators.publisher import broken_payload
 from simulators.spec import Scenario
 
-__all__ = ["GroundTruth", "Message", "Run", "plan", "receive_ms", "ts_verdict"]
+__all__ = ["GroundTruth", "Message", "Run", "plan", "receive_ms"]
 
 # a duplicate copy follows its original within this much simulated time
 _DUPLICATE_GAP_MS = 5_000
@@ -135,15 +134,6 @@ class GroundTruth:
 def receive_ms(send_ms: int, anchor_ms: int, speed: float) -> int:
     """The wall-clock time at which a message sent at simulated ``send_ms`` reaches ingest."""
     return anchor_ms + round((send_ms - anchor_ms) / speed)
-
-
-def ts_verdict(ts_ms: int, now_ms: int, limits: Limits) -> Reason | None:
-    """Ingest's timestamp window (see ``ingest.decode``): the refusal, or None when accepted."""
-    if ts_ms > now_ms + limits.max_future_ms:
-        return Reason.TIMESTAMP_IN_FUTURE
-    if ts_ms < now_ms - limits.max_age_ms:
-        return Reason.TIMESTAMP_TOO_OLD
-    return None
 
 
 def _iso(ts_ms: int) -> str:
@@ -259,9 +249,9 @@ class Run:
 
     def _uncertain(self, ts_ms: int, send_ms: int) -> tuple[Reason | None, bool]:
         now = receive_ms(send_ms, self.anchor_ms, self.speed)
-        verdict = ts_verdict(ts_ms, now, self.limits)
-        early = ts_verdict(ts_ms, now - self.early_ms, self.limits)
-        late = ts_verdict(ts_ms, now + self.lag_allowance_ms, self.limits)
+        verdict = self.limits.ts_verdict(ts_ms, now)
+        early = self.limits.ts_verdict(ts_ms, now - self.early_ms)
+        late = self.limits.ts_verdict(ts_ms, now + self.lag_allowance_ms)
         return verdict, not (verdict == early == late)
 
     def messages(self) -> Iterator[Message]:

@@ -13,8 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ingest.decode import Limits
-from pilotlab.contracts import utcnow
+from pilotlab.contracts import Limits, utcnow
 from pilotlab.manifest import Experiment
 from simulators.engine import MqttPool, SendStats, send
 from simulators.faults import GroundTruth, Run

@@ -36,7 +36,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from ingest.decode import Limits
+from pilotlab.contracts import Limits
 from pilotlab.manifest import (
     Device,
     Experiment,

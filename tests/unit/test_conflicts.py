@@ -9,10 +9,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingest.decode import Limits
 from ingest.dedup import SeqMemory, ValueMemory
 from ingest.pipeline import Outcome, handle, remember, screen_conflicts, screen_duplicates
-from pilotlab.contracts import Reason, telemetry_topic
+from pilotlab.contracts import Limits, Reason, telemetry_topic
 from pilotlab.manifest import load_manifests
 from pilotlab.registry import Registry
 

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.decode import Decoded, ItemError, Limits, TopicAddress, decode, decode_item, parse_topic
-from pilotlab.contracts import Reading, Reason, to_ms
+from ingest.decode import Decoded, ItemError, TopicAddress, decode, decode_item, parse_topic
+from pilotlab.contracts import Limits, Reading, Reason, to_ms
 from pilotlab.metrics import METRICS
 
 NOW = datetime(2026, 3, 15, 12, 0, 0, tzinfo=UTC)

@@ -8,10 +8,9 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ingest.decode import Limits
 from ingest.dedup import SeqMemory
 from ingest.pipeline import handle, remember, screen_duplicates
-from pilotlab.contracts import Reason, telemetry_topic
+from pilotlab.contracts import Limits, Reason, telemetry_topic
 from pilotlab.manifest import load_manifests
 from pilotlab.registry import Registry
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.decode import Limits, TopicAddress
+from ingest.decode import TopicAddress
 from ingest.pipeline import Outcome, handle
-from pilotlab.contracts import Reading, ReadingBatch, Reason, Rejection, excerpt, telemetry_topic
+from pilotlab.contracts import Limits, Reading, ReadingBatch, Reason, Rejection, excerpt, telemetry_topic
 from pilotlab.manifest import load_manifests
 from pilotlab.registry import Registry
 

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.decode import Limits, decode
+from ingest.decode import decode
 from ingest.senml import SENML_LABELS, is_senml
-from pilotlab.contracts import Reading, Reason
+from pilotlab.contracts import Limits, Reading, Reason
 from pilotlab.metrics import METRIC_ALIASES, METRICS, UNITS, canonical_metric, convert
 
 NOW_MS = 1_773_576_000_000  # 2026-03-15T12:00:00Z
