@@ -43,7 +43,7 @@ from pilotlab.errorlog import ErrorLog
 from pilotlab.manifest import Experiment, Webhook
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import AlertsSettings
-from storage import alerts as store
+from streams import alert_store as store
 from streams import alerts as engine
 from streams.delivery import Dispatcher, MqttFeedback, Policy, SmtpConfig, plan
 

@@ -284,7 +284,7 @@ class Policy:
 class Dispatcher:
     """Sends the due rows of ``alert_deliveries`` in background threads, one lane per target.
 
-    ``store`` is the table (``storage.alerts.DeliveryStore``); ``webhook_of(experiment_id,
+    ``store`` is the table (``streams.alert_store.DeliveryStore``); ``webhook_of(experiment_id,
     target)`` finds a webhook in the configuration in force; ``env`` holds the secrets that
     webhooks name by ``secret_env``."""
 

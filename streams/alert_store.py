@@ -1,4 +1,4 @@
-"""The alert tables (migration 0023) as the alerts service writes them.
+"""The alert tables (migration 0023) as the alerts service (streams/alerting.py) writes them.
 
 ``store_batch`` writes, in the caller's transaction, the transitions of one consumed batch
 (idempotent on the natural key; only what is new gets deliveries), their deliveries, the
