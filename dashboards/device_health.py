@@ -29,10 +29,11 @@ def build() -> dict:
                 SELECT h.device_id, h.device_group, h.kind, h.interval_s,
                        h.last_seen, coalesce(h.status, 'no status yet') AS status, h.status_since,
                        h.samples, h.expected, 100 * h.completeness AS "completeness %",
-                       (SELECT count(*) FROM rejections r
-                         WHERE r.device_id = h.device_id AND r.experiment_id = '$experiment'
-                           AND $__timeFilter(r.received_at)) AS rejections
+                       coalesce(r.rejections, 0) AS rejections
                   FROM device_health('$experiment', $__timeFrom(), $__timeTo()) h
+                  LEFT JOIN (SELECT device_id, sum(rejections)::bigint AS rejections
+                               FROM device_rejections('$experiment', $__timeFrom(), $__timeTo())
+                              GROUP BY device_id) r USING (device_id)
                  ORDER BY "completeness %" NULLS FIRST, h.device_id
             """)
         )
@@ -62,13 +63,8 @@ def build() -> dict:
         .datasource(DATASOURCE)
         .with_target(
             SqlTarget("""
-                SELECT coalesce(device_id, '(no device id)') AS device_id, reason, count(*) AS rejections,
-                       max(received_at) AS last_seen,
-                       (array_agg(detail ORDER BY received_at DESC))[1] AS latest_detail
-                  FROM rejections
-                 WHERE experiment_id = '$experiment' AND $__timeFilter(received_at)
-                 GROUP BY 1, 2
-                 ORDER BY 3 DESC, 1, 2
+                SELECT device_id, reason, rejections, last_seen, latest_detail
+                  FROM device_rejections('$experiment', $__timeFrom(), $__timeTo())
             """)
         )
         .grid_pos(grid(12, 9, 12, 8))
@@ -80,10 +76,9 @@ def build() -> dict:
         .with_target(
             SqlTarget(
                 """
-                SELECT $__timeGroupAlias(received_at, $__interval), reason AS metric, count(*) AS rejections
-                  FROM rejections
-                 WHERE experiment_id = '$experiment' AND $__timeFilter(received_at)
-                 GROUP BY 1, 2
+                SELECT bucket AS "time", reason AS metric, rejections
+                  FROM rejections_timeline('$experiment', $__interval_ms * INTERVAL '1 millisecond',
+                                           $__timeFrom(), $__timeTo())
                  ORDER BY 1
                 """,
                 TIME_SERIES,
@@ -98,10 +93,8 @@ def build() -> dict:
         .with_target(
             SqlTarget(
                 """
-                SELECT bucket AS "time", device_id AS metric, max(samples) AS samples
-                  FROM readings_1h
-                 WHERE experiment_id = '$experiment' AND $__timeFilter(bucket)
-                 GROUP BY 1, 2
+                SELECT bucket AS "time", device_id AS metric, samples
+                  FROM device_samples_hourly('$experiment', $__timeFrom(), $__timeTo())
                  ORDER BY 1
                 """,
                 TIME_SERIES,

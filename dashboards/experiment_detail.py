@@ -71,8 +71,7 @@ def kpi_variable() -> dash.QueryVariable:
         .label("KPI")
         .datasource(DATASOURCE)
         .query(
-            "SELECT DISTINCT kpi FROM kpi_values "
-            "WHERE experiment_id = '$experiment' AND kind <> 'impact' ORDER BY kpi"
+            "SELECT kpi FROM experiment_kpis('$experiment')"
         )
         .refresh(model.VariableRefresh.ON_DASHBOARD_LOAD)
     )
@@ -183,11 +182,11 @@ def build() -> dict:
         .datasource(DATASOURCE)
         .with_target(
             SqlTarget("""
-                SELECT d.device_id, d.device_group, d.kind, d.lat AS latitude, d.lon AS longitude,
+                SELECT d.device_id, d.device_group, d.kind, d.latitude, d.longitude,
                        coalesce(h.status, 'no status yet') AS status, 100 * h.completeness AS "completeness %"
-                  FROM devices d
+                  FROM device_last_status('$experiment') d
                   JOIN device_health('$experiment', $__timeFrom(), $__timeTo()) h USING (device_id)
-                 WHERE d.experiment_id = '$experiment' AND d.lat IS NOT NULL
+                 WHERE d.latitude IS NOT NULL
             """)
         )
         .view(geomap.MapViewConfig().id("fit").zoom(15))
@@ -204,19 +203,8 @@ def build() -> dict:
         .with_target(
             SqlTarget(
                 """
-                WITH per AS (
-                    SELECT bucket, device_id, max(samples) AS samples
-                      FROM readings_1h
-                     WHERE experiment_id = '$experiment' AND $__timeFilter(bucket)
-                     GROUP BY 1, 2),
-                     b AS (SELECT DISTINCT bucket FROM per)
-                SELECT b.bucket AS "time", d.device_group AS metric,
-                       100.0 * coalesce(sum(per.samples), 0) / sum(3600.0 / d.interval_s) AS "completeness %"
-                  FROM b
-                 CROSS JOIN devices d
-                  LEFT JOIN per ON per.bucket = b.bucket AND per.device_id = d.device_id
-                 WHERE d.experiment_id = '$experiment'
-                 GROUP BY 1, 2
+                SELECT bucket AS "time", device_group AS metric, 100 * completeness AS "completeness %"
+                  FROM group_completeness_hourly('$experiment', $__timeFrom(), $__timeTo())
                  ORDER BY 1
                 """,
                 TIME_SERIES,

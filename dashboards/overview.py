@@ -13,47 +13,16 @@ TITLE = "PilotLab · City Lab overview"
 
 
 EXPERIMENTS_SQL = """
-                WITH span AS (
-                    SELECT greatest(extract(epoch FROM $__timeTo()::timestamptz - $__timeFrom()::timestamptz) / 60,
-                                    1) AS minutes),
-                msgs AS (
-                    SELECT experiment_id, count(DISTINCT (device_id, ts)) AS n FROM readings
-                     WHERE $__timeFilter(received_at) GROUP BY experiment_id),
-                rej AS (
-                    SELECT experiment_id, count(*) AS n FROM rejections
-                     WHERE $__timeFilter(received_at) GROUP BY experiment_id),
-                status AS (
-                    SELECT d.experiment_id,
-                           count(*) AS devices,
-                           count(*) FILTER (WHERE s.status = 'online') AS online,
-                           count(*) FILTER (WHERE s.status = 'offline') AS offline
-                      FROM devices d
-                      LEFT JOIN LATERAL (
-                            SELECT status FROM device_status ds
-                             WHERE ds.device_id = d.device_id ORDER BY ds.ts DESC LIMIT 1) s ON true
-                     GROUP BY d.experiment_id),
-                headline AS (
-                    SELECT DISTINCT ON (experiment_id) experiment_id, kpi, details
-                      FROM kpi_values WHERE kind = 'impact'
-                     ORDER BY experiment_id, kpi)
-                SELECT e.title AS experiment, e.startup, e.district,
-                       coalesce(st.devices, 0) AS devices,
-                       coalesce(st.online, 0) AS online,
-                       coalesce(st.offline, 0) AS offline,
-                       coalesce(m.n, 0) / span.minutes AS "messages/min",
-                       100.0 * coalesce(r.n, 0) / nullif(coalesce(r.n, 0) + coalesce(m.n, 0), 0) AS "rejection rate %",
-                       h.kpi AS "headline KPI",
-                       h.details->>'verdict' AS verdict,
-                       CASE WHEN h.kpi IS NOT NULL THEN {impact} END AS impact,
+                SELECT o.title AS experiment, o.startup, o.district, o.devices, o.online, o.offline,
+                       o.messages_per_min AS "messages/min",
+                       o.rejection_rate AS "rejection rate %",
+                       o.headline_kpi AS "headline KPI",
+                       o.headline_details->>'verdict' AS verdict,
+                       CASE WHEN o.headline_kpi IS NOT NULL THEN {impact} END AS impact,
                        {devices} AS "impact devices",
-                       CASE WHEN h.kpi IS NOT NULL THEN coalesce({warnings}, 'none') END AS warnings
-                  FROM experiments e
-                 CROSS JOIN span
-                  LEFT JOIN status st USING (experiment_id)
-                  LEFT JOIN msgs m USING (experiment_id)
-                  LEFT JOIN rej r USING (experiment_id)
-                  LEFT JOIN headline h USING (experiment_id)
-                 ORDER BY e.title
+                       CASE WHEN o.headline_kpi IS NOT NULL THEN coalesce({warnings}, 'none') END AS warnings
+                  FROM experiments_overview($__timeFrom(), $__timeTo()) o
+                 ORDER BY o.title
             """
 
 
@@ -76,10 +45,7 @@ def build() -> dict:
                 SELECT count(*) FILTER (WHERE s.status = 'online') AS online,
                        count(*) FILTER (WHERE s.status = 'offline') AS offline,
                        count(*) FILTER (WHERE s.status IS NULL) AS "no status yet"
-                  FROM devices d
-                  LEFT JOIN LATERAL (
-                        SELECT status FROM device_status ds
-                         WHERE ds.device_id = d.device_id ORDER BY ds.ts DESC LIMIT 1) s ON true
+                  FROM device_last_status(NULL) s
             """)
         )
         .grid_pos(grid(0, 0, 12, 5))
@@ -90,9 +56,8 @@ def build() -> dict:
         .datasource(DATASOURCE)
         .with_target(
             SqlTarget("""
-                SELECT (SELECT count(*) FROM readings WHERE $__timeFilter(received_at)) AS "datapoints stored",
-                       (SELECT count(*) FROM rejections WHERE $__timeFilter(received_at)) AS rejections,
-                       (SELECT count(*) FROM experiments) AS experiments
+                SELECT datapoints AS "datapoints stored", rejections, experiments
+                  FROM traffic_summary($__timeFrom(), $__timeTo())
             """)
         )
         .grid_pos(grid(12, 0, 12, 5))
@@ -110,9 +75,9 @@ def build() -> dict:
         .datasource(DATASOURCE)
         .with_target(
             SqlTarget(EXPERIMENTS_SQL.format(
-                impact=_cont(impact_sql.estimate_with_interval("h.details")),
-                devices=_cont(impact_sql.devices("h.details")),
-                warnings=_cont(impact_sql.warnings("h.details")),
+                impact=_cont(impact_sql.estimate_with_interval("o.headline_details")),
+                devices=_cont(impact_sql.devices("o.headline_details")),
+                warnings=_cont(impact_sql.warnings("o.headline_details")),
             ))
         )
         .decimals(1)
@@ -128,11 +93,8 @@ def build() -> dict:
         .with_target(
             SqlTarget(
                 """
-                SELECT $__timeGroupAlias(received_at, $__interval), experiment_id AS metric,
-                       count(DISTINCT (device_id, ts)) AS messages
-                  FROM readings
-                 WHERE $__timeFilter(received_at)
-                 GROUP BY 1, 2
+                SELECT bucket AS "time", experiment_id AS metric, messages
+                  FROM message_rate($__interval_ms * INTERVAL '1 millisecond', $__timeFrom(), $__timeTo())
                  ORDER BY 1
                 """,
                 TIME_SERIES,
@@ -146,11 +108,8 @@ def build() -> dict:
         .datasource(DATASOURCE)
         .with_target(
             SqlTarget("""
-                SELECT reason, count(*) AS rejections
-                  FROM rejections
-                 WHERE $__timeFilter(received_at)
-                 GROUP BY reason
-                 ORDER BY 2 DESC
+                SELECT reason, rejections
+                  FROM rejections_by_reason(NULL, $__timeFrom(), $__timeTo())
             """)
         )
         .grid_pos(grid(16, 13, 8, 8))

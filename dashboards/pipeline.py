@@ -26,9 +26,9 @@ def build() -> dict:
         .datasource(DATASOURCE)
         .with_target(
             SqlTarget("""
-                SELECT extract(epoch FROM now() - (SELECT max(received_at) FROM readings)) AS "s since last stored",
-                       (SELECT count(*) FROM rejections WHERE $__timeFilter(received_at)) AS "dead letters",
-                       (SELECT count(*) FROM late_readings WHERE $__timeFilter(received_at)) AS "late readings"
+                SELECT seconds_since_last_stored AS "s since last stored", rejections AS "dead letters",
+                       late_readings AS "late readings"
+                  FROM traffic_summary($__timeFrom(), $__timeTo())
             """)
         )
         .grid_pos(grid(0, 0, 24, 5))
@@ -42,17 +42,8 @@ def build() -> dict:
         .with_target(
             SqlTarget(
                 """
-                SELECT $__timeGroupAlias(t, $__interval), stage AS metric, count(*) AS "rows"
-                  FROM (SELECT received_at AS t, 'datapoints stored' AS stage FROM readings
-                         WHERE $__timeFilter(received_at)
-                        UNION ALL
-                        SELECT received_at, 'dead letters' FROM rejections WHERE $__timeFilter(received_at)
-                        UNION ALL
-                        SELECT received_at, 'late readings' FROM late_readings WHERE $__timeFilter(received_at)
-                        UNION ALL
-                        SELECT updated_at, 'KPI windows updated' FROM kpi_values WHERE $__timeFilter(updated_at)
-                       ) s
-                 GROUP BY 1, 2
+                SELECT bucket AS "time", stage AS metric, row_count AS "rows"
+                  FROM pipeline_throughput($__interval_ms * INTERVAL '1 millisecond', $__timeFrom(), $__timeTo())
                  ORDER BY 1
                 """,
                 TIME_SERIES,
@@ -82,11 +73,8 @@ def build() -> dict:
         .datasource(DATASOURCE)
         .with_target(
             SqlTarget("""
-                SELECT reason, count(*) AS "dead letters"
-                  FROM rejections
-                 WHERE $__timeFilter(received_at)
-                 GROUP BY reason
-                 ORDER BY 2 DESC
+                SELECT reason, rejections AS "dead letters"
+                  FROM rejections_by_reason(NULL, $__timeFrom(), $__timeTo())
             """)
         )
         .grid_pos(grid(0, 13, 8, 9))
@@ -98,10 +86,7 @@ def build() -> dict:
         .with_target(
             SqlTarget("""
                 SELECT received_at, reason, experiment_id, device_id, topic, detail
-                  FROM rejections
-                 WHERE $__timeFilter(received_at)
-                 ORDER BY received_at DESC
-                 LIMIT 200
+                  FROM latest_rejections(NULL, $__timeFrom(), $__timeTo(), 200)
             """)
         )
         .grid_pos(grid(8, 13, 16, 9))

@@ -23,7 +23,9 @@ from pathlib import Path
 import psycopg
 
 from dashboards import impact_text as it
+from pilotlab.kpi_kinds import KINDS
 from pilotlab.metrics import METRICS
+from storage import queries
 
 TREATMENT = "#1f6fb4"
 CONTROL = "#e08a1e"
@@ -127,7 +129,7 @@ class PeriodRow:
     def absolute(self) -> bool:
         """A level of a metric without a true zero (°C, dB(A)): its change is a difference."""
         m = METRICS.get(self.metric)
-        return m is not None and m.scale == "interval" and self.kind in ("mean", "quantile", "min", "max")
+        return m is not None and m.scale == "interval" and self.kind in KINDS and KINDS[self.kind].level
 
     @property
     def change(self) -> float | None:
@@ -193,32 +195,28 @@ def pick_bucket(span: timedelta, max_points: int = 400) -> timedelta:
 
 
 def load(conn: psycopg.Connection, experiment_id: str, now: datetime | None = None) -> ReportData:
+    """The report's data, read through the query layer's named functions (``storage.queries``)."""
     now = now or datetime.now(UTC)
-    row = conn.execute(
-        "SELECT title, startup, district, baseline_start, baseline_end, intervention_start, intervention_end,"
-        " manifest FROM experiments WHERE experiment_id = %s",
-        (experiment_id,),
-    ).fetchone()
-    if row is None:
-        known = [r[0] for r in conn.execute("SELECT experiment_id FROM experiments ORDER BY 1")]
+    exp = queries.experiment_info(conn, experiment_id)
+    if exp is None:
+        known = [e.experiment_id for e in queries.experiment_list(conn)]
         raise ReportError(
-            f"no experiment {experiment_id!r} in the database (known: {', '.join(known) or 'none'})"
+            f"no experiment {experiment_id!r} in the database (known: {', '.join(sorted(known)) or 'none'})"
         )
-    title, startup, district, b0, b1, i0, i1, manifest = row
-    better = {k["name"]: k.get("better", "lower") for k in (manifest or {}).get("kpis", [])}
-    truth = ((manifest or {}).get("simulation") or {}).get("true_effects", {})
-    data = ReportData(experiment_id, title, startup, district, (b0, b1), (i0, i1), now)
+    manifest = exp.manifest or {}
+    better = {k["name"]: k.get("better", "lower") for k in manifest.get("kpis", [])}
+    truth = (manifest.get("simulation") or {}).get("true_effects", {})
+    b0, b1, i0, i1 = exp.baseline_start, exp.baseline_end, exp.intervention_start, exp.intervention_end
+    data = ReportData(experiment_id, exp.title, exp.startup, exp.district, (b0, b1), (i0, i1), now)
 
-    for kpi, metric, details in conn.execute(
-        "SELECT kpi, metric, details FROM streams_impact(%s)", (experiment_id,)
-    ):
-        data.impacts.append(Impact(kpi, metric, details or {}, better.get(kpi, "lower"), truth.get(metric)))
+    for imp in queries.streams_impact(conn, experiment_id):
+        data.impacts.append(
+            Impact(imp.kpi, imp.metric, imp.details or {}, better.get(imp.kpi, "lower"), truth.get(imp.metric))
+        )
 
     folded: dict[tuple[str, str, str, str], dict[str, float | None]] = {}
-    for kpi, metric, kind, group, period, value, _n, _w in conn.execute(
-        "SELECT * FROM streams_period_overview(%s)", (experiment_id,)
-    ):
-        folded.setdefault((kpi, metric, kind, group), {})[period] = value
+    for v in queries.kpi_period_summary(conn, experiment_id):
+        folded.setdefault((v.kpi, v.metric, v.kind, v.device_group), {})[v.period] = v.value
     data.periods = [
         PeriodRow(k, m, kind, g, p.get("baseline"), p.get("intervention"))
         for (k, m, kind, g), p in sorted(folded.items(), key=lambda kv: (kv[0][0], kv[0][3] != "treatment"))
@@ -229,23 +227,17 @@ def load(conn: psycopg.Connection, experiment_id: str, now: datetime | None = No
     if headline is not None:
         data.series_metric = headline
         data.series_bucket = pick_bucket(t_to - b0)
-        for bucket, group, samples, mean, _lo, _hi in conn.execute(
-            "SELECT * FROM metric_series(%s, %s, %s, %s, %s)",
-            (experiment_id, headline, data.series_bucket, b0, t_to),
-        ):
-            if mean is not None:
-                data.series.setdefault(group, []).append((bucket, mean, int(samples)))
+        for b in queries.metric_series(conn, experiment_id, headline, bucket=data.series_bucket, start=b0, end=t_to):
+            if b.mean is not None:
+                data.series.setdefault(b.device_group, []).append((b.bucket, b.mean, int(b.samples)))
 
     data.devices = [
-        DeviceRow(r[0], r[1], r[2], r[4], r[5], int(r[7] or 0), int(r[8] or 0), r[9])
-        for r in conn.execute("SELECT * FROM device_health(%s, %s, %s)", (experiment_id, b0, t_to))
-    ]
-    data.rejections = {
-        r: int(n) for r, n, _ in conn.execute("SELECT * FROM rejections_by_reason(%s)", (experiment_id,))
-    }
-    data.readings = conn.execute(
-        "SELECT count(*) FROM readings WHERE experiment_id = %s", (experiment_id,)
-    ).fetchone()[0]
+        DeviceRow(h.device_id, h.device_group, h.kind, h.last_seen, h.status, int(h.samples or 0),
+                  int(h.expected or 0), h.completeness)
+        for h in queries.device_health(conn, experiment_id, b0, t_to)
+    ]  # fmt: skip
+    data.rejections = {r.reason: r.rejections for r in queries.rejection_counts(conn, experiment_id)}
+    data.readings = exp.readings
     return data
 
 
@@ -613,7 +605,7 @@ def _period_section(data: ReportData) -> str:
         return '<p class="muted">No KPI windows stored yet.</p>'
     charts = []
     for kpi, rows in by_kpi.items():
-        if rows[0].kind not in ("mean", "quantile", "exceedance", "completeness", "availability"):
+        if rows[0].kind not in KINDS or not KINDS[rows[0].kind].chart:
             continue
         charts.append(f'<div><h3>{escape(kpi)} <span class="muted">({escape(rows[0].kind)} of '
                       f'{escape(rows[0].metric)})</span></h3>{period_bars(rows)}</div>')

@@ -85,12 +85,12 @@ def _dedent(sql_text: str) -> str:
 
 
 def experiment_variable() -> dash.QueryVariable:
-    """``$experiment``: one experiment at a time, chosen from ``experiments``."""
+    """``$experiment``: one experiment at a time, chosen from ``experiment_list()``."""
     return (
         dash.QueryVariable("experiment")
         .label("Experiment")
         .datasource(DATASOURCE)
-        .query("SELECT title AS __text, experiment_id AS __value FROM experiments ORDER BY title")
+        .query("SELECT title AS __text, experiment_id AS __value FROM experiment_list()")
         .refresh(model.VariableRefresh.ON_DASHBOARD_LOAD)
         .sort(model.VariableSort.ALPHABETICAL_ASC)
     )

@@ -1,10 +1,13 @@
-"""Read side used by the demo, reports and tests: thin wrappers over the SQL functions in
-``storage/migrations`` (parameters only, never SQL built from strings)."""
+"""Read side used by the demo, the report, the portal and tests: one named function per SQL
+function of the query layer (``storage/migrations``), each returning typed rows
+(``psycopg.rows.class_row``), never rows unpacked by position; parameters only, never SQL
+built from strings (docs/dashboards.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
@@ -23,14 +26,137 @@ class PeriodValue:
     windows: int
 
 
+T = TypeVar("T")
+
+
+def _rows(conn: psycopg.Connection, cls: type[T], query: str, params: tuple = ()) -> list[T]:
+    with conn.cursor(row_factory=class_row(cls)) as cur:
+        return cur.execute(query, params).fetchall()
+
+
 def kpi_period_summary(conn: psycopg.Connection, experiment_id: str) -> list[PeriodValue]:
-    rows = conn.execute("SELECT * FROM kpi_period_summary(%s)", (experiment_id,)).fetchall()
-    return [PeriodValue(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7])) for r in rows]
+    """Each windowed KPI folded over the baseline and the intervention, per group, by its
+    kind's period fold (``pilotlab.kpi_kinds``; migration 0040)."""
+    return _rows(
+        conn,
+        PeriodValue,
+        "SELECT kpi, metric, kind, device_group, period, value, sample_count::bigint AS sample_count, windows"
+        " FROM kpi_period_summary(%s)",
+        (experiment_id,),
+    )
+
+
+@dataclass(frozen=True)
+class RejectionCount:
+    reason: str
+    rejections: int
+    last_seen: datetime
+
+
+def rejection_counts(
+    conn: psycopg.Connection,
+    experiment_id: str | None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> list[RejectionCount]:
+    """Rejections per reason (of one experiment, or all), most frequent first."""
+    return _rows(conn, RejectionCount, "SELECT * FROM rejections_by_reason(%s, %s, %s)", (experiment_id, start, end))
 
 
 def rejections_by_reason(conn: psycopg.Connection, experiment_id: str | None) -> dict[str, int]:
-    rows = conn.execute("SELECT reason, rejections FROM rejections_by_reason(%s)", (experiment_id,))
-    return {r[0]: int(r[1]) for r in rows}
+    return {r.reason: r.rejections for r in rejection_counts(conn, experiment_id)}
+
+
+@dataclass(frozen=True)
+class ExperimentListed:
+    experiment_id: str
+    title: str
+    startup: str
+    district: str
+
+
+def experiment_list(conn: psycopg.Connection) -> list[ExperimentListed]:
+    return _rows(conn, ExperimentListed, "SELECT * FROM experiment_list()")
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    experiment_id: str
+    title: str
+    startup: str
+    district: str
+    baseline_start: datetime
+    baseline_end: datetime
+    intervention_start: datetime
+    intervention_end: datetime
+    manifest: dict | None
+    readings: int
+
+
+def experiment_info(conn: psycopg.Connection, experiment_id: str) -> ExperimentInfo | None:
+    """One experiment with its periods, manifest and stored datapoints (None: unknown)."""
+    rows = _rows(conn, ExperimentInfo, "SELECT * FROM experiment_info(%s)", (experiment_id,))
+    return rows[0] if rows else None
+
+
+@dataclass(frozen=True)
+class ImpactValue:
+    """An impact KPI as streams last revised it (``details``: ``streams.impact`` result)."""
+
+    kpi: str
+    metric: str
+    value: float | None
+    sample_count: int
+    revision: int
+    details: dict | None
+    updated_at: datetime
+
+
+def streams_impact(conn: psycopg.Connection, experiment_id: str) -> list[ImpactValue]:
+    return _rows(conn, ImpactValue, "SELECT * FROM streams_impact(%s)", (experiment_id,))
+
+
+@dataclass(frozen=True)
+class MetricBucket:
+    bucket: datetime
+    device_group: str
+    samples: int
+    mean: float | None
+    min_value: float | None
+    max_value: float | None
+
+
+def metric_series(
+    conn: psycopg.Connection, experiment_id: str, metric: str, *, bucket: timedelta, start: datetime, end: datetime
+) -> list[MetricBucket]:
+    """A metric per group and time bucket, from the minute or hour rollups."""
+    return _rows(
+        conn,
+        MetricBucket,
+        "SELECT * FROM metric_series(%s, %s, %s, %s, %s)",
+        (experiment_id, metric, bucket, start, end),
+    )
+
+
+@dataclass(frozen=True)
+class DeviceHealth:
+    device_id: str
+    device_group: str
+    kind: str
+    interval_s: int
+    last_seen: datetime | None
+    status: str | None
+    status_since: datetime | None
+    samples: int
+    expected: int
+    completeness: float | None
+
+
+def device_health(
+    conn: psycopg.Connection, experiment_id: str, start: datetime | None = None, end: datetime | None = None
+) -> list[DeviceHealth]:
+    """Each device's last sample, last reported status and completeness over [start, end)."""
+    return _rows(conn, DeviceHealth, "SELECT * FROM device_health(%s, %s, %s)", (experiment_id, start, end))
 
 
 def table_counts(conn: psycopg.Connection) -> dict[str, int]:
