@@ -3,7 +3,7 @@ JSON the streams worker stores (:meth:`streams.impact.ImpactResult.as_dict`).
 
 The estimate is formatted by its scale — a relative change in % (``-29.1%``), or a difference
 in the metric's unit (``+1.02 degC``), never an absolute difference multiplied by 100 — and
-the warning codes are joined to the sentences of :data:`streams.impact.WARNINGS`, written into
+the warning codes are joined to the sentences of :data:`pilotlab.contracts.IMPACT_WARNINGS`, written into
 the SQL when the dashboards are built, so that the panels and the report say the same.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from grafana_foundation_sdk.models import dashboard as model
 
 from dashboards.impact_text import GRAFANA_VERDICT_COLOURS, VERDICT_SYMBOLS, VERDICTS
-from streams.impact import WARNINGS
+from pilotlab.contracts import IMPACT_WARNINGS as WARNINGS
 
 
 def _lit(text: str) -> str:

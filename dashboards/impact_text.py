@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
+from pilotlab.contracts import IMPACT_WARNINGS as WARNINGS
 from pilotlab.metrics import METRICS
-from streams.impact import WARNINGS
 
 VERDICTS = ("improved", "worsened", "no clear effect", "inconclusive")
 

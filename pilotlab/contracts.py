@@ -1,5 +1,5 @@
-"""The contracts every service shares: topic names, reason codes, ingest's limits, the reading,
-the rejection, the KPI value.
+"""The contracts every service shares: topic names, reason codes, ingest's limits, the impact
+warnings, the reading, the rejection, the KPI value.
 
 Records travel through Kafka as compact JSON (orjson). Times inside Kafka are epoch
 milliseconds (UTC); in Python they are timezone-aware ``datetime`` objects.
@@ -97,6 +97,33 @@ class Limits:
         if ts_ms < now_ms - self.max_age_ms:
             return Reason.TIMESTAMP_TOO_OLD
         return None
+
+
+# --- the impact result's warnings ---------------------------------------------------------
+# streams.impact stores each impact KPI's result with machine-readable warning codes (the
+# details of kpi_values); the report, the dashboards and the demo show their sentences.
+
+MIN_PERIOD_DAYS = 7.0  # a full weekly cycle in each period; a shorter one gets no verdict
+
+IMPACT_WARNINGS: dict[str, str] = {
+    "no_data": "no device has readings in both periods yet",
+    "interim": "the intervention period has not ended: no verdict before its planned end",
+    "no_control_group": (
+        "no control group: a before/after comparison cannot separate the effect from trends, "
+        "seasons or weather; the interval assumes there were none"
+    ),
+    "no_replication": "fewer than two devices in a group: the effect is not replicated, no verdict",
+    "no_interval": "too few devices for an interval (at least two in one group are needed)",
+    "few_devices": "fewer than three devices in a group: the interval is wide and rests on few devices",
+    "short_period": f"a period is shorter than {MIN_PERIOD_DAYS:g} days: no verdict",
+    "placebo_shift": (
+        "placebo check failed: the baseline's second half already differs from its first half "
+        "(a trend, or groups drifting apart before the intervention): no verdict"
+    ),
+    "devices_excluded": "some devices have no readings in one of the periods and are left out",
+    "low_completeness": "some devices sent fewer than half their expected readings in a period",
+    "relative_undefined": "a device's mean is not positive: the effect is reported in the metric's unit",
+}
 
 
 # --- records -----------------------------------------------------------------------------

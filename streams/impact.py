@@ -33,7 +33,7 @@ check (its second half compared with its first shows no effect), and the interve
 verdict before the planned end, so that watching the pilot every day cannot inflate false
 alarms: the interval shown meanwhile is the fixed-sample one, labelled ``interim``). Every
 reason a verdict is withheld or weakened is a machine-readable code in ``warnings``
-(:data:`WARNINGS`).
+(:data:`pilotlab.contracts.IMPACT_WARNINGS`).
 
 The state is mergeable and small (a few numbers per device): the streams worker keeps it
 per experiment and KPI and recomputes the result at each revision; :func:`estimate_impact`
@@ -49,36 +49,14 @@ from typing import Literal
 
 from scipy import stats
 
-from pilotlab.contracts import to_ms
+from pilotlab.contracts import MIN_PERIOD_DAYS, to_ms
 from pilotlab.manifest import Experiment, Kpi
 from pilotlab.metrics import METRICS
 
 LEVEL = 0.95
-MIN_PERIOD_DAYS = 7.0  # a full weekly cycle in each period
 LOW_COMPLETENESS = 0.5  # a device with fewer than half its expected readings in a period
 
 Verdict = Literal["improved", "worsened", "no clear effect", "inconclusive"]
-
-# every warning code, with the sentence the report and the demo show for it
-WARNINGS: dict[str, str] = {
-    "no_data": "no device has readings in both periods yet",
-    "interim": "the intervention period has not ended: no verdict before its planned end",
-    "no_control_group": (
-        "no control group: a before/after comparison cannot separate the effect from trends, "
-        "seasons or weather; the interval assumes there were none"
-    ),
-    "no_replication": "fewer than two devices in a group: the effect is not replicated, no verdict",
-    "no_interval": "too few devices for an interval (at least two in one group are needed)",
-    "few_devices": "fewer than three devices in a group: the interval is wide and rests on few devices",
-    "short_period": f"a period is shorter than {MIN_PERIOD_DAYS:g} days: no verdict",
-    "placebo_shift": (
-        "placebo check failed: the baseline's second half already differs from its first half "
-        "(a trend, or groups drifting apart before the intervention): no verdict"
-    ),
-    "devices_excluded": "some devices have no readings in one of the periods and are left out",
-    "low_completeness": "some devices sent fewer than half their expected readings in a period",
-    "relative_undefined": "a device's mean is not positive: the effect is reported in the metric's unit",
-}
 
 
 # --- state: per device, readings and their sum in three cells --------------------------------

@@ -13,8 +13,8 @@ import pytest
 from control.demo import EXAMPLES
 from control.stack import Stack, pid_alive
 from dashboards.impact_text import VERDICTS, metric_scale
+from pilotlab.contracts import IMPACT_WARNINGS as WARNINGS
 from pilotlab.manifest import load_manifests
-from streams.impact import WARNINGS
 
 pytestmark = pytest.mark.integration
 

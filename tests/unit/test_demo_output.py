@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from control import demo
 from control.demo import ImpactRow, impact_line, summarise
+from pilotlab.contracts import IMPACT_WARNINGS as WARNINGS
 from pilotlab.manifest import load_manifests
-from streams.impact import WARNINGS
 
 
 def _experiment(exp_id: str):

@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from pilotlab.contracts import IMPACT_WARNINGS as WARNINGS
 from pilotlab.contracts import to_ms
 from pilotlab.manifest import Experiment
 from simulators.synthetic import PilotSpec, generate
 from streams import impact
-from streams.impact import WARNINGS, estimate_impact
+from streams.impact import estimate_impact
 
 DAY = 86_400_000
 

@@ -55,7 +55,7 @@ def test_impact_view_reads_like_the_report(details, verdict, text, devices):
 def test_impact_view_warnings_are_sentences():
     v = views.impact_view(row({"verdict": "inconclusive", "warnings": ["no_control_group", "made-up-code"]}))
     assert len(v.warnings) == 2
-    assert v.warnings[0] != "no_control_group"  # its sentence (streams.impact.WARNINGS)
+    assert v.warnings[0] != "no_control_group"  # its sentence (pilotlab.contracts.IMPACT_WARNINGS)
     assert v.warnings[1] == "made-up-code"  # unknown: as it is
 
 

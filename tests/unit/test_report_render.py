@@ -12,7 +12,7 @@ import pytest
 
 from dashboards import impact_text as it
 from dashboards.report import Impact, PeriodRow, ReportData, forest_plot, forest_plots, render
-from streams.impact import WARNINGS
+from pilotlab.contracts import IMPACT_WARNINGS as WARNINGS
 
 T0 = datetime(2026, 3, 2, tzinfo=UTC)
 
