@@ -526,25 +526,53 @@ def run_alerts(supervised: Supervise = True) -> None:
 
 
 @app.command("demo")
-def demo(
+def demo(  # noqa: PLR0917 - typer options
     duration: Annotated[float, typer.Option(help="Wall-clock seconds for the simulated weeks.")] = 60.0,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     seed: Annotated[int, typer.Option(help="Simulation seed.")] = 7,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Run the web portal beside the pipeline.")] = True,
+    keep_serving: Annotated[
+        bool, typer.Option("--keep-serving", help="After the results, keep the portal and the stack up until Ctrl-C.")
+    ] = False,
 ) -> None:
     """Bring up the embedded stack, run three simulated pilots through the whole pipeline,
-    print their KPIs and impact, and stop everything it started."""
-    from control.demo import render, run_demo  # noqa: PLC0415 - start-up: the report's Grafana SDK
+    print their KPIs and impact, and stop everything it started. The web portal runs beside
+    it (its URL, a lab token and a startup's token are printed as soon as it answers)."""
+    from control.demo import portal_text, render, run_demo  # noqa: PLC0415 - start-up: the report's Grafana SDK
 
     _logging(logging.WARNING if json_out else logging.INFO)
+
+    def output(result: dict) -> None:
+        if json_out:
+            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+            sys.stdout.flush()
+        else:
+            render(result)
+
+    def hold(result: dict) -> None:
+        import signal  # noqa: PLC0415
+        from contextlib import suppress  # noqa: PLC0415
+
+        output(result)
+        if result.get("portal"):
+            typer.echo(portal_text(result["portal"]), err=True)
+        typer.echo("the portal and the stack keep running; Ctrl-C stops them", err=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C does: everything goes down
+        with suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+    def on_portal(portal: dict) -> None:
+        until = "until Ctrl-C" if keep_serving else "until the demo ends (--keep-serving: longer)"
+        typer.echo(f"{portal_text(portal)}\n  serving {until}", err=True)
+
     try:
-        result = run_demo(data_dir=data_dir, duration_s=duration, seed=seed)
+        result = run_demo(data_dir=data_dir, duration_s=duration, seed=seed, serve=serve, on_portal=on_portal,
+                          hold=hold if keep_serving else None)
     except StackError as exc:
         _fail(str(exc))
-    if json_out:
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
-    else:
-        render(result)
+    if not keep_serving:
+        output(result)
 
 
 # --- simulate, record, replay (issue 6) ---------------------------------------------------------
@@ -785,6 +813,7 @@ def export_cmd(  # noqa: PLR0917 - typer options
 
 
 from dashboards.portal.cli import serve as serve_cmd  # noqa: E402 - `pilotlab serve`: the web portal
+
 app.command("serve")(serve_cmd)
 
 

@@ -8,8 +8,10 @@ back from the database → everything this command started is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from control.portal import portal_beside
 from control.services import Services
 from control.stack import Stack
 from dashboards import impact_text as it
@@ -172,18 +175,31 @@ def summarise(
     }
 
 
-def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXAMPLES) -> dict:
+def run_demo(  # noqa: PLR0917
+    data_dir: Path, duration_s: float, seed: int, manifests: Path = EXAMPLES, serve: bool = True,
+    on_portal: Callable[[dict], None] | None = None, hold: Callable[[dict], None] | None = None,
+) -> dict:
+    """``serve``: the web portal runs beside the pipeline from the schema's creation to the end
+    (``on_portal`` gets its URL and tokens as soon as it answers); ``hold`` gets the result
+    while the portal and the stack still run (``--keep-serving``: until Ctrl-C)."""
     t0 = time.monotonic()
     stack = Stack(data_dir)
     was_up = stack.status()["up"]
     state = stack.up()
     timings: dict[str, float] = {"stack_up_s": time.monotonic() - t0}
+    keep = contextlib.ExitStack()
     try:
         experiments = anchored(load_manifests(manifests))
         span = max(e.periods.intervention.end - e.periods.baseline.start for e in experiments)
         migrate(state.database_url)
         ensure_topics(state.kafka_bootstrap, partitions=4)
         registry.publish(state.kafka_bootstrap, experiments)
+        portal = None
+        if serve:  # a lab token, and one startup's: it sees its pilot only
+            run = keep.enter_context(portal_beside(state, stack.data_dir, stack.logs, experiments[0].startup))
+            portal = run.as_dict()
+            if on_portal is not None:
+                on_portal(portal)
         env = {"PILOTLAB_INGEST_MAX_AGE_S": str(int((span + timedelta(days=2)).total_seconds()))}
         with Services(state, stack.logs / "services", env).start() as services:
             t1 = time.monotonic()
@@ -219,7 +235,7 @@ def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXA
                 path.write_text(render_report(load_report(conn, exp.id)), encoding="utf-8")
                 reports.append(str(path))
         timings["total_s"] = time.monotonic() - t0
-        return {
+        result = {
             "seed": seed,
             "simulated_span_days": span.total_seconds() / 86400,
             "messages_published": truth.messages,
@@ -229,8 +245,13 @@ def run_demo(data_dir: Path, duration_s: float, seed: int, manifests: Path = EXA
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "experiments": results,
             "reports": reports,
+            "portal": portal,
         }
+        if hold is not None:
+            hold(result)
+        return result
     finally:
+        keep.close()
         if not was_up:
             stack.down()
 
@@ -296,3 +317,12 @@ def render(result: dict) -> None:
         f"{result['simulated_span_days']:.0f} simulated days; stack {t['stack_up_s']}s, publish {t['publish_s']}s, "
         f"drain {t['drain_s']}s, total {t['total_s']}s"
     )
+
+
+def portal_text(portal: dict) -> str:
+    """The portal's URL and tokens as the terminal shows them."""
+    lines = [f"portal: {portal['url']} (log in with a token; API: {portal['url']}api)",
+             f"  lab token (every pilot): {portal['lab_token']}"]
+    if portal.get("startup"):
+        lines.append(f"  startup token ({portal['startup']}: its pilot only): {portal['startup_token']}")
+    return "\n".join(lines)

@@ -184,3 +184,16 @@ def test_serve_never_overrides_what_is_set(tmp_path):
     load_or_create_secret(tmp_path / "mosquitto" / SECRET_FILE)
     env = {cli.SESSION_SECRET_VAR: "x" * 40, "PILOTLAB_CREDENTIALS_SECRET": "lab"}
     assert cli.stack_defaults(tmp_path, env) == {}
+
+
+def test_demo_prints_the_portal_with_its_tokens():
+    from control.demo import portal_text  # noqa: PLC0415 - the composition's side of the portal
+
+    text = portal_text({"url": "http://127.0.0.1:8088/", "lab_token": "plt_lab", "startup": "LumenSense",
+                        "startup_token": "plt_lumen", "log": "x"})
+    assert text.splitlines() == [
+        "portal: http://127.0.0.1:8088/ (log in with a token; API: http://127.0.0.1:8088/api)",
+        "  lab token (every pilot): plt_lab",
+        "  startup token (LumenSense: its pilot only): plt_lumen",
+    ]
+    assert "startup token" not in portal_text({"url": "u/", "lab_token": "t", "startup": None, "startup_token": None})
