@@ -86,6 +86,12 @@ def _side(state: StackState, suffix: str, startup: str) -> Side:
                 (alert_id, exp, device, device),
             )
             conn.execute("UPDATE alerts SET status = 'resolved', resolved_at = now() WHERE alert_id = %s", (alert_id,))
+            conn.execute(  # and one still open
+                "INSERT INTO alerts (alert_id, experiment_id, rule, kind, severity, subject, device_id, status,"
+                " fired_at, summary) VALUES (%s, %s, 'offline_long', 'device_offline', 'critical', %s, %s, 'firing',"
+                " now(), 'silent again')",
+                (f"{alert_id}-open", exp, device, device),
+            )
             conn.execute(
                 "INSERT INTO alert_deliveries (delivery_id, alert_id, event, channel, target, payload)"
                 " VALUES (%s, %s, 'firing', 'webhook', 'lab:ops', %s)",
@@ -330,6 +336,14 @@ def _function_calls(exp: str, device: str, t0, t1) -> dict[str, tuple[str, tuple
         "device_rejections": ("SELECT %s::text, * FROM device_rejections(%s, %s, %s)", (exp, exp, t0, t1)),
         "latest_rejections": ("SELECT * FROM latest_rejections(%s, %s, %s)", (exp, t0, t1)),
         "device_samples_hourly": ("SELECT * FROM device_samples_hourly(%s, %s, %s)", (exp, t0, t1)),
+        # migration 0041 (alerts on the read side)
+        "open_alerts": ("SELECT * FROM open_alerts(%s)", (exp,)),
+        "open_alert_counts": ("SELECT * FROM open_alert_counts() WHERE %s::text IS NULL", (None,)),
+        "alert_transitions": ("SELECT * FROM alert_transitions(%s, %s, %s)", (exp, t0, t1)),
+        "alert_transition_counts": (
+            "SELECT %s::text, * FROM alert_transition_counts(%s, '1 day', %s, %s)",
+            (exp, exp, t0, t1),
+        ),
         "group_completeness_hourly": (
             "SELECT %s::text, * FROM group_completeness_hourly(%s, %s, %s)",
             (exp, exp, t0, t1),
@@ -338,7 +352,14 @@ def _function_calls(exp: str, device: str, t0, t1) -> dict[str, tuple[str, tuple
 
 
 # functions over every experiment: what A gets is compared with the lab's figures for A alone
-ALL_EXPERIMENTS = {"experiment_list", "experiments_overview", "traffic_summary", "message_rate", "pipeline_throughput"}
+ALL_EXPERIMENTS = {
+    "experiment_list",
+    "experiments_overview",
+    "traffic_summary",
+    "message_rate",
+    "pipeline_throughput",
+    "open_alert_counts",
+}
 
 
 def test_every_query_function_returns_only_the_callers_rows(world: World):
@@ -382,6 +403,10 @@ def test_every_query_function_returns_only_the_callers_rows(world: World):
         reasons = dict(a.execute("SELECT reason, rejections FROM rejections_by_reason(NULL)").fetchall())
         assert sum(reasons.values()) == 3  # build() makes three per experiment; none of B's, none unowned
         assert {r[1] for r in a.execute("SELECT * FROM alert_history()").fetchall()} == {world.a.experiment_id}
+        if "open_alert_counts" in names:
+            assert a.execute("SELECT experiment_id, open FROM open_alert_counts()").fetchall() == [
+                (world.a.experiment_id, 1)
+            ]
         # retention is the owner's
         with pytest.raises(Refused):
             a.execute("SELECT apply_retention()")
@@ -413,6 +438,8 @@ def test_a_writes_nothing_and_cannot_become_anyone_else(world: World):
             "SET ROLE pilotlab_writer",
             f"GRANT {world.b.grant.role} TO {world.a.grant.role}",
             f"ALTER ROLE {world.a.grant.role} BYPASSRLS",
+            f"ALTER ROLE {world.a.grant.role} CONNECTION LIMIT 50",
+            f"GRANT {world.a.grant.role} TO {world.b.grant.role}",  # sharing itself: needs ADMIN OPTION
         ):
             with pytest.raises(Refused):
                 a.execute(stmt)

@@ -1,0 +1,71 @@
+"""Per-startup access in the TimescaleDB mode, on PGlite (docs/access.md, "Limits"): TimescaleDB
+refuses row-level security on compressed hypertables, gives chunks their hypertable's grants but
+not its policies, and has no row-level security on continuous aggregates. So a startup role gets
+no privilege on readings, late_readings, kpi_values, their chunks or the rollups (closed, never a
+leak), and still reads its own experiments, devices, status, rejections and alerts through the
+policies of migration 0030. PGlite is one session: the roles are taken with SET ROLE."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psycopg
+import pytest
+
+from storage import access, roles
+from storage.migrate import migrate
+from storage.roles import OWNER, READER, WRITER
+from tests.timescale.data import build, load
+from tests.timescale.test_timescale_pglite import _connect, timescale_url  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_startups_in_timescaledb_mode_read_their_rows_and_never_the_time_series(timescale_url):  # noqa: F811
+    migrate(timescale_url)
+    with _connect(timescale_url) as conn:
+        roles.bootstrap(conn, {OWNER: "o", WRITER: "w", READER: "r"})  # the admin functions, as a superuser
+        ids = {}
+        for suffix, startup in (("tsaa", "ts alpha"), ("tsab", "ts beta")):
+            ds = build(suffix)
+            ds = dataclasses.replace(ds, experiment=ds.experiment.model_copy(update={"startup": startup}))
+            load(conn, ds, batches_per_statement=1)
+            ids[startup] = (ds.experiment.id, ds.experiment.devices[0].id)
+        conn.execute("SELECT count(compress_chunk(c, if_not_compressed => true)) FROM show_chunks('readings') c")
+        conn.execute("CALL refresh_continuous_aggregate('readings_1h', NULL, NULL)")
+        g = access.grant(conn, "ts alpha", "timescale")
+        chunk = conn.execute("SELECT show_chunks('readings') LIMIT 1").fetchone()[0]
+        try:
+            conn.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Identifier(g.role)))
+            assert conn.execute("SELECT pilotlab_current_startup()").fetchone()[0] == "ts alpha"
+            assert conn.execute("SELECT experiment_id FROM experiments").fetchall() == [(ids["ts alpha"][0],)]
+            for table in ("devices", "device_status", "rejections"):
+                seen = conn.execute(
+                    psycopg.sql.SQL("SELECT DISTINCT experiment_id FROM {}").format(psycopg.sql.Identifier(table))
+                ).fetchall()
+                assert seen == [(ids["ts alpha"][0],)], table
+            assert (
+                conn.execute("SELECT count(*) FROM devices WHERE device_id = %s", (ids["ts beta"][1],)).fetchone()[0]
+                == 0
+            )
+            for stmt in (
+                "SELECT count(*) FROM readings",
+                "SELECT count(*) FROM late_readings",
+                "SELECT count(*) FROM kpi_values",
+                "SELECT count(*) FROM readings_1m",
+                "SELECT count(*) FROM readings_1h",
+                f"SELECT count(*) FROM {chunk}",  # a chunk carries grants, not policies: none granted
+                f"SELECT * FROM kpi_series('{ids['ts beta'][0]}', 'no2_mean_1h')",
+                f"SELECT * FROM device_health('{ids['ts alpha'][0]}')",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(stmt)
+        finally:
+            conn.execute("RESET ROLE")
+        # the lab's reader still reads all of it
+        try:
+            conn.execute("SET ROLE grafana_reader")
+            exps = {r[0] for r in conn.execute("SELECT DISTINCT experiment_id FROM readings_1h")}
+            assert {ids["ts alpha"][0], ids["ts beta"][0]} <= exps
+        finally:
+            conn.execute("RESET ROLE")
