@@ -97,6 +97,10 @@ def world(stack, stack_state):
     with psycopg.connect(stack_state.owner_url) as conn:
         seed(conn, exp_a, "improved", -0.2)
         seed(conn, exp_b, "worsened", 0.3)
+        write_rejections(conn, [Rejection(  # a payload that is markup: shown, never run
+            Reason.MALFORMED_JSON, "not JSON", telemetry_topic(A, "pa-t1"), to_ms(utcnow() - timedelta(minutes=5)),
+            A, "pa-t1", None, "<script>alert('x')</script>", rejection_id="rej-markup",
+        )])
         conn.commit()
         tokens = {
             "lab": access.grant(conn, None, "portal test").token,
@@ -154,13 +158,14 @@ def test_a_startup_lists_only_its_own(client, world):
     p = pilots[0]
     e = p["experiment"]
     counts = (e["devices_total"], e["devices_online"], e["readings"], e["rejections"], e["open_alerts"])
-    assert counts == (2, 1, 30, 1, 1)
-    assert e["rejection_rate"] == pytest.approx(1 / 31)
+    assert counts == (2, 1, 30, 2, 1)
+    assert e["rejection_rate"] == pytest.approx(2 / 32)
     assert [(i["verdict"], i["text"]) for i in p["impacts"]] == [("improved", "-20.0% [95% CI -25.0% … -15.0%]")]
 
     devices = api(client, token, f"/experiments/{A}/devices").json()
     assert {d["device_id"]: d["status"] for d in devices} == {"pa-t1": "online", "pa-c1": "offline"}
-    [rej] = api(client, token, f"/experiments/{A}/rejections").json()
+    rej, markup = api(client, token, f"/experiments/{A}/rejections").json()  # newest first
+    assert markup["excerpt"] == "<script>alert('x')</script>"
     assert (rej["reason"], rej["device_id"]) == ("wrong_type", "pa-t1")
     assert rej["detail"] == f"metrics.no2: not a number ({A})" and '"high"' in rej["excerpt"]
     [alert] = api(client, token, f"/experiments/{A}/alerts").json()
@@ -230,6 +235,7 @@ def test_pages_log_in_show_own_pilots_and_log_out(client, world):
     for text in ("pa-t1", "wrong_type", f"metrics.no2: not a number ({A})", "pa-c1 offline for 15 min",
                  telemetry_topic(A, "pa-t1")):
         assert text in page.text, text
+    assert "&lt;script&gt;alert(" in page.text and "<script>alert(" not in page.text
     assert client.get(f"/experiments/{A}/live").status_code == 200
     report = client.get(f"/experiments/{A}/report")
     assert report.status_code == 200 and "pilot impact report" in report.text
