@@ -7,6 +7,10 @@
   drops a device), and TEMP for the COPY staging table (``storage.writer.write_readings``).
 * ``grafana_reader`` reads (``PILOTLAB_DATABASE_READER_URL``): SELECT only, no TEMP.
 
+* ``pilotlab_startups`` (NOLOGIN) and one ``startup_<slug>`` role per startup read their own rows
+  only (row-level security, migrations 0030/0031; ``storage.access``, docs/access.md). The owner
+  creates startup roles through the superuser's ``pilotlab_admin`` functions (``roles.sql``).
+
 A superuser creates the roles and pins what only a superuser can (``storage/roles.sql``:
 :func:`bootstrap`); the migrations, run by the owner, grant the table privileges
 (``0005_grafana_reader.sql``, ``0022_least_privilege.sql``). A migration that adds a table the
