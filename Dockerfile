@@ -9,7 +9,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 
 # The source stays in the image (read-only for the service user) so that example
-# manifests under examples/ can be used from inside the container.
+# manifests under control/examples/ can be used from inside the container.
 WORKDIR /opt/pilotlab
 COPY . .
 RUN pip install --no-cache-dir . \

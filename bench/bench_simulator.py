@@ -5,7 +5,7 @@ Starts its own Mosquitto (anonymous, loopback, a free port), then, side by side 
   2. publishing everything as fast as possible (QoS 1, acknowledged) over 1 and 4 connections;
   3. a paced accelerated run at the scenario's speed: does it keep up (worst lag)?
 
-    python bench/bench_simulator.py [--scenario examples/scenarios/city-10k.yaml] [--limit 60000]
+    python bench/bench_simulator.py [--scenario control/examples/scenarios/city-10k.yaml] [--limit 60000]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def mosquitto(tmp: Path) -> tuple[subprocess.Popen, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", type=Path, default=REPO / "examples" / "scenarios" / "city-10k.yaml")
+    ap.add_argument("--scenario", type=Path, default=REPO / "control" / "examples" / "scenarios" / "city-10k.yaml")
     ap.add_argument("--limit", type=int, default=60_000, help="messages per publishing measurement")
     args = ap.parse_args()
     scenario = load_scenario(args.scenario)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
 
 import psycopg
@@ -38,7 +39,9 @@ from storage.queries import PeriodValue, rejections_by_reason, table_counts
 
 log = logging.getLogger("pilotlab.demo")
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "experiments"
+# the demo's manifests: package data of control (pyproject), found where the package is installed
+# (pip installs packages unzipped: the resource is a directory on disk)
+EXAMPLES = Path(str(resources.files("control") / "examples" / "experiments"))
 
 
 def anchored(experiments: list[Experiment]) -> list[Experiment]:

@@ -1,6 +1,6 @@
 """Lab-wide alert defaults and how they combine with an experiment's own rules and targets.
 
-The lab's YAML file (``PILOTLAB_ALERTS_DEFAULTS``; ``examples/alerts-defaults.yaml``) has the
+The lab's YAML file (``PILOTLAB_ALERTS_DEFAULTS``; ``control/examples/alerts-defaults.yaml``) has the
 same two sections as a manifest, ``alerts:`` and ``notify:``:
 
 - every default rule applies to every experiment, unless the experiment has a rule of the same

@@ -3,7 +3,7 @@
 A scenario is a YAML file validated by pydantic; an error names the file and the field. It
 references experiment manifests (paths relative to the scenario file) or embeds them, and
 may override, per experiment, the number of devices per group, the sampling interval and the
-true effects. Example (``examples/scenarios/`` has documented ones)::
+true effects. Example (``control/examples/scenarios/`` has documented ones)::
 
     name: lighting-with-faults
     seed: 42

@@ -14,8 +14,8 @@ from pilotlab.alert_config import AlertDefaultsError, load_alert_defaults, rules
 from pilotlab.manifest import AlertRule, ManifestError, load_manifest, load_manifests
 
 ROOT = Path(__file__).resolve().parents[2]
-LEZ = ROOT / "examples" / "experiments" / "lez-san-salvario.yaml"
-DEFAULTS = ROOT / "examples" / "alerts-defaults.yaml"
+LEZ = ROOT / "control" / "examples" / "experiments" / "lez-san-salvario.yaml"
+DEFAULTS = ROOT / "control" / "examples" / "alerts-defaults.yaml"
 
 
 def manifest(tmp_path: Path, **changes) -> Path:
@@ -27,7 +27,7 @@ def manifest(tmp_path: Path, **changes) -> Path:
 
 
 def test_the_examples_have_alerts_and_the_lab_defaults_load() -> None:
-    experiments = load_manifests(ROOT / "examples" / "experiments")
+    experiments = load_manifests(ROOT / "control" / "examples" / "experiments")
     assert all(e.alerts for e in experiments)
     defaults = load_alert_defaults(DEFAULTS)
     assert defaults.alerts and defaults.notify.email

@@ -16,7 +16,7 @@ from pilotlab.manifest import load_manifests
 from pilotlab.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
-REGISTRY = Registry.of(load_manifests(ROOT / "examples" / "experiments"))
+REGISTRY = Registry.of(load_manifests(ROOT / "control" / "examples" / "experiments"))
 NOW_MS = 1_773_576_000_000
 TS = NOW_MS - 30_000
 TOPIC = telemetry_topic("lez-san-salvario", "aq-lez-01")

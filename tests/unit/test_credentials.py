@@ -14,7 +14,7 @@ from pilotlab import credentials as cr
 from pilotlab.manifest import load_manifests
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPERIMENTS = load_manifests(ROOT / "examples" / "experiments")
+EXPERIMENTS = load_manifests(ROOT / "control" / "examples" / "experiments")
 
 
 @pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="needs mosquitto_passwd")

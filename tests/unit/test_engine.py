@@ -366,7 +366,7 @@ def test_stored_state_survives_a_json_round_trip() -> None:
 
 
 def test_example_manifest_lez_san_salvario() -> None:
-    exp = load_manifest(ROOT / "examples" / "experiments" / "lez-san-salvario.yaml")
+    exp = load_manifest(ROOT / "control" / "examples" / "experiments" / "lez-san-salvario.yaml")
     readings = [
         Reading(i, T0 + i * 20_000, {"no2": 20.0 + i, **({"pm25": 8.0 + i} if i % 2 else {})})
         for i in range(12)

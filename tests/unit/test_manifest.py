@@ -23,7 +23,7 @@ from pilotlab.manifest import (
 from pilotlab.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples" / "experiments"
+EXAMPLES = ROOT / "control" / "examples" / "experiments"
 LEZ = EXAMPLES / "lez-san-salvario.yaml"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 

@@ -11,7 +11,7 @@ from pilotlab.manifest import Device, Experiment, load_manifests
 from pilotlab.registry import Refusal, Registry, conflicting_devices
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPERIMENTS = {e.id: e for e in load_manifests(ROOT / "examples" / "experiments")}
+EXPERIMENTS = {e.id: e for e in load_manifests(ROOT / "control" / "examples" / "experiments")}
 LEZ = EXPERIMENTS["lez-san-salvario"]
 PARKING = EXPERIMENTS["smart-parking-crocetta"]
 LIGHTING = EXPERIMENTS["adaptive-lighting-borgo-po"]

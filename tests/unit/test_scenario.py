@@ -12,7 +12,7 @@ import yaml
 from simulators.spec import ScenarioError, load_scenario, parse_scenario
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = REPO / "examples" / "scenarios"
+SCENARIOS = REPO / "control" / "examples" / "scenarios"
 
 EMBEDDED = {
     "id": "tiny",

@@ -23,7 +23,7 @@ ANCHOR = datetime(2026, 3, 20, 12, 0, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def scenario():
-    return load_scenario(REPO / "examples" / "scenarios" / "lighting-faults.yaml")
+    return load_scenario(REPO / "control" / "examples" / "scenarios" / "lighting-faults.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_verdicts_depend_on_speed_through_the_arrival_time(scenario):
         {
             "name": "skew",
             "duration": "2h",
-            "experiments": [{"manifest": str(REPO / "examples/experiments/adaptive-lighting-borgo-po.yaml"),
+            "experiments": [{"manifest": str(REPO / "control/examples/experiments/adaptive-lighting-borgo-po.yaml"),
                              "devices": {"treatment": 2, "control": 2}, "interval": "5m"}],
             "faults": {"clock_skew": {"devices": 1.0, "offset": "20m"}},
         }
