@@ -2,7 +2,7 @@
 series per group, baseline vs intervention, treatment vs control, the impact of each impact KPI
 as the streams engine last revised it (verdict, estimate with its 95% CI in its scale, devices
 per group, design, method, placebo check and warnings), a map of the devices and the data
-completeness."""
+completeness, its open alerts and their history."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from grafana_foundation_sdk.models import geomap as gmodel
 from dashboards import impact_sql
 from dashboards.sdk import (
     DATASOURCE,
+    EVENT_COLOURS,
+    SEVERITY_COLOURS,
     TIME_SERIES,
     SqlTarget,
     all_values,
+    coloured_column,
     dashboard,
     device_markers,
     experiment_variable,
@@ -213,6 +216,43 @@ def build() -> dict:
         .unit("percent")
         .min(0)
         .grid_pos(grid(0, 33, 24, 8))
+    )
+    d.with_panel(
+        table.Panel()
+        .title("Open alerts")
+        .description(
+            "The experiment's alerts firing now (docs/alerts.md): most severe first, then oldest; value: what "
+            "fired it, against the rule's threshold; deliveries: webhook, e-mail and MQTT sends of its transitions."
+        )
+        .datasource(DATASOURCE)
+        .with_target(
+            SqlTarget("""
+                SELECT severity, rule, kind, subject, fired_at AS "firing since", value, threshold, summary,
+                       delivered, failed, pending
+                  FROM open_alerts('$experiment')
+            """)
+        )
+        .override_by_name("severity", coloured_column(SEVERITY_COLOURS))
+        .override_by_name("summary", impact_sql.long_text_column())
+        .grid_pos(grid(0, 41, 24, 6))
+    )
+    d.with_panel(
+        table.Panel()
+        .title("Alert history")
+        .description("Every alert transition of the experiment in the time range, newest first: fired or "
+                     "resolved, at the event time the rule judged.")
+        .datasource(DATASOURCE)
+        .with_target(
+            SqlTarget("""
+                SELECT at AS "time", event, severity, rule, subject, value, threshold, summary
+                  FROM alert_transitions('$experiment', $__timeFrom(), $__timeTo())
+                 LIMIT 500
+            """)
+        )
+        .override_by_name("event", coloured_column(EVENT_COLOURS))
+        .override_by_name("severity", coloured_column(SEVERITY_COLOURS))
+        .override_by_name("summary", impact_sql.long_text_column())
+        .grid_pos(grid(0, 47, 24, 9))
     )
     return to_model(d)
 

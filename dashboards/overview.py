@@ -1,12 +1,21 @@
 """*City Lab overview*: every experiment with its devices online/offline, message rate,
-rejection rate, headline KPI and impact."""
+rejection rate, headline KPI and impact, and its open alerts."""
 
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import barchart, stat, table, timeseries
+from grafana_foundation_sdk.models import dashboard as model
 
 from dashboards import impact_sql
-from dashboards.sdk import DATASOURCE, TIME_SERIES, SqlTarget, dashboard, grid, to_model
+from dashboards.sdk import (
+    DATASOURCE,
+    EVENT_COLOURS,
+    TIME_SERIES,
+    SqlTarget,
+    dashboard,
+    grid,
+    to_model,
+)
 
 UID = "pilotlab-overview"
 TITLE = "PilotLab · City Lab overview"
@@ -113,5 +122,43 @@ def build() -> dict:
             """)
         )
         .grid_pos(grid(16, 13, 8, 8))
+    )
+    d.with_panel(
+        table.Panel()
+        .title("Open alerts per experiment")
+        .description(
+            "Alerts firing now, per experiment and severity (docs/alerts.md); firing since: the event time "
+            "the oldest of them fired."
+        )
+        .datasource(DATASOURCE)
+        .with_target(
+            SqlTarget("""
+                SELECT title AS experiment, critical, warning, info, open, oldest_fired_at AS "firing since"
+                  FROM open_alert_counts()
+            """)
+        )
+        .grid_pos(grid(0, 21, 10, 8))
+    )
+    d.with_panel(
+        timeseries.Panel()
+        .title("Alert transitions")
+        .description("Alerts fired and resolved per interval, every experiment, at the event time of the transition.")
+        .datasource(DATASOURCE)
+        .with_target(
+            SqlTarget(
+                """
+                SELECT bucket AS "time", event AS metric, transitions
+                  FROM alert_transition_counts(NULL, $__interval_ms * INTERVAL '1 millisecond',
+                                               $__timeFrom(), $__timeTo())
+                 ORDER BY 1
+                """,
+                TIME_SERIES,
+            )
+        )
+        .override_by_name("firing", [model.DynamicConfigValue("color", {"mode": "fixed",
+                                                                        "fixedColor": EVENT_COLOURS["firing"]})])
+        .override_by_name("resolved", [model.DynamicConfigValue("color", {"mode": "fixed",
+                                                                          "fixedColor": EVENT_COLOURS["resolved"]})])
+        .grid_pos(grid(10, 21, 14, 8))
     )
     return to_model(d)

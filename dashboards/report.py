@@ -8,8 +8,10 @@ its verdict, its estimate with the 95% interval in its scale (a relative change 
 difference in the metric's unit for metrics without a true zero), the devices analysed per
 group, the design and method, the warnings as sentences and the placebo check — with one
 forest plot per scale; treatment vs control over time (headline metric, with the two periods
-shaded), baseline vs intervention per KPI and group, completeness per device, rejections by
-reason. :func:`load` reads the database through the query layer; :func:`render` is pure.
+shaded), baseline vs intervention per KPI and group, completeness per device, the alerts
+(open now, and the recent firing/resolved history), rejections by reason. :func:`load` reads
+the database through the query layer's named functions (``storage.queries``); :func:`render`
+is pure.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ CONTROL = "#e08a1e"
 BASELINE_BG = "#eef1f5"
 INTERVENTION_BG = "#e6f2e6"
 _BUCKETS = [timedelta(minutes=m) for m in (1, 5, 15, 60, 180, 360, 1440)]
+ALERT_HISTORY_ROWS = 50  # the newest transitions the report lists
+SEVERITY_COLOURS = {"critical": "#b91c1c", "warning": "#c2410c", "info": "#1d4ed8"}
+EVENT_COLOURS = {"firing": "#b91c1c", "resolved": "#15803d"}
 
 
 class ReportError(Exception):
@@ -177,6 +182,8 @@ class ReportData:
     devices: list[DeviceRow] = field(default_factory=list)
     rejections: dict[str, int] = field(default_factory=dict)
     readings: int = 0
+    open_alerts: list[queries.OpenAlert] = field(default_factory=list)
+    alert_history: list[queries.AlertTransition] = field(default_factory=list)
 
 
 def period_mean(points: list[tuple[datetime, float, int]], period: tuple[datetime, datetime]) -> float | None:
@@ -238,6 +245,8 @@ def load(conn: psycopg.Connection, experiment_id: str, now: datetime | None = No
     ]  # fmt: skip
     data.rejections = {r.reason: r.rejections for r in queries.rejection_counts(conn, experiment_id)}
     data.readings = exp.readings
+    data.open_alerts = queries.open_alerts(conn, experiment_id)
+    data.alert_history = queries.alert_transitions(conn, experiment_id, limit=ALERT_HISTORY_ROWS)
     return data
 
 
@@ -654,6 +663,57 @@ def _completeness_section(data: ReportData) -> str:
     )
 
 
+def _badge(text: str, colour: str) -> str:
+    return f'<span style="color:{colour};font-weight:700">{escape(text)}</span>'
+
+
+def _when(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _alerts_section(data: ReportData) -> str:
+    """The alerts still firing, and the newest firing/resolved transitions (docs/alerts.md)."""
+    by_severity = {s: sum(a.severity == s for a in data.open_alerts) for s in SEVERITY_COLOURS}
+    counts = ", ".join(f"{n} {s}" for s, n in by_severity.items() if n)
+    intro = (
+        f"<p><b>{len(data.open_alerts)}</b> alert{'s' if len(data.open_alerts) != 1 else ''} firing"
+        f"{f' ({counts})' if counts else ''}. Times are the event times the rules judged (UTC).</p>"
+    )
+    if data.open_alerts:
+        rows = "".join(
+            f"<tr><td>{_badge(a.severity, SEVERITY_COLOURS.get(a.severity, '#111'))}</td>"
+            f'<td class="l">{escape(a.rule)}</td><td class="l">{escape(a.subject)}</td>'
+            f"<td>{_when(a.fired_at)}</td><td>{num(a.value)}</td><td>{num(a.threshold)}</td>"
+            f'<td class="l">{escape(a.summary)}</td></tr>'
+            for a in data.open_alerts
+        )
+        open_html = (
+            '<h3>Open alerts</h3><table><tr><th class="l">severity</th><th class="l">rule</th>'
+            '<th class="l">subject</th><th>firing since</th><th>value</th><th>threshold</th>'
+            f'<th class="l">summary</th></tr>{rows}</table>'
+        )
+    else:
+        open_html = '<h3>Open alerts</h3><p class="muted">No alert is firing.</p>'
+    if data.alert_history:
+        rows = "".join(
+            f"<tr><td>{_when(t.at)}</td><td>{_badge(t.event, EVENT_COLOURS.get(t.event, '#111'))}</td>"
+            f"<td>{_badge(t.severity, SEVERITY_COLOURS.get(t.severity, '#111'))}</td>"
+            f'<td class="l">{escape(t.rule)}</td><td class="l">{escape(t.subject)}</td>'
+            f'<td class="l">{escape(t.summary or "")}</td></tr>'
+            for t in data.alert_history
+        )
+        shown = (f"the newest {len(data.alert_history)}" if len(data.alert_history) >= ALERT_HISTORY_ROWS
+                 else "every transition")  # fmt: skip
+        history_html = (
+            f'<h3>Recent history</h3><p class="muted">Alerts fired and resolved, newest first ({shown}).</p>'
+            '<table><tr><th>time (UTC)</th><th>event</th><th>severity</th><th class="l">rule</th>'
+            f'<th class="l">subject</th><th class="l">summary</th></tr>{rows}</table>'
+        )
+    else:
+        history_html = '<h3>Recent history</h3><p class="muted">No alert has fired.</p>'
+    return intro + open_html + history_html
+
+
 def headline_means(data: ReportData) -> dict[tuple[str, str], float | None]:
     """The period means of the headline metric as the streams engine folded them (its first mean
     KPI by name), so that the chart's thick lines agree with the tables."""
@@ -717,6 +777,9 @@ triangle: the simulation's true effect, when the data is simulated.</p>
 
 <h2>Completeness</h2>
 {_completeness_section(data)}
+
+<h2>Alerts</h2>
+{_alerts_section(data)}
 
 <h2>Rejections</h2>
 <p>{rej_total:,} messages or batch items refused, with the reason code sent back to the device;

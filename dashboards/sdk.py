@@ -175,3 +175,19 @@ def dashboard(title: str, uid: str, doc: str, time_from: str, refresh: str = "1m
         .refresh(refresh)
         .timezone("utc")
     )
+
+
+SEVERITY_COLOURS = {"critical": "red", "warning": "orange", "info": "blue"}
+EVENT_COLOURS = {"firing": "red", "resolved": "green"}
+
+
+def coloured_column(colours: dict[str, str]) -> list[model.DynamicConfigValue]:
+    """Field overrides for a table's text column whose values each have a colour (an alert's
+    severity, a transition's event)."""
+    mapping = model.ValueMap(
+        {v: model.ValueMappingResult(text=v, color=c, index=i) for i, (v, c) in enumerate(colours.items())}
+    )
+    return [
+        model.DynamicConfigValue("mappings", [mapping]),
+        model.DynamicConfigValue("custom.cellOptions", {"type": "color-text"}),
+    ]

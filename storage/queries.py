@@ -247,3 +247,64 @@ def alert_deliveries(conn: psycopg.Connection, alert_id: str) -> list[AlertDeliv
                  FROM alert_deliveries WHERE alert_id = %s ORDER BY created_at, event, channel, target""",
             (alert_id,),
         ).fetchall()
+
+
+@dataclass(frozen=True)
+class OpenAlert:
+    """An alert still firing (SQL function ``open_alerts``, migration 0041)."""
+
+    alert_id: str
+    experiment_id: str
+    rule: str
+    kind: str
+    severity: str
+    subject: str
+    device_id: str | None
+    fired_at: datetime
+    threshold: float | None
+    value: float | None
+    summary: str
+    deliveries: int
+    delivered: int
+    failed: int
+    pending: int
+
+
+def open_alerts(conn: psycopg.Connection, experiment_id: str | None = None) -> list[OpenAlert]:
+    """The alerts still firing (of one experiment, or all): most severe, then oldest first."""
+    return _rows(conn, OpenAlert, "SELECT * FROM open_alerts(%s)", (experiment_id,))
+
+
+@dataclass(frozen=True)
+class AlertTransition:
+    """An alert firing or resolving, at its event time (SQL function ``alert_transitions``)."""
+
+    at: datetime
+    event: str
+    alert_id: str
+    experiment_id: str
+    rule: str
+    kind: str
+    severity: str
+    subject: str
+    device_id: str | None
+    value: float | None
+    threshold: float | None
+    summary: str | None
+    fired_at: datetime
+
+
+def alert_transitions(
+    conn: psycopg.Connection,
+    experiment_id: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int | None = None,
+) -> list[AlertTransition]:
+    """Transitions in [start, end) (of one experiment, or all), newest first, at most ``limit``."""
+    return _rows(
+        conn,
+        AlertTransition,
+        "SELECT * FROM alert_transitions(%s, %s, %s) LIMIT %s",
+        (experiment_id, start, end, limit),
+    )

@@ -20,9 +20,11 @@ from dashboards.checks import result_problems, sql_targets, stat_fields
 from dashboards.macros import interpolate
 from dashboards.sdk import variable_query
 from pilotlab import registry
-from pilotlab.contracts import utcnow
+from pilotlab.contracts import to_ms, utcnow
 from pilotlab.manifest import Experiment
 from simulators.publisher import publish
+from streams.alert_store import record_transitions
+from streams.alerts import Transition
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +55,28 @@ def dashboard_experiment() -> Experiment:
     })
 
 
+def pilot_alerts(exp: Experiment) -> list[Transition]:
+    """Alert transitions of the pilot, as the alerts service judges and stores them (its judging:
+    test_alerts): a device offline that came back, one still offline, a KPI above its limit."""
+    b0, i0 = to_ms(exp.periods.baseline.start), to_ms(exp.periods.intervention.start)
+    minute = 60_000
+
+    def t(rule, kind, severity, subject, status, fired, at, value, threshold, summary):  # noqa: PLR0917
+        device = None if ":" in subject else subject
+        return Transition(exp.id, rule, kind, severity, subject, device, status, fired, at, value, threshold, summary)
+
+    return [
+        t("offline", "device_offline", "critical", "dash-t1", "firing", b0 + 30 * minute, b0 + 30 * minute, 360.0,
+          None, "dash-t1 silent for 6 expected intervals of 60 s"),
+        t("offline", "device_offline", "critical", "dash-t1", "resolved", b0 + 30 * minute, b0 + 50 * minute, None,
+          None, "dash-t1 reporting again"),
+        t("no2_high", "kpi_above", "warning", "no2_mean:treatment", "firing", b0 + 20 * minute, b0 + 20 * minute, 48.5,
+          40.0, "no2_mean (treatment) 48.5 above 40"),
+        t("offline", "device_offline", "critical", "dash-c2", "firing", i0 + 10 * minute, i0 + 10 * minute, 360.0,
+          None, "dash-c2 silent for 6 expected intervals of 60 s"),
+    ]  # fmt: skip
+
+
 def filled_pilot(stack_state, stack) -> dict:
     """Replay the pilot once per stack (the report tests reuse it when they share a stack)."""
     key = str(stack.data_dir)
@@ -73,6 +97,8 @@ def filled_pilot(stack_state, stack) -> dict:
                                    (exp.id,)).fetchone():
                 assert time.monotonic() < deadline, "no impact KPI stored"
                 time.sleep(0.5)
+    with psycopg.connect(stack_state.database_url) as conn:  # the alerts service's role and write path
+        record_transitions(conn, pilot_alerts(exp))
     _FILLED[key] = {"experiment": exp, "truth": truth, "filled_at": utcnow()}
     return _FILLED[key]
 

@@ -94,7 +94,7 @@ def test_what_the_sdk_writes_unfixed_is_what_the_issue_found(monkeypatch):
                 rules[f.check] += 1
     null_options = sum(p["options"] is None for m in raw.values() for p in m["panels"])
     variables = sum(len(m.get("templating", {}).get("list", [])) for m in raw.values())
-    assert (null_options, variables) == (21, 3)
+    assert (null_options, variables) == (25, 3)  # 21 + the four alert panels (overview, experiment detail)
     assert rules == {"panel-options": null_options, "no-style": 4, "schema-version": 4,
                      "variable-fields": 4 * variables}  # auto, auto_min, auto_count and id on each
     assert ("pilotlab-overview", "style") in schema_paths

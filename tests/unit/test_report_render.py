@@ -157,3 +157,49 @@ def test_absolute_period_change_is_a_difference():
 def test_a_pilot_without_impacts_renders():
     html = render(report([]))
     assert "declares no impact KPI" in html and "No impact estimate yet." in html
+
+
+# --- the alerts section --------------------------------------------------------------------------
+
+from storage.queries import AlertTransition, OpenAlert  # noqa: E402
+
+
+def _open(rule: str, severity: str, subject: str, minutes: int, summary: str) -> OpenAlert:
+    return OpenAlert(f"id-{rule}-{subject}", "pilot", rule, "device_offline", severity, subject, subject,
+                     T0 + timedelta(minutes=minutes), 0.8, 0.5, summary, 3, 2, 1, 0)  # fmt: skip
+
+
+def _moved(event: str, rule: str, subject: str, minutes: int, severity: str = "warning") -> AlertTransition:
+    return AlertTransition(T0 + timedelta(minutes=minutes), event, f"id-{rule}-{subject}", "pilot", rule,
+                           "device_offline", severity, subject, subject, 1.0, None, f"{rule} {event} <{subject}>",
+                           T0)  # fmt: skip
+
+
+def _alerts_html(html: str) -> str:
+    return html.split("<h2>Alerts</h2>")[1].split("<h2>Rejections</h2>", maxsplit=1)[0]
+
+
+def test_alerts_section_lists_open_alerts_and_history():
+    data = report([])
+    data.open_alerts = [_open("offline", "critical", "dev-1", 5, "dev-1 silent for 6 intervals <of 60 s>"),
+                        _open("low_completeness", "warning", "dev-2", 7, "completeness 50% < 80%")]  # fmt: skip
+    data.alert_history = [_moved("resolved", "offline", "dev-3", 9), _moved("firing", "offline", "dev-3", 4),
+                          _moved("firing", "offline", "dev-1", 5, "critical")]  # fmt: skip
+    section = _alerts_html(render(data))
+    assert "<b>2</b> alerts firing (1 critical, 1 warning)" in section
+    rows = re.findall(r"<tr><td>(.*?)</tr>", section.split("<h3>Recent history</h3>")[0], re.S)
+    assert [re.search(r">(critical|warning)<", r).group(1) for r in rows] == ["critical", "warning"]
+    assert "2026-03-02 00:05:00" in rows[0] and ">0.5<" in rows[0] and ">0.8<" in rows[0]
+    assert "dev-1 silent for 6 intervals &lt;of 60 s&gt;" in rows[0]  # escaped
+    assert 'color:#b91c1c;font-weight:700">critical' in rows[0]
+    history = section.split("<h3>Recent history</h3>")[1]
+    events = re.findall(r'font-weight:700">(firing|resolved)</span>', history)
+    assert events == ["resolved", "firing", "firing"]
+    assert "offline resolved &lt;dev-3&gt;" in history and "(every transition)" in history
+    assert "2026-03-02 00:09:00" in history
+
+
+def test_alerts_section_without_alerts():
+    section = _alerts_html(render(report([])))
+    assert "<b>0</b> alerts firing." in section
+    assert "No alert is firing." in section and "No alert has fired." in section and "<table>" not in section
