@@ -19,8 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from control.access_cli import access_app
+from control.demo import portal_text, render, run_demo
 from control.stack import AMQTT_SCRIPT, DEFAULT_DATA_DIR, MqttTls, Stack, StackError, find_mosquitto, pid_alive
 from control.supervisor import supervise
+from dashboards.report import ReportError, write_report
 from pilotlab import registry
 from pilotlab import settings as cfg
 from pilotlab.credentials import (
@@ -539,7 +541,6 @@ def demo(  # noqa: PLR0917 - typer options
     """Bring up the embedded stack, run three simulated pilots through the whole pipeline,
     print their KPIs and impact, and stop everything it started. The web portal runs beside
     it (its URL, a lab token and a startup's token are printed as soon as it answers)."""
-    from control.demo import portal_text, render, run_demo  # noqa: PLC0415 - start-up: the report's Grafana SDK
 
     _logging(logging.WARNING if json_out else logging.INFO)
 
@@ -738,8 +739,8 @@ def dashboards_push(
     token: Annotated[str, typer.Option(help="A service-account token with the Editor role.")],
 ) -> None:
     """Create or replace every dashboard by its UID in the folder PilotLab (idempotent)."""
-    from grafana_client.client import GrafanaException  # noqa: PLC0415 - start-up, as dashboards.build
-    from niquests.exceptions import RequestException  # noqa: PLC0415 - start-up, as dashboards.build
+    from grafana_client.client import GrafanaException  # noqa: PLC0415 - start-up (~0.5 s); push only
+    from niquests.exceptions import RequestException  # noqa: PLC0415 - start-up (~0.5 s); push only
 
     from dashboards.build import push  # noqa: PLC0415 - start-up: grafana-foundation-sdk
 
@@ -758,7 +759,6 @@ def report_cmd(
 ) -> None:
     """Write a self-contained HTML impact report of one experiment (reads
     PILOTLAB_DATABASE_READER_URL, else PILOTLAB_DATABASE_URL)."""
-    from dashboards.report import ReportError, write_report  # noqa: PLC0415 - start-up: Grafana SDK, scipy
 
     s = cfg.load(cfg.ReportSettings)
     try:
