@@ -35,7 +35,7 @@ from pilotlab.manifest import Experiment, load_manifests
 from pilotlab.metrics import METRICS
 from simulators.publisher import publish
 from storage.migrate import migrate
-from storage.queries import PeriodValue, rejections_by_reason, table_counts
+from storage.queries import PeriodValue, kpi_period_summary, rejections_by_reason, streams_impact, table_counts
 
 log = logging.getLogger("pilotlab.demo")
 
@@ -96,15 +96,14 @@ class ImpactRow:
 
 
 def period_overview(conn: psycopg.Connection, experiment_id: str) -> list[PeriodValue]:
-    rows = conn.execute("SELECT * FROM streams_period_overview(%s)", (experiment_id,)).fetchall()
-    return [PeriodValue(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7])) for r in rows]
+    return kpi_period_summary(conn, experiment_id)
 
 
 def impacts(conn: psycopg.Connection, experiment_id: str) -> dict[str, ImpactRow]:
-    rows = conn.execute(
-        "SELECT kpi, metric, value, sample_count, revision, details FROM streams_impact(%s)", (experiment_id,)
-    ).fetchall()
-    return {r[0]: ImpactRow(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5] or {}) for r in rows}
+    return {
+        r.kpi: ImpactRow(r.kpi, r.metric, r.value, r.sample_count, r.revision, r.details or {})
+        for r in streams_impact(conn, experiment_id)
+    }
 
 
 def summarise(

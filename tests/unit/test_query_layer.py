@@ -82,14 +82,14 @@ def test_every_panel_reads_named_query_functions(sql):
 
 def test_one_period_summary():
     """kpi_period_summary (0002) and streams_period_overview (0020) folded the same windows;
-    0040 keeps the first, with the kinds' rules; the second is only its old name, no panel,
-    report or query function reads it."""
-    text = (MIGRATIONS / "0040_read_side.sql").read_text()
-    old = text.split("FUNCTION streams_period_overview(p_experiment text)")[1].split("$$;")[0]
-    assert re.sub(r"\s+", " ", old.split("$$")[1]).strip() == "SELECT * FROM kpi_period_summary(p_experiment)"
+    0040 keeps the first, with the kinds' rules (the second its alias), 0042 drops the second,
+    and nothing calls it."""
+    assert "kpi_period_summary" in defined_functions()
+    assert "streams_period_overview" not in defined_functions()
     repo = MIGRATIONS.parents[1]
-    for path in [*(repo / "dashboards").rglob("*.py"), repo / "storage" / "queries.py"]:
-        assert "streams_period_overview" not in path.read_text(), path
+    for part in ("dashboards", "control", "storage", "streams", "pilotlab", "bench"):
+        for path in (repo / part).rglob("*.py"):
+            assert "streams_period_overview" not in path.read_text(), path
 
 
 def _kpi_kinds_rows() -> dict[str, tuple[str | None, str | None, str | None]]:
