@@ -107,6 +107,9 @@ def test_readme_folder_table_names_every_top_level_folder():
     text = README.read_text(encoding="utf-8")
     missing = [f for f in folders if f"| `{f}/` |" not in text]
     assert not missing, f"README.md's folder table lacks {missing}"
+    listed = re.findall(r"^\| `([^`]+)/` \|", text, flags=re.M)
+    gone = [f for f in listed if f not in folders]
+    assert not gone, f"README.md's folder table names folders that are not in the repository: {gone}"
 
 
 def test_issue_number_pattern():
