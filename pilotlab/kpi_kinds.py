@@ -1,5 +1,5 @@
 """The KPI kinds: one registry of their names, their manifest parameters and how their values
-are read (docs/kpis.md).
+are read (docs/experiments.md, "One registry of kinds").
 
 This is the ground floor's half of the registry: what a manifest may name and what the read
 side needs to know about a kind. The aggregators that compute each kind live in the streams

@@ -114,7 +114,7 @@ class Device(_Model):
 class Kpi(_Model):
     name: Identifier
     metric: str
-    kind: KpiKind  # pilotlab.kpi_kinds.KINDS (docs/kpis.md)
+    kind: KpiKind  # pilotlab.kpi_kinds.KINDS (docs/experiments.md, "One registry of kinds")
     window: Seconds = 60
     # the desired direction of change, for reading the impact: lower energy is better
     better: Literal["lower", "higher"] = "lower"

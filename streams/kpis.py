@@ -10,7 +10,7 @@ Faust tables and their changelogs), no kind keeps raw events, and the result doe
 on the order observations were added in (exactly for counts, sketches, min and max; to
 floating-point rounding for sums and moments).
 
-Kinds (docs/kpis.md):
+Kinds (docs/experiments.md):
 
 * ``count``, ``sum``, ``mean``, ``min``, ``max`` — :mod:`streams.aggregators`.
 * ``quantile`` (``q``) — a DDSketch (the ``ddsketch`` library's logarithmic mapping) with
