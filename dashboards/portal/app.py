@@ -14,7 +14,6 @@ under ``/api``, bearer token, OpenAPI at ``/docs`` and ``/openapi.json``.
 """
 
 import contextlib
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,21 +33,17 @@ from dashboards import report
 from dashboards.portal import views
 from dashboards.portal.settings import PortalSettings
 from pilotlab.credentials import SECRET_FILE, load_or_create_secret
+from storage import access as storage_access
 from storage import portal_queries as q
+from storage.access import Principal
 from storage.queries import AlertEpisode
 
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "pilotlab_portal"
 
 
-class Principal(Protocol):
-    """Who a token belongs to (``storage.access.Principal``): ``startup`` None is the lab."""
-
-    startup: str | None
-
-
 class Access(Protocol):
-    """``storage.access``: the database decides what a principal sees."""
+    """What the app needs of ``storage.access``: the database decides what a principal sees."""
 
     def authenticate(self, conn: psycopg.Connection, token: str) -> Principal | None: ...
 
@@ -93,7 +88,7 @@ def create_app(
     """The ASGI app. ``access``: the module deciding who sees what (``storage.access``);
     ``pool``: connections as the portal's role (default: a pool on ``settings.database_url``,
     opened with the app and closed with it)."""
-    access = access or importlib.import_module("storage.access")
+    access = access or storage_access
     own_pool = pool is None
     pool = pool or ConnectionPool(
         settings.database_url, min_size=1, max_size=settings.portal_pool_size, open=False, name="portal"
