@@ -20,7 +20,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from control.access_cli import access_app
 from control.demo import portal_text, render, run_demo
-from control.stack import AMQTT_SCRIPT, DEFAULT_DATA_DIR, MqttTls, Stack, StackError, find_mosquitto, pid_alive
+from control.stack import (
+    AMQTT_SCRIPT,
+    DEFAULT_DATA_DIR,
+    MqttTls,
+    Stack,
+    StackError,
+    find_mosquitto,
+    pid_alive,
+    running_stack_env,
+)
 from control.supervisor import supervise
 from dashboards.report import ReportError, write_report
 from pilotlab import registry
@@ -45,6 +54,10 @@ from simulators.spec import ScenarioError, load_scenario
 from storage.migrate import migrate
 from storage.migrate import status as schema_status
 from storage.queries import impact_device_periods
+
+# every command, and every service started as `pilotlab run NAME`, with no PILOTLAB_* endpoint
+# set uses the embedded stack running in the working directory (the ground's settings know no stack)
+cfg.use_endpoint_defaults(running_stack_env)
 
 app = typer.Typer(help="pilotlab: telemetry pipeline for city-scale technology pilots.", no_args_is_help=True)
 stack_app = typer.Typer(

@@ -30,21 +30,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from confluent_kafka.admin import AdminClient
 
-from control.services import Services
-from control.stack import Stack
-from pilotlab import registry
 from pilotlab.contracts import KafkaTopics, Limits, to_ms
-from pilotlab.kafka_admin import ensure_topics, lag_or_reason
 from pilotlab.manifest import Experiment, load_manifests, parse_duration
-from simulators.replay import replay
-from simulators.runner import run_scenario
-from simulators.spec import load_scenario
-from storage.migrate import migrate
-from storage.sink import TOPICS as SINK_TOPICS
 
 __all__ = ["Harness", "PilotlabTimeout"]
+
+# pytest loads this plugin in every session where pilotlab is installed, a startup's too: the
+# stack, the services and the simulators (their imports add some 0.3 s, and storage.sink registers
+# its Prometheus metrics on import) are imported by the fixtures and methods that use them
 
 
 class PilotlabTimeout(AssertionError):
@@ -68,6 +62,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def pilotlab_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """The embedded stack's :class:`control.stack.StackState` (schema and topics ready)."""
+    from control.stack import Stack  # noqa: PLC0415
+    from pilotlab.kafka_admin import ensure_topics  # noqa: PLC0415
+    from storage.migrate import migrate  # noqa: PLC0415
 
     given = request.config.getoption("--pilotlab-stack-dir")
     stack = Stack(Path(given) if given else tmp_path_factory.mktemp("pilotlab-stack"))
@@ -75,6 +72,8 @@ def pilotlab_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     try:
         state = stack.up()
         migrate(state.database_url)
+        from confluent_kafka.admin import AdminClient  # noqa: PLC0415
+
         existing = set(AdminClient({"bootstrap.servers": state.kafka_bootstrap}).list_topics(timeout=15).topics)
         missing = tuple(t for t in KafkaTopics.ALL if t not in existing)
         if missing:  # a reused stack has them already (ensure_topics wants at least one)
@@ -97,6 +96,7 @@ class Pipeline:
 @pytest.fixture(scope="session")
 def pilotlab_pipeline(request: pytest.FixtureRequest, pilotlab_stack, tmp_path_factory):
     """ingest, streams and sink as subprocesses against ``pilotlab_stack``."""
+    from control.services import Services  # noqa: PLC0415
 
     max_age_s = parse_duration(request.config.getoption("--pilotlab-max-age"))
     logs = tmp_path_factory.mktemp("pilotlab-services") / "logs"
@@ -125,6 +125,7 @@ class Harness:
     ) -> list[Experiment]:
         """Register manifests (a file, a directory, or Experiment objects) and wait until the
         pipeline has read them (the sink has stored them)."""
+        from pilotlab import registry  # noqa: PLC0415
 
         if isinstance(manifests, (str, Path)):
             experiments = load_manifests(Path(manifests))
@@ -152,6 +153,8 @@ class Harness:
         """Publish a scenario (a path or a loaded :class:`simulators.spec.Scenario`) after
         registering its experiments; returns its :class:`simulators.faults.GroundTruth`.
         The truth is judged with this pipeline's ingest limits."""
+        from simulators.runner import run_scenario  # noqa: PLC0415
+        from simulators.spec import load_scenario  # noqa: PLC0415
 
         if isinstance(scenario, (str, Path)):
             scenario = load_scenario(Path(scenario))
@@ -167,6 +170,7 @@ class Harness:
 
     def replay(self, path: Path | str, *, speed: float = 1.0, time_shift: timedelta | str | None = "auto"):
         """Publish a recording (``pilotlab record`` or ``simulate --out``); returns its stats."""
+        from simulators.replay import replay  # noqa: PLC0415
 
         return replay(self.mqtt_url, Path(path), speed=speed, time_shift=time_shift)
 
@@ -235,6 +239,8 @@ class Harness:
     def wait_for_truth(self, truth, timeout: float = 180.0) -> None:
         """Until every datapoint the ground truth says should be stored is stored, every
         expected rejection is recorded, and the services have no backlog."""
+        from pilotlab.kafka_admin import lag_or_reason  # noqa: PLC0415
+        from storage.sink import TOPICS as SINK_TOPICS  # noqa: PLC0415
 
         keys = list(truth.stored)
         devices = [k[0] for k in keys]

@@ -1085,7 +1085,7 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-# --- the running stack's endpoints: settings.load's defaults (installed by control/__init__.py) ---
+# --- the running stack's endpoints: settings.load's defaults (installed by control/cli.py) ---
 
 _said_stack: list[str] = []  # the note is printed once per process
 

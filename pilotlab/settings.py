@@ -145,7 +145,7 @@ STACK_URL_VARIABLES = (
 )
 EndpointDefaults = Callable[[type[BaseSettings]], dict[str, str]]
 # where endpoints come from when no PILOTLAB_* endpoint variable is set: the composition that
-# runs the services installs it (control/__init__.py: the embedded stack running in the working
+# runs the services installs it (control/cli.py: the embedded stack running in the working
 # directory, control.stack.running_stack_env); the ground itself knows no stack
 _endpoint_defaults: list[EndpointDefaults] = []
 

@@ -30,6 +30,7 @@ UNSCANNED = ("tests", "bench")  # may import anything
 BETWEEN_LAYERS = {
     ("dashboards", "storage.queries"): "the report and the portal read through the query layer",
     ("dashboards", "storage.portal_queries"): "the portal's pages read through its query functions",
+    ("dashboards", "storage.access"): "the portal authenticates a token and reads in the startup's scope (RLS)",
 }
 
 
