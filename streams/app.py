@@ -6,8 +6,9 @@ copy of the state (``streams.checkpoint.run_chunk``: de-duplication, allowed lat
 event-time windows, liveness). Then it sends the chunk's latest KPIs (``pilotlab.kpis``),
 late readings (``pilotlab.late``) and device status changes (``pilotlab.device-status``),
 keyed by experiment, waits for the broker, and writes each changed state key once to the
-table's changelog with the partition's applied mark last. Offsets are committed after that
-(Faust acks a chunk's events when the loop body returns). tansu has no transactions, so a
+table's changelog with the partition's applied mark last. The offset committed for a
+partition is its mark (``streams.faust_compat.commit_applied``), never beyond what the
+state holds. tansu has no transactions, so a
 crash is made safe by ``streams.checkpoint``: the state rolls back to the mark and the
 messages after it are replayed, neither counted twice nor lost.
 """
@@ -15,183 +16,21 @@ messages after it are replayed, neither counted twice nor lost.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
 from pathlib import Path
 
 import faust
-from faust.tables.recovery import Recovery
-from faust.transport.consumer import Consumer as FaustConsumer
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
-from pilotlab.kafka_admin import end_offsets
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
-from streams.checkpoint import Chunk, ChunkOut, run_chunk
+from streams import faust_compat
+from streams.checkpoint import Chunk, ChunkOut, mark_key, run_chunk
 from streams.metrics import StreamsObserver
 
 log = logging.getLogger("pilotlab.streams")
-
-
-def limit_fetch_wait(ms: int) -> None:
-    """Faust creates its aiokafka consumer with ``fetch_max_wait_ms=1500`` and offers no
-    setting for it; tansu answers a fetch only when that wait runs out, so every quiet
-    moment would cost up to 1.5 s of latency. Set the worker's own value instead."""
-    create = AIOKafkaConsumerThread.__dict__["_create_worker_consumer"]
-    create = getattr(create, "__wrapped__", create)
-
-    @functools.wraps(create)
-    def _create_worker_consumer(self, transport):
-        consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = ms  # read when the consumer starts its fetcher
-        return consumer
-
-    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
-
-
-def true_highwaters(bootstrap: str) -> None:
-    """Faust's recovery reads a changelog partition up to its high watermark from ListOffsets,
-    which tansu 0.6.0 understates: the last record batch's base offset + 1. A partition taken
-    over from another worker was recovered without the rest of that batch (state entries of a
-    chunk whose mark was not written yet, which read as rolled back either way; the mark is
-    sent alone), left for a later recovery to read. Take the end offsets a fetch reports
-    (``end_offsets``; on Apache Kafka the same values), so recovery reads what is there."""
-    highwaters = AIOKafkaConsumerThread.__dict__["_highwaters"]
-    highwaters = getattr(highwaters, "__wrapped__", highwaters)
-
-    @functools.wraps(highwaters)
-    async def _highwaters(self, partitions):
-        reported = dict(await highwaters(self, partitions))
-        if self.consumer.in_transaction or not reported:
-            return reported
-        ends = await asyncio.to_thread(end_offsets, bootstrap, [(tp.topic, tp.partition) for tp in reported])
-        return {tp: max(value or 0, ends[(tp.topic, tp.partition)]) for tp, value in reported.items()}
-
-    AIOKafkaConsumerThread._highwaters = _highwaters
-
-
-def rewind_uncommitted() -> None:
-    """When a rebalance starts (or flow stops) Faust drops the records it fetched but had not
-    handed to a stream yet and seeks back to the committed offsets to fetch them again
-    (``Consumer.perform_seek``). aiokafka's ``seek_to_committed`` skips a partition without a
-    committed offset (none, or 0): it stays where the fetcher stood, and the dropped records of
-    a partition the group never committed were skipped for good (a whole partition of
-    readings, in the two-worker kill test). Seek those stream partitions to their start."""
-    perform_seek = FaustConsumer.__dict__["perform_seek"]
-    perform_seek = getattr(perform_seek, "__wrapped__", perform_seek)
-
-    @functools.wraps(perform_seek)
-    async def _perform_seek(self) -> None:
-        await perform_seek(self)
-        changelogs = self.app.tables.changelog_topics
-        for tp in self.assignment():
-            if tp.topic not in changelogs and not self._committed_offset.get(tp):
-                await self.seek(tp, 0)  # before the log start: aiokafka resets to the earliest
-
-    FaustConsumer.perform_seek = _perform_seek
-
-
-def commit_contiguous() -> None:
-    """Faust commits the end of the first run of consecutive acked offsets, after filling in
-    the "gaps" it saw in the offsets it read (for compacted or transactional topics; ours
-    have neither). After a seek back (a rebalance), a message read before the seek arrives
-    after it and looks like a jump: its gap was filled on top of the redelivered offsets, the
-    acked list held duplicates and the committed offset crawled one offset per commit (a
-    partition's lag stuck for minutes). Faust also commits past the committed offset when only
-    that message is missing. Commit the acked run that starts at the committed offset, only."""
-
-    async def _add_gap(self, tp, offset_from: int, offset_to: int) -> None:
-        return None
-
-    def _new_offset(self, tp):
-        acked = self._acked[tp]
-        if not acked:
-            return None
-        committed = self._committed_offset[tp]
-        offsets = sorted({o for o in acked if committed is None or o >= committed})
-        end = offsets[0] if offsets and committed is None else committed
-        for offset in offsets:
-            if offset != end:
-                break
-            end += 1
-        acked[:] = [o for o in offsets if o >= end]
-        index = self._acked_index[tp]
-        index.difference_update([o for o in index if o < end])
-        return end if offsets and end != committed else None
-
-    FaustConsumer._add_gap = _add_gap
-    FaustConsumer._new_offset = _new_offset
-
-
-class _NoReadOffsets(dict):
-    """Faust's read offsets, kept but never consulted (see ``read_every_delivery``)."""
-
-    def __getitem__(self, tp):
-        return None
-
-
-def read_every_delivery() -> None:
-    """Faust's fetch loop drops a record below the last offset it read from that partition.
-    After a seek back (a rebalance) a record read before the seek can still arrive after it
-    and raise that mark, so the records the seek fetches again were dropped, unacked: a
-    partition stopped committing (lag stuck). Let every delivery through: the stream skips
-    the records of an older generation itself, and the chunk skips offsets already applied."""
-    drain = FaustConsumer.__dict__["_drain_messages"]
-    drain = getattr(drain, "__wrapped__", drain)
-
-    @functools.wraps(drain)
-    async def _drain_messages(self, fetcher) -> None:
-        self._read_offset = _NoReadOffsets()
-        await drain(self, fetcher)
-
-    FaustConsumer._drain_messages = _drain_messages
-
-
-def keep_kept_partitions() -> None:
-    """Faust's in-memory store has no persisted offsets: at every rebalance, recovery reads a
-    changelog partition the worker keeps from the last offset *recovery* read, i.e. replays
-    the worker's own writes since over its table while the last chunk may still complete. A
-    chunk's state could be rolled back under its own mark and committed offsets (readings
-    missing from the KPIs, in the two-worker kill test). The table of a partition the worker
-    held as active through the previous recovery is current (its writes are confirmed before
-    the table is), so recovery starts such partitions at their high watermark."""
-    rebalance = Recovery.__dict__["on_rebalance"]
-    rebalance = getattr(rebalance, "__wrapped__", rebalance)
-    build_offsets = Recovery.__dict__["_build_offsets"]
-    build_offsets = getattr(build_offsets, "__wrapped__", build_offsets)
-    completed = Recovery.__dict__["on_recovery_completed"]
-    completed = getattr(completed, "__wrapped__", completed)
-
-    @functools.wraps(completed)
-    async def on_recovery_completed(self, generation_id: int = 0) -> None:
-        await completed(self, generation_id)
-        self.__dict__["_pilotlab_recovered"] = set(self.active_tps)
-
-    @functools.wraps(rebalance)
-    async def on_rebalance(self, assigned, revoked, newly_assigned, generation_id: int = 0) -> None:
-        # held through the recovery that completed right before this rebalance, not through
-        # an interrupted one (another worker may have had the partition meanwhile)
-        held = set(self.__dict__.get("_pilotlab_recovered", ()))
-        self.__dict__["_pilotlab_recovered"] = set()
-        self.__dict__["_pilotlab_kept"] = set()
-        await rebalance(self, assigned, revoked, newly_assigned, generation_id)
-        self.__dict__["_pilotlab_kept"] = held & set(self.active_tps)
-
-    @functools.wraps(build_offsets)
-    async def _build_offsets(self, consumer, tps, destination, title: str) -> None:
-        await build_offsets(self, consumer, tps, destination, title)
-        if title == "active":
-            for tp in set(tps) & self.__dict__.get("_pilotlab_kept", set()):
-                highwater = self.active_highwaters.get(tp)
-                if highwater is not None and (destination[tp] is None or destination[tp] < highwater):
-                    destination[tp] = highwater
-
-    Recovery.on_rebalance = on_rebalance
-    Recovery._build_offsets = _build_offsets
-    Recovery.on_recovery_completed = on_recovery_completed
 
 
 def crash_worker(what: str) -> None:
@@ -205,12 +44,7 @@ def crash_worker(what: str) -> None:
 
 
 def create_app(settings: StreamsSettings) -> faust.App:
-    limit_fetch_wait(settings.kafka_fetch_wait_ms)
-    true_highwaters(settings.kafka_bootstrap)
-    keep_kept_partitions()
-    rewind_uncommitted()
-    commit_contiguous()
-    read_every_delivery()
+    faust_compat.install(bootstrap=settings.kafka_bootstrap, fetch_wait_ms=settings.kafka_fetch_wait_ms)
     app = faust.App(
         settings.streams_app_id,
         broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap.split(",")],
@@ -229,7 +63,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
         web_port=settings.streams_web_port or 6066,
         table_cleanup_interval=3600,
         # the check guards on-disk (RocksDB) stores against a truncated changelog; ours is in memory.
-        # Before true_highwaters, tansu's understated end offsets made it stop a worker that had read
+        # Before faust_compat.true_highwaters, tansu's understated end offsets made it stop a worker that had read
         # a changelog to its real end, which then left the group (README, Workers dying and rejoining)
         recovery_consistency_check=False,
     )
@@ -270,6 +104,13 @@ def create_app(settings: StreamsSettings) -> faust.App:
 
     def stored(key: str) -> bytes | None:
         return state.data.get(key.encode())
+
+    def applied(tp) -> int | None:
+        """A readings partition's mark: the offset Faust may commit (faust_compat.commit_applied)."""
+        if tp.topic != KafkaTopics.READINGS:
+            return None
+        raw = stored(mark_key(tp.partition))
+        return 0 if raw is None else int(raw)
 
     async def write_chunk(partition: int, out: ChunkOut) -> None:
         """Outputs first, then the state entries, then the mark: each step confirmed by the
@@ -327,6 +168,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
         mine = sorted(tp.partition for tp in assigned if tp.topic == KafkaTopics.READINGS)
         log.info("assigned %s partitions: %s", KafkaTopics.READINGS, mine)
 
+    app.pilotlab_applied = applied  # read by faust_compat.commit_applied
     app.pilotlab_registry = registry  # for tests
     app.pilotlab_observer = observer
     return app
