@@ -349,7 +349,7 @@ def repair_watermarks(base: str, bucket: str = "tansu") -> list[str]:
     partition's watermark, then writes the batch object. A broker killed between the two
     leaves a watermark above the last batch: the offsets in between never exist, and the next
     batch is written after the hole. A consumer that commits only contiguous offsets (the
-    streams worker, ``streams.app.commit_contiguous``) then never gets past it: lag stuck.
+    streams worker did, before ``streams.faust_compat.commit_applied``) never gets past it.
     The producer got no answer for that batch and sends it again, so the hole holds nothing.
     Before a durable broker starts, set each partition's watermark back to the end of its last
     batch. Returns the partitions repaired ("topic/partition: old → new")."""
