@@ -141,7 +141,7 @@ class IngestService:
                 "bootstrap.servers": settings.kafka_bootstrap,
                 "acks": "all",
                 "enable.idempotence": settings.ingest_kafka_idempotence,
-                "linger.ms": 5,
+                "linger.ms": settings.ingest_kafka_linger_ms,
                 "compression.type": "none",
                 "client.id": settings.ingest_client_id,
                 # a record not confirmed within a minute is reported (and produced again): an
