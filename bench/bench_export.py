@@ -65,7 +65,7 @@ def export(env: dict, experiment_id: str, fmt: str, out: Path) -> dict:
             _MEASURE,
             sys.executable,
             "-m",
-            "pilotlab",
+            "control",
             "export",
             experiment_id,
             "--out",
