@@ -86,15 +86,30 @@ def test_kill_minus_nine_mid_stream_loses_and_duplicates_nothing(own_stack, vict
 
     with Services(stack_state, stack.logs / f"services-crash-{victim}").start() as services:
         services.wait_ingest_ready()
+        halfway, resume = threading.Event(), threading.Event()
+
+        def hold_halfway(done: int, total: int) -> None:
+            """The kill always lands mid-stream, however slow the machine: past half the
+            messages the publisher waits until the victim has been killed."""
+            if done >= total // 2 and not halfway.is_set():
+                halfway.set()
+                resume.wait(300)
+
         publisher = threading.Thread(
             target=lambda: result.setdefault(
-                "truth", publish(stack_state.mqtt_url, [exp], seed=5, duration_s=10, batch=1)
+                "truth",
+                publish(stack_state.mqtt_url, [exp], seed=5, duration_s=10, batch=1, progress=hold_halfway),
             )
         )
         publisher.start()
-        busy(stack_state.database_url, victim, exp.id)
-        assert publisher.is_alive(), "the publisher finished before the kill: not mid-stream"
+        try:
+            assert halfway.wait(120), "the publisher did not get halfway"
+            busy(stack_state.database_url, victim, exp.id)
+        except BaseException:
+            resume.set()
+            raise
         services.kill(victim)
+        resume.set()
         time.sleep(1.0)
         services.start(victim)
         publisher.join(timeout=120)

@@ -40,11 +40,17 @@ SERVICES = ("ingest", "streams", "sink")
 RECOVERY: dict[str, dict] = {}
 
 
-def publish_acknowledged(mqtt_url: str, exp, seed: int, duration_s: float) -> GroundTruth:
+def publish_acknowledged(
+    mqtt_url: str, exp, seed: int, duration_s: float, gate: tuple[threading.Event, threading.Event] | None = None
+) -> GroundTruth:
     """A simulated pilot's devices publishing with QoS 1 through broker outages: paho keeps
     what it could not send and sends it again after reconnecting (like a device with a
     buffer). Returns once the broker has acknowledged (PUBACK) every message: the ground
-    truth is exactly what the broker acknowledged."""
+    truth is exactly what the broker acknowledged.
+
+    ``gate`` = (halfway, resume): after half the messages the publisher sets ``halfway`` and
+    waits for ``resume``, so a fault injected in between always lands mid-stream, however
+    slow the machine."""
     truth = GroundTruth()
     planned = list(plan_messages([exp], seed, 1))
     sim_start, sim_end = planned[0][0], planned[-1][0]
@@ -62,7 +68,13 @@ def publish_acknowledged(mqtt_url: str, exp, seed: int, duration_s: float) -> Gr
     mids = []
     wall_start = time.monotonic()
     try:
-        for ts_ms, topic, payload, reason, samples in planned:
+        for i, (ts_ms, topic, payload, reason, samples) in enumerate(planned):
+            if gate is not None and i == len(planned) // 2:
+                held = time.monotonic()
+                gate[0].set()
+                if not gate[1].wait(300):
+                    raise TimeoutError("the publisher was never resumed")
+                wall_start += time.monotonic() - held  # the rest at the planned rate
             delay = wall_start + (ts_ms - sim_start) / 1000 / speed - time.monotonic()
             if delay > 0.002:
                 time.sleep(delay)
@@ -138,20 +150,29 @@ def test_kill_minus_nine_mid_stream(durable_stack, victim):
 
     with Services(state, stack.logs / f"services-{victim}").start() as services:
         services.wait_ingest_ready()
+        halfway, resume = threading.Event(), threading.Event()
         publisher = threading.Thread(
-            target=lambda: result.setdefault("truth", publish_acknowledged(state.mqtt_url, exp, seed=5, duration_s=10))
+            target=lambda: result.setdefault(
+                "truth", publish_acknowledged(state.mqtt_url, exp, seed=5, duration_s=10, gate=(halfway, resume))
+            )
         )
         publisher.start()
-        busy(state.database_url, "streams", exp.id)  # KPIs stored: every service is at work
-        busy(state.database_url, "sink", exp.id)
-        assert publisher.is_alive(), "the publisher finished before the kill: not mid-stream"
+        try:
+            assert halfway.wait(120), "the publisher did not get halfway"
+            busy(state.database_url, "streams", exp.id)  # KPIs stored: every service is at work
+            busy(state.database_url, "sink", exp.id)
+        except BaseException:
+            resume.set()
+            raise
         killed = time.monotonic()
         if victim in BROKERS:
             assert stack.stop_service(BROKERS[victim], kill=True)
+            resume.set()  # the devices carry on publishing through the outage
             time.sleep(2.0)
             stack.up()  # what an operator runs: restarts exactly what is not running
         else:
             services.kill(victim)
+            resume.set()
             time.sleep(1.0)
             services.start(victim)
         publisher.join(timeout=180)
