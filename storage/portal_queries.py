@@ -21,8 +21,8 @@ from storage.queries import AlertEpisode, alert_history
 
 @dataclass(frozen=True)
 class ExperimentSummary:
-    """One pilot as the overview lists it. ``devices_online``: devices whose last status from
-    the streams worker (``device_status``, event time) is online; ``completeness``: distinct
+    """One pilot as the overview lists it. ``devices_online``: devices online by
+    :class:`DeviceHealth`'s rule; ``completeness``: distinct
     sample instants received / expected from each device's interval, all devices pooled, over
     the baseline start until now or the intervention end (SQL ``device_health``);
     ``rejection_rate``: refused items / (refused + stored readings)."""
@@ -59,7 +59,8 @@ SELECT e.experiment_id, e.title, e.startup, e.district,
   FROM experiments e
  CROSS JOIN LATERAL (
        SELECT count(*) AS devices_total,
-              count(*) FILTER (WHERE dh.status = 'online') AS devices_online,
+              count(*) FILTER (WHERE coalesce(dh.status, CASE WHEN dh.last_seen IS NOT NULL THEN 'online' END)
+                               = 'online') AS devices_online,
               sum(dh.samples)::float8 / nullif(sum(dh.expected), 0) AS completeness,
               max(dh.last_seen) AS last_seen
          FROM device_health(e.experiment_id) dh) h
@@ -86,8 +87,11 @@ def experiment_summary(conn: psycopg.Connection, experiment_id: str) -> Experime
 
 @dataclass(frozen=True)
 class DeviceHealth:
-    """A device's health (SQL ``device_health``): last reading, last status and when it
-    changed, and completeness over the experiment so far."""
+    """A device's health (SQL ``device_health``): last reading, status and since when, and
+    completeness over the experiment so far. The streams worker stores transitions only
+    (``device_status``: offline when silent, online when it reports again, in event time): a
+    device with readings and no transition is online since its first one (``status_since``
+    None); a device never seen has no status (None)."""
 
     device_id: str
     device_group: str
@@ -103,7 +107,13 @@ class DeviceHealth:
 
 def device_health(conn: psycopg.Connection, experiment_id: str) -> list[DeviceHealth]:
     with conn.cursor(row_factory=class_row(DeviceHealth)) as cur:
-        return cur.execute("SELECT * FROM device_health(%s)", (experiment_id,)).fetchall()
+        return cur.execute(
+            """SELECT device_id, device_group, kind, interval_s, last_seen,
+                      coalesce(status, CASE WHEN last_seen IS NOT NULL THEN 'online' END) AS status,
+                      status_since, samples, expected, completeness
+                 FROM device_health(%s)""",
+            (experiment_id,),
+        ).fetchall()
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,7 @@ def create_app(
     def live(conn: psycopg.Connection, experiment_id: str) -> dict[str, Any]:
         return {
             "devices": q.device_health(conn, experiment_id),
-            "rejections": q.recent_rejections(conn, experiment_id, 50),
+            "rejections": q.recent_rejections(conn, experiment_id, 20),
             "alerts": q.alerts(conn, experiment_id),
         }
 

@@ -8,7 +8,7 @@ the rejection. Everything runs for real: ``pilotlab serve`` as a subprocess, ing
 on the module's embedded stack. Skips, saying why, where there is no Chromium or Playwright.
 
 ``PILOTLAB_PORTAL_SCREENSHOT=FILE.png`` also saves the startup's page once the rejection is on
-it (docs/img/portal-startup.png is made that way).
+it (docs/portal.md).
 """
 
 from __future__ import annotations
