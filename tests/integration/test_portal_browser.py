@@ -41,7 +41,7 @@ from storage import access
 pytestmark = pytest.mark.integration
 
 CHROMIUM = os.environ.get("PILOTLAB_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+playwright_api = pytest.importorskip("playwright.sync_api", reason="no Playwright (pip install playwright)")
 if not Path(CHROMIUM).exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
@@ -215,6 +215,7 @@ def test_a_startup_sees_its_rejection_appear_and_another_does_not(browser, porta
     row = page.locator(f'#credentials tr[data-device="{device}"]')
     row.get_by_text("show").click()
     password = row.locator("code.secret").inner_text()
+    row.get_by_text("show").click()  # hidden again (and so in a screenshot)
     assert password == credentials.stack_device_password(Path(stack_state.data_dir), device)
     bad = b'{"seq": 1, "ts": 1, "metrics": {"no2": "' + MARKER.encode() + b'"}}'
     publish_as_device(stack_state.mqtt_url, device, password, telemetry_topic(gamma.id, device), bad)
