@@ -24,8 +24,10 @@ class ExperimentSummary:
     """One pilot as the overview lists it. ``devices_online``: devices online by
     :class:`DeviceHealth`'s rule; ``completeness``: distinct
     sample instants received / expected from each device's interval, all devices pooled, over
-    the baseline start until now or the intervention end (SQL ``device_health``);
-    ``rejection_rate``: refused items / (refused + stored readings)."""
+    the baseline start until now or the intervention end (SQL ``device_health``); ``samples``:
+    the instants received over that span (a message or batch item of a device, whatever number
+    of metrics it carries); ``rejection_rate``: refused items / (refused + samples), items
+    against items."""
 
     experiment_id: str
     title: str
@@ -38,7 +40,7 @@ class ExperimentSummary:
     devices_total: int
     devices_online: int
     completeness: float | None
-    readings: int
+    samples: int
     rejections: int
     rejection_rate: float | None
     open_alerts: int
@@ -51,9 +53,9 @@ SELECT e.experiment_id, e.title, e.startup, e.district,
        coalesce(h.devices_total, 0) AS devices_total,
        coalesce(h.devices_online, 0) AS devices_online,
        h.completeness,
-       r.readings,
+       coalesce(h.samples, 0) AS samples,
        j.rejections,
-       j.rejections::float8 / nullif(j.rejections + r.readings, 0) AS rejection_rate,
+       j.rejections::float8 / nullif(j.rejections + coalesce(h.samples, 0), 0) AS rejection_rate,
        a.open_alerts,
        h.last_seen
   FROM experiments e
@@ -62,9 +64,9 @@ SELECT e.experiment_id, e.title, e.startup, e.district,
               count(*) FILTER (WHERE coalesce(dh.status, CASE WHEN dh.last_seen IS NOT NULL THEN 'online' END)
                                = 'online') AS devices_online,
               sum(dh.samples)::float8 / nullif(sum(dh.expected), 0) AS completeness,
+              sum(dh.samples)::bigint AS samples,
               max(dh.last_seen) AS last_seen
          FROM device_health(e.experiment_id) dh) h
- CROSS JOIN LATERAL (SELECT count(*) AS readings FROM readings x WHERE x.experiment_id = e.experiment_id) r
  CROSS JOIN LATERAL (SELECT count(*) AS rejections FROM rejections x WHERE x.experiment_id = e.experiment_id) j
  CROSS JOIN LATERAL (SELECT count(*) AS open_alerts FROM alerts x
                       WHERE x.experiment_id = e.experiment_id AND x.status = 'firing') a

@@ -158,7 +158,7 @@ def test_a_startup_lists_only_its_own(client, world):
     assert [p["experiment"]["experiment_id"] for p in pilots] == [A]
     p = pilots[0]
     e = p["experiment"]
-    counts = (e["devices_total"], e["devices_online"], e["readings"], e["rejections"], e["open_alerts"])
+    counts = (e["devices_total"], e["devices_online"], e["samples"], e["rejections"], e["open_alerts"])
     assert counts == (2, 1, 30, 2, 1)
     assert e["rejection_rate"] == pytest.approx(2 / 32)
     assert [(i["verdict"], i["text"]) for i in p["impacts"]] == [("improved", "-20.0% [95% CI -25.0% … -15.0%]")]
