@@ -117,11 +117,15 @@ class Services:
         expected_rejections: int,
         experiment_ids: list[str] | None = None,
         timeout: float = 180.0,
+        limit: float = 1800.0,
     ) -> float:
         """Until every expected row is stored (of these experiments, or all) and no consumer
-        lags; returns the seconds waited."""
-        start = time.monotonic()
+        lags; returns the seconds waited. Fails when nothing moved (rows stored, consumer lag)
+        for ``timeout`` seconds, or after ``limit`` seconds in all: a slow machine still
+        drains, a stuck pipeline is reported within ``timeout`` of stalling."""
+        start = last_move = time.monotonic()
         bootstrap = self.state.kafka_bootstrap
+        seen = None
         while True:
             self.check_alive()
             with psycopg.connect(self.state.database_url) as conn:
@@ -140,9 +144,13 @@ class Services:
                 sink_lag = lag_or_reason(bootstrap, "pilotlab-sink", SINK_TOPICS)
                 if streams_lag == 0 and sink_lag == 0:
                     return time.monotonic() - start
-            if time.monotonic() - start > timeout:
+            now = time.monotonic()
+            if (readings, rejections, streams_lag, sink_lag) != seen:
+                seen, last_move = (readings, rejections, streams_lag, sink_lag), now
+            if now - last_move > timeout or now - start > limit:
+                why = f"nothing moved for {timeout:.0f} s" if now - last_move > timeout else f"{limit:.0f} s in all"
                 raise ServiceError(
-                    f"pipeline not drained after {timeout:.0f} s: readings {readings}/{expected_readings}, "
+                    f"pipeline not drained ({why}, {now - start:.0f} s): readings {readings}/{expected_readings}, "
                     f"rejections {rejections}/{expected_rejections}, lag streams {streams_lag} sink {sink_lag}; "
                     f"see logs in {self.log_dir}"
                 )
