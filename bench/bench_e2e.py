@@ -1013,7 +1013,8 @@ def markdown(res: dict) -> str:
         f"Workload: {cfg['devices']} devices, {cfg['readings']} readings × 3 metrics = {cfg['per_message']} "
         f"datapoints per MQTT message (QoS 1); KPIs: 1-min count, mean, p95, impact. "
         f"Kafka storage: {cfg.get('kafka_storage', 'memory')}. "
-        f"{'QUICK smoke run (tiny loads). ' if cfg['quick'] else ''}Wall time {res['wall_s']:.0f} s."
+        + "".join(f"{k}={v} (not the default). " for k, v in (cfg.get("env") or {}).items())
+        + f"{'QUICK smoke run (tiny loads). ' if cfg['quick'] else ''}Wall time {res['wall_s']:.0f} s."
     )
     L.append("")
     sat, step, ceil = res.get("saturation"), res.get("step"), res.get("ceilings")
@@ -1243,7 +1244,17 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {
         "started_at": started.isoformat().replace("+00:00", "Z"),
         "machine": machine_info(),
-        "config": {**asdict(cfg), "per_message": cfg.per_message, "kafka_storage": a.kafka_storage},
+        "config": {
+            **asdict(cfg),
+            "per_message": cfg.per_message,
+            "kafka_storage": a.kafka_storage,
+            # settings the services take from the environment instead of their defaults (an A/B run)
+            "env": {
+                k: v
+                for k, v in sorted(os.environ.items())
+                if k.startswith("PILOTLAB_") and not any(w in k for w in ("URL", "PASSWORD", "SECRET", "TOKEN"))
+            },
+        },
         "phases": phases,
     }
     print(f"pilotlab end-to-end benchmark ({'quick' if cfg.quick else 'full'}): phases {', '.join(phases)}", flush=True)
