@@ -64,11 +64,12 @@ class IngestSettings(KafkaSettings):
     mqtt_ca_file: str | None = Field(default=None, description="CA bundle for mqtts:// (default: system)")
     # Kafka's idempotent producer; off by default because tansu does not support it
     ingest_kafka_idempotence: bool = False
-    # how long the producer gathers a partition's records into one batch: tansu's CPU goes with
-    # the number of produce requests and of stored batches (each data fetch lists a partition's
-    # batches), not with their size: at 333 records/s (10,000 dp/s) on durable storage, 50 ms
-    # instead of 5 took tansu from 0.43 to 0.16 core, for up to 50 ms of latency (docs/performance.md)
-    ingest_kafka_linger_ms: int = Field(default=50, ge=0, le=1000)
+    # how long the producer gathers a partition's records into one batch: tansu's CPU follows the
+    # number of produce requests and of stored batches (each fetch that returns records lists the
+    # partition's batches), not their size. make bench at 10,000 dp/s: 5 ms -> tansu 0.57 core
+    # (memory storage; durable fell behind), 100 ms -> 0.14 (memory), 0.16 (durable), p99
+    # publish -> stored 0.42-0.43 s; it adds up to this much latency (docs/performance.md)
+    ingest_kafka_linger_ms: int = Field(default=100, ge=0, le=1000)
     # the `duplicate` check's bounded memory: seqs per device, devices
     ingest_dedup_per_device: int = Field(default=1024, ge=1)
     ingest_dedup_devices: int = Field(default=100_000, ge=1)
