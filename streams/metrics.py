@@ -166,6 +166,8 @@ class StreamsObserver:
         for status, n in Tally(t.status for t in out.transitions).items():
             TRANSITIONS.labels(status).inc(n)
         STATE_WRITES.inc(len(out.writes))
+        data = self.state.data
+        STATE_KEYS.set(len(getattr(data, "data", data)))  # O(1): current after every chunk
 
     def skipped(self, n: int) -> None:
         if n:
@@ -179,7 +181,7 @@ class StreamsObserver:
             self._measured = now
             data = self.state.data
             raw = getattr(data, "data", data)  # the memory store's dict
-            STATE_KEYS.set(len(raw))
+            STATE_KEYS.set(len(raw))  # also after recovery, when no chunk ran yet
             STATE_BYTES.set(sum(len(k) + len(v or b"") for k, v in list(raw.items())))
 
     # lag (the lag thread) -------------------------------------------------------------------------
