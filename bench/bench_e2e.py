@@ -1185,7 +1185,8 @@ def markdown(res: dict) -> str:
 def save(res: dict, out_dir: Path) -> tuple[Path, Path]:
     """``e2e-<UTC>.json``/``.md``, the one copy of the run's figures, and ``latest.md``, which
     only points at them (no second copy to drift); a quick run writes ``e2e-quick-<UTC>.*`` and
-    ``latest-quick.md`` (it never replaces a full run's ``latest``)."""
+    ``latest-quick.md`` (it never replaces a full run's ``latest``). Only a run of every phase
+    moves the pointer: a run of some (``--phases fixed``, an A/B comparison) is kept, not latest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = res["started_at"].replace(":", "").replace("-", "")
     kind = ("-quick" if res["config"]["quick"] else "") + (
@@ -1196,7 +1197,8 @@ def save(res: dict, out_dir: Path) -> tuple[Path, Path]:
     mdt = markdown(res)
     j.write_text(text)
     md.write_text(mdt)
-    (out_dir / f"latest{kind}.md").write_text(latest_pointer(j, md))
+    if set(res["phases"]) >= set(PHASES):
+        (out_dir / f"latest{kind}.md").write_text(latest_pointer(j, md))
     return j, md
 
 
@@ -1319,7 +1321,8 @@ def main(argv: list[str] | None = None) -> int:
     j, md = save(res, a.out_dir)
     print()
     print(markdown(res))
-    print(f"written: {j} and {md} (and the latest*.md pointer beside them)")
+    pointer = " (and the latest*.md pointer beside them)" if set(phases) >= set(PHASES) else ""
+    print(f"written: {j} and {md}{pointer}")
     return 0
 
 
