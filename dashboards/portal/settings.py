@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, model_validator
 
-from pilotlab.settings import _pg_url, _Settings
+from pilotlab.settings import MqttUrl, PostgresUrl, _Settings
 
 
 class PortalSettings(_Settings):
@@ -21,8 +21,8 @@ class PortalSettings(_Settings):
     portal_port: int = Field(default=8088, ge=1, le=65535)
     # the read side: PILOTLAB_PORTAL_DATABASE_URL, else PILOTLAB_DATABASE_READER_URL. Startup
     # requests run inside storage.access.scoped, which switches to the startup's role.
-    portal_database_url: str | None = Field(default=None, description="postgresql://… (the portal's role)")
-    database_reader_url: str | None = Field(default=None, description="postgresql://grafana_reader:…")
+    portal_database_url: PostgresUrl | None = Field(default=None, description="postgresql://… (the portal's role)")
+    database_reader_url: PostgresUrl | None = Field(default=None, description="postgresql://grafana_reader:…")
     portal_session_secret: SecretStr = Field(min_length=32, description="signs the session cookie")
     portal_session_max_age_s: int = Field(default=8 * 3600, ge=60, le=30 * 86400)
     # the cookie's Secure flag: on behind TLS (a reverse proxy); off for http://127.0.0.1
@@ -33,19 +33,10 @@ class PortalSettings(_Settings):
     # the URL is dropped) and the lab's secret their passwords derive from (pilotlab.credentials):
     # PILOTLAB_CREDENTIALS_SECRET as for `credentials files`, or the embedded stack's directory
     # holding its secret file (PILOTLAB_PORTAL_CREDENTIALS_DIR). Neither: the portal says so.
-    mqtt_url: str | None = Field(default=None, description="mqtt://host:port devices connect to")
-    portal_mqtt_url: str | None = Field(default=None, description="overrides PILOTLAB_MQTT_URL for devices")
+    mqtt_url: MqttUrl | None = Field(default=None, description="mqtt://host:port devices connect to")
+    portal_mqtt_url: MqttUrl | None = Field(default=None, description="overrides PILOTLAB_MQTT_URL for devices")
     credentials_secret: SecretStr | None = None
     portal_credentials_dir: Path | None = None
-
-    _pg_portal = field_validator("portal_database_url", "database_reader_url")(_pg_url)
-
-    @field_validator("mqtt_url", "portal_mqtt_url")
-    @classmethod
-    def _mqtt_scheme(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("mqtt://", "mqtts://")):
-            raise ValueError("must look like mqtt://host:port")
-        return v
 
     @model_validator(mode="after")
     def _database_set(self) -> PortalSettings:

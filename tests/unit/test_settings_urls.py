@@ -1,6 +1,6 @@
-"""Every settings object checks its MQTT and PostgreSQL URLs with the same type
-(pilotlab.settings.MqttUrl, PostgresUrl): what one service accepts, every other accepts, and a
-wrong scheme stops each with the variable's name."""
+"""Every settings object (the services', the simulator's, the portal's) checks its MQTT and
+PostgreSQL URLs with the same type (pilotlab.settings.MqttUrl, PostgresUrl): what one service
+accepts, every other accepts, and a wrong scheme stops each with the variable's name."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ import os
 
 import pytest
 
+from dashboards.portal.settings import PortalSettings
 from pilotlab import settings as s
 from simulators.settings import SimulatorSettings
 
 KAFKA = {"PILOTLAB_KAFKA_BOOTSTRAP": "127.0.0.1:9092"}
 PG = "postgresql://u:p@127.0.0.1:5432/db"
+PORTAL = {"PILOTLAB_PORTAL_SESSION_SECRET": "s" * 32}
 
 # (settings class, the URL's variable, what else the class requires)
 MQTT_FIELDS = [
     (s.IngestSettings, "PILOTLAB_MQTT_URL", KAFKA),
     (s.AlertsSettings, "PILOTLAB_MQTT_URL", {**KAFKA, "PILOTLAB_DATABASE_URL": PG}),
     (SimulatorSettings, "PILOTLAB_MQTT_URL", {}),
+    (PortalSettings, "PILOTLAB_MQTT_URL", {**PORTAL, "PILOTLAB_DATABASE_READER_URL": PG}),
+    (PortalSettings, "PILOTLAB_PORTAL_MQTT_URL", {**PORTAL, "PILOTLAB_DATABASE_READER_URL": PG}),
 ]
 PG_FIELDS = [
     (s.SinkSettings, "PILOTLAB_DATABASE_URL", KAFKA),
@@ -27,6 +31,8 @@ PG_FIELDS = [
     (s.ReportSettings, "PILOTLAB_DATABASE_URL", {}),
     (s.ReportSettings, "PILOTLAB_DATABASE_READER_URL", {"PILOTLAB_DATABASE_URL": PG}),
     (s.PlanSettings, "PILOTLAB_DATABASE_URL", {}),
+    (PortalSettings, "PILOTLAB_PORTAL_DATABASE_URL", PORTAL),
+    (PortalSettings, "PILOTLAB_DATABASE_READER_URL", PORTAL),
 ]
 MQTT_GOOD = ["mqtt://127.0.0.1:1883", "mqtts://lab.example:8883", "mqtt://user:pw@host:1883"]
 MQTT_BAD = ["http://127.0.0.1:1883", "127.0.0.1:1883", "tcp://host:1883", ""]
@@ -52,7 +58,7 @@ def _load(monkeypatch, cls, env: dict[str, str]):
 @pytest.mark.parametrize(("cls", "var", "others"), MQTT_FIELDS)
 def test_every_service_accepts_the_same_mqtt_urls(monkeypatch, cls, var, others, url):
     loaded = _load(monkeypatch, cls, {**others, var: url})
-    assert loaded.mqtt_url == url
+    assert getattr(loaded, var.removeprefix("PILOTLAB_").lower()) == url
 
 
 @pytest.mark.parametrize("url", MQTT_BAD)
