@@ -64,7 +64,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
         table_cleanup_interval=3600,
         # the check guards on-disk (RocksDB) stores against a truncated changelog; ours is in memory.
         # Before faust_compat.true_highwaters, tansu's understated end offsets made it stop a worker that had read
-        # a changelog to its real end, which then left the group (README, Workers dying and rejoining)
+        # a changelog to its real end, which then left the group (docs/broker-behaviours.md)
         recovery_consistency_check=False,
     )
     registry = RegistryFollower(settings.kafka_bootstrap)
