@@ -379,7 +379,10 @@ def test_two_workers_share_partitions_and_a_killed_one_recovers_without_double_c
             assert second.poll() is None, "the second worker died"
             with psycopg.connect(stack_state.database_url) as conn:
                 for exp in exps:
-                    wait_for(kpis_match(conn, exp), 120, conn, f"{exp.id} after a worker was killed")
+                    try:
+                        wait_for(kpis_match(conn, exp), 120, conn, f"{exp.id} after a worker was killed")
+                    except pytest.fail.Exception as failed:
+                        pytest.fail(f"{failed}\nthe workers' rebalances:\n{rebalances(log_dir)}")
             # the partitions are shared: once the killed worker's session has expired (its
             # partitions stay assigned to it until then), each live worker holds some, together all
             wait_for(lambda: shared_assignment(log_dir), 60, what="the two workers' last assignments")
@@ -396,6 +399,16 @@ def test_two_workers_share_partitions_and_a_killed_one_recovers_without_double_c
         # the worker leaves the group: with tansu 0.6.0 that can wedge the group, see docs/broker-behaviours.md)
         lines = (log_dir / name).read_text().splitlines()
         assert not [ln for ln in lines if "[ERROR]" in ln or "[CRITICAL]" in ln], name
+
+
+def rebalances(log_dir) -> str:
+    """Each worker's generations and assignments, as logged: what a failure needs to be read."""
+    return "\n".join(
+        f"{name}: {ln.strip()}"
+        for name in ("streams.log", "streams-2.log")
+        for ln in (log_dir / name).read_text(errors="replace").splitlines()
+        if "assigned pilotlab.readings" in ln or "generation id" in ln or "WARNING" in ln
+    )
 
 
 def shared_assignment(log_dir) -> bool | str:
