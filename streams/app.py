@@ -27,7 +27,7 @@ from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
 from streams import faust_compat
-from streams.checkpoint import Chunk, ChunkOut, mark_key, run_chunk
+from streams.checkpoint import Chunk, ChunkOut, read_mark, run_chunk
 from streams.metrics import StreamsObserver
 
 log = logging.getLogger("pilotlab.streams")
@@ -109,8 +109,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
         """A readings partition's mark: the offset Faust may commit (faust_compat.commit_applied)."""
         if tp.topic != KafkaTopics.READINGS:
             return None
-        raw = stored(mark_key(tp.partition))
-        return 0 if raw is None else int(raw)
+        return read_mark(stored, tp.partition)
 
     async def write_chunk(partition: int, out: ChunkOut) -> None:
         """Outputs first, then the state entries, then the mark: each step confirmed by the

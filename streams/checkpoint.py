@@ -39,6 +39,12 @@ def mark_key(partition: int) -> str:
     return f"a|{partition}"
 
 
+def read_mark(stored: Callable[[str], bytes | None], partition: int) -> int:
+    """A partition's mark (the next offset to apply; 0 before its first chunk)."""
+    raw = stored(mark_key(partition))
+    return 0 if raw is None else int(raw)
+
+
 def encode_entry(end: int, value: bytes, before: bytes) -> bytes:
     """``<end offset>|<len(value)>|<value><before>``: values are JSON (``null`` = absent)."""
     return b"%d|%d|%s%s" % (end, len(value), value, before)
@@ -62,8 +68,7 @@ class Chunk:
     def __init__(self, stored: Callable[[str], bytes | None], partition: int) -> None:
         self._stored = stored
         self.partition = partition
-        raw = stored(mark_key(partition))
-        self.mark = 0 if raw is None else int(raw)
+        self.mark = read_mark(stored, partition)
         self.end: int | None = None  # the offset after the last message taken
         self._work: dict[str, object] = {}
         self._before: dict[str, bytes] = {}

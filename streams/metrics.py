@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pilotlab.contracts import KafkaTopics
 from pilotlab.health import Health, serve
 from pilotlab.lag import LagMonitor
-from streams.checkpoint import ChunkOut, mark_key
+from streams.checkpoint import ChunkOut, read_mark
 
 log = logging.getLogger("pilotlab.streams")
 
@@ -166,12 +166,16 @@ class StreamsObserver:
         for status, n in Tally(t.status for t in out.transitions).items():
             TRANSITIONS.labels(status).inc(n)
         STATE_WRITES.inc(len(out.writes))
-        data = self.state.data
-        STATE_KEYS.set(len(getattr(data, "data", data)))  # O(1): current after every chunk
+        STATE_KEYS.set(len(self._store()))  # O(1): current after every chunk
 
     def skipped(self, n: int) -> None:
         if n:
             SKIPPED.inc(n)
+
+    def _store(self) -> dict:
+        """The state table's dict (the memory store's ``data``)."""
+        data = self.state.data
+        return getattr(data, "data", data)
 
     # the heartbeat (event loop) ------------------------------------------------------------------
     def tick(self) -> None:
@@ -179,8 +183,7 @@ class StreamsObserver:
         now = time.monotonic()
         if now - self._measured >= STATE_EVERY_S:
             self._measured = now
-            data = self.state.data
-            raw = getattr(data, "data", data)  # the memory store's dict
+            raw = self._store()
             STATE_KEYS.set(len(raw))  # also after recovery, when no chunk ran yet
             STATE_BYTES.set(sum(len(k) + len(v or b"") for k, v in list(raw.items())))
 
@@ -190,12 +193,12 @@ class StreamsObserver:
         marks of partitions being recovered are not current)."""
         if not self.health.condition("rebalance_completed"):
             return None
-        data = self.state.data
-        out = {}
-        for p in self.assigned:
-            raw = data.get(mark_key(p).encode())
-            out[(KafkaTopics.READINGS, p)] = int(raw) if raw is not None else 0
-        return out
+        raw = self._store()
+
+        def stored(key: str) -> bytes | None:
+            return raw.get(key.encode())
+
+        return {(KafkaTopics.READINGS, p): read_mark(stored, p) for p in self.assigned}
 
     # the worker process ---------------------------------------------------------------------------
     def serve(self, port: int) -> LagMonitor:
