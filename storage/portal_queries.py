@@ -16,13 +16,13 @@ from datetime import datetime
 import psycopg
 from psycopg.rows import class_row
 
-from storage.queries import AlertEpisode, alert_history
+from storage.queries import AlertEpisode, DeviceHealth, alert_history
 
 
 @dataclass(frozen=True)
 class ExperimentSummary:
     """One pilot as the overview lists it. ``devices_online``: devices online by
-    :class:`DeviceHealth`'s rule; ``completeness``: distinct
+    :func:`device_health`'s rule; ``completeness``: distinct
     sample instants received / expected from each device's interval, all devices pooled, over
     the baseline start until now or the intervention end (SQL ``device_health``); ``samples``:
     the instants received over that span (a message or batch item of a device, whatever number
@@ -87,27 +87,12 @@ def experiment_summary(conn: psycopg.Connection, experiment_id: str) -> Experime
         return cur.execute(_SUMMARY_SQL, {"experiment_id": experiment_id}).fetchone()
 
 
-@dataclass(frozen=True)
-class DeviceHealth:
-    """A device's health (SQL ``device_health``): last reading, status and since when, and
-    completeness over the experiment so far. The streams worker stores transitions only
-    (``device_status``: offline when silent, online when it reports again, in event time): a
-    device with readings and no transition is online since its first one (``status_since``
-    None); a device never seen has no status (None)."""
-
-    device_id: str
-    device_group: str
-    kind: str
-    interval_s: int
-    last_seen: datetime | None
-    status: str | None
-    status_since: datetime | None
-    samples: int
-    expected: int
-    completeness: float | None
-
-
 def device_health(conn: psycopg.Connection, experiment_id: str) -> list[DeviceHealth]:
+    """Each device's health over the experiment so far (SQL ``device_health``), with the
+    portal's status rule: the streams worker stores transitions only (``device_status``:
+    offline when silent, online when it reports again, in event time), so a device with
+    readings and no transition is online since its first one (``status_since`` None); a
+    device never seen has no status (None)."""
     with conn.cursor(row_factory=class_row(DeviceHealth)) as cur:
         return cur.execute(
             """SELECT device_id, device_group, kind, interval_s, last_seen,
