@@ -1,6 +1,9 @@
 """Aggregators of plain values: small, pure, mergeable. ``initialize() → state``,
 ``add(state, value) → state``, ``merge(state, state) → state`` (the state of both inputs'
-values together), ``result(state) → value``, as quix-streams' window aggregations. States are
+values together), ``result(state) → value``, as quix-streams' window aggregations, and
+``add_all(state, values) → state``: ``add`` folded over a list in its order, the same state to
+the last bit (the streams worker adds a message's values of one window at once: one call
+instead of one per value). No function changes its input state. States are
 short JSON lists (they live in Faust tables and their changelogs); no aggregator keeps raw
 events. The KPI kinds ``count``, ``sum``, ``mean``, ``min`` and ``max`` are these folds of the
 observation's value (``streams.kpis.REGISTRY``).
@@ -21,6 +24,9 @@ class Aggregator(Protocol):
     def add(state: list, value: float) -> list: ...
 
     @staticmethod
+    def add_all(state: list, values: list[float]) -> list: ...
+
+    @staticmethod
     def merge(a: list, b: list) -> list: ...
 
     @staticmethod
@@ -37,6 +43,10 @@ class Count:
     @staticmethod
     def add(state: list, value: float) -> list:
         return [state[0] + 1]
+
+    @staticmethod
+    def add_all(state: list, values: list[float]) -> list:
+        return [state[0] + len(values)]
 
     @staticmethod
     def merge(a: list, b: list) -> list:
@@ -64,6 +74,15 @@ class Sum:
         return [t, (t - total) - y]
 
     @staticmethod
+    def add_all(state: list, values: list[float]) -> list:
+        total, comp = state
+        for value in values:  # add's steps, in locals
+            y = value - comp
+            t = total + y
+            total, comp = t, (t - total) - y
+        return [total, comp]
+
+    @staticmethod
     def merge(a: list, b: list) -> list:
         """a's sum plus b's, then b's compensation taken back (b's value is its sum − comp)."""
         return Sum.add(Sum.add(a, b[0]), -b[1])
@@ -87,6 +106,14 @@ class Mean:
         n, mean = state
         n += 1
         return [n, mean + (value - mean) / n]
+
+    @staticmethod
+    def add_all(state: list, values: list[float]) -> list:
+        n, mean = state
+        for value in values:  # add's steps, in locals
+            n += 1
+            mean = mean + (value - mean) / n
+        return [n, mean]
 
     @staticmethod
     def merge(a: list, b: list) -> list:
@@ -113,6 +140,13 @@ class Min:
         return [value if state[0] is None else min(state[0], value)]
 
     @staticmethod
+    def add_all(state: list, values: list[float]) -> list:
+        low = state[0]
+        for value in values:
+            low = value if low is None else min(low, value)
+        return [low]
+
+    @staticmethod
     def merge(a: list, b: list) -> list:
         return a if b[0] is None else Min.add(a, b[0])
 
@@ -131,6 +165,13 @@ class Max:
     @staticmethod
     def add(state: list, value: float) -> list:
         return [value if state[0] is None else max(state[0], value)]
+
+    @staticmethod
+    def add_all(state: list, values: list[float]) -> list:
+        high = state[0]
+        for value in values:
+            high = value if high is None else max(high, value)
+        return [high]
 
     @staticmethod
     def merge(a: list, b: list) -> list:

@@ -33,19 +33,51 @@ def window_key(experiment_id: str, group: str, size_s: int, start_ms: int) -> st
     return f"{experiment_id}|{group}|{size_s}|{start_ms}"
 
 
-_MADE: dict[tuple[str, int], tuple[Experiment, dict]] = {}
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the engine needs of one manifest KPI, worked out once per registry snapshot of
+    the experiment rather than per reading (signatures, kind lookups, key prefixes)."""
+
+    name: str
+    metric: str
+    signature: str
+    agg: kpis.KindAggregator
+    windowed: bool
+    window: int  # seconds (windowed kinds)
+
+
+@dataclass(frozen=True, slots=True)
+class Made:
+    experiment: Experiment
+    aggregators: dict  # KPI name → aggregator
+    plans: tuple[Plan, ...]  # in the manifest's order
+    closing: tuple[tuple[str, int], ...]  # (metric, window s) of the windowed KPIs (``closes_at``)
+
+
+_MADE: dict[tuple[str, int], Made] = {}
+
+
+def made_of(experiment: Experiment) -> Made:
+    """The experiment's aggregators and plans, built once per registry snapshot (manifests
+    are frozen: a new snapshot is a new object)."""
+    key = (experiment.id, id(experiment))
+    hit = _MADE.get(key)
+    if hit is None or hit.experiment is not experiment:
+        if len(_MADE) > 256:
+            _MADE.clear()
+        aggs = {k.name: kpis.make(k, experiment) for k in experiment.kpis}
+        plans = tuple(
+            Plan(k.name, k.metric, k.signature(), aggs[k.name], KINDS[k.kind].windowed, k.window)
+            for k in experiment.kpis
+        )
+        closing = tuple((p.metric, p.window) for p in plans if p.windowed)
+        hit = _MADE[key] = Made(experiment, aggs, plans, closing)
+    return hit
 
 
 def aggregators_of(experiment: Experiment) -> dict:
     """KPI name → aggregator, built once per registry snapshot of the experiment."""
-    key = (experiment.id, id(experiment))
-    hit = _MADE.get(key)
-    if hit is None or hit[0] is not experiment:
-        if len(_MADE) > 256:
-            _MADE.clear()
-        hit = (experiment, {k.name: kpis.make(k, experiment) for k in experiment.kpis})
-        _MADE[key] = hit
-    return hit[1]
+    return made_of(experiment).aggregators
 
 
 IMPACT_GROUP = "all"  # impact KPIs span both groups
@@ -67,24 +99,12 @@ def apply_batch(
     the experiment's whole span, shared by both groups. ``load`` may hand out the stored
     window itself: it is updated in place, then handed back through ``store``.
     """
-    aggs = aggregators_of(experiment)
     windows: dict[str, dict[str, WindowState]] = {}
     touched: dict[str, set[str]] = {}
-    exp_id, group, device_id, received = batch.experiment_id, batch.group, batch.device_id, batch.received_ms
-    for kpi in experiment.kpis:
-        agg = aggs[kpi.name]
-        name, metric, sig = kpi.name, kpi.metric, kpi.signature()
-        impact = not KINDS[kpi.kind].windowed  # one window over the experiment's span
-        for reading in batch.readings:
-            value = reading.metrics.get(metric)
-            if value is None:
-                continue
-            if impact:
-                if agg.period(reading.ts_ms) is None:
-                    continue
-                k = window_key(exp_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
-            else:
-                k = window_key(exp_id, group, kpi.window, window_start(reading.ts_ms, kpi.window))
+    group, device_id, received = batch.group, batch.device_id, batch.received_ms
+    for plan in made_of(experiment).plans:
+        name, agg, sig = plan.name, plan.agg, plan.signature
+        for k, (values, stamps) in values_by_window(plan, batch).items():
             window = windows.get(k)
             if window is None:
                 window = windows[k] = load(k) or {}
@@ -92,14 +112,49 @@ def apply_batch(
             state = window.get(name)
             if state is None or state["k"] != sig:  # new, or its definition changed
                 state = window[name] = {"k": sig, "s": agg.initialize(), "n": 0, "r": state["r"] if state else 0}
-            state["s"] = agg.add(state["s"], kpis.Obs(value, reading.ts_ms, device_id, group, received))
-            state["n"] += 1
+            state["s"] = agg.add_all(state["s"], kpis.Observations(values, stamps, device_id, group, received))
+            state["n"] += len(values)
             touched[k].add(name)
     for k, window in windows.items():
         for name in touched[k]:
             window[name]["r"] += 1
         store(k, window)
     return touched
+
+
+def values_by_window(plan: Plan, batch: ReadingBatch) -> dict[str, tuple[list[float], list[int]]]:
+    """The batch's values of one KPI's metric and their ``ts``, by ``window_key``, each list
+    in the batch's order (so that ``add_all`` folds exactly what one ``add`` per reading did),
+    the windows in the order the readings first reach them. A window key is written once per
+    window, not per reading: a message's readings mostly share one window."""
+    metric, out = plan.metric, {}
+    last_start, lists = None, None
+    if plan.windowed:
+        size_ms = plan.window * 1000
+        prefix = window_key(batch.experiment_id, batch.group, plan.window, 0)[:-1]  # without the start
+        for r in batch.readings:
+            value = r.metrics.get(metric)
+            if value is None:
+                continue
+            ts = r.ts_ms
+            start = ts - ts % size_ms
+            if start != last_start:
+                last_start, key = start, prefix + str(start)
+                lists = out.get(key) or out.setdefault(key, ([], []))
+            lists[0].append(value)
+            lists[1].append(ts)
+        return out
+    agg = plan.agg  # impact: one window over the experiment's span, both groups
+    for r in batch.readings:
+        value = r.metrics.get(metric)
+        if value is None or agg.period(r.ts_ms) is None:
+            continue
+        if lists is None:
+            key = window_key(batch.experiment_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
+            lists = out[key] = ([], [])
+        lists[0].append(value)
+        lists[1].append(r.ts_ms)
+    return out
 
 
 def kpi_values(
@@ -144,12 +199,11 @@ def closes_at(reading: Reading, experiment: Experiment) -> int:
     falls in, plus the experiment's allowed lateness (readings feeding only impact KPIs:
     their own ``ts`` plus the lateness)."""
     lateness_ms = experiment.lateness * 1000
+    ts, metrics = reading.ts_ms, reading.metrics
     ends = [
-        window_start(reading.ts_ms, k.window) + k.window * 1000
-        for k in experiment.kpis
-        if KINDS[k.kind].windowed and k.metric in reading.metrics
+        window_start(ts, window) + window * 1000 for metric, window in made_of(experiment).closing if metric in metrics
     ]
-    return (min(ends) if ends else reading.ts_ms) + lateness_ms
+    return (min(ends) if ends else ts) + lateness_ms
 
 
 def split_late(
@@ -158,6 +212,9 @@ def split_late(
     """Readings still within lateness (they revise their windows) and readings past it.
     ``watermark_ms`` is the newest ``ts`` of the experiment seen before this batch."""
     if watermark_ms is None:
+        return batch, ()
+    # closes_at(r) ≥ r.ts_ms + lateness: a batch whose oldest reading is that recent has none late
+    if not batch.readings or min(r.ts_ms for r in batch.readings) + experiment.lateness * 1000 > watermark_ms:
         return batch, ()
     on_time, late = [], []
     for r in batch.readings:

@@ -133,6 +133,27 @@ def add(state: dict, design_: Design, device_id: str, group: str, ts_ms: int, va
     return state
 
 
+def add_all(state: dict, design_: Design, device_id: str, group: str, stamps: list[int], values: list[float]) -> dict:  # noqa: PLR0917 - one message
+    """``add`` of each (ts, value) of one device's message in order (the same sums, added in
+    the same order), the device's row looked up once; updates ``state`` in place."""
+    row, newest = None, state["t"]
+    for ts_ms, value in zip(stamps, values, strict=True):
+        cell = design_.cell(ts_ms)
+        if cell is None:
+            continue
+        if row is None:
+            row = state["d"].get(device_id)
+            if row is None:
+                row = state["d"][device_id] = _empty_row(group)
+        i = _CELL[cell]
+        row[i] += 1
+        row[i + 1] += value
+        if newest is None or ts_ms > newest:
+            newest = ts_ms
+    state["t"] = newest
+    return state
+
+
 def state_from_cells(cells: Iterable) -> dict:
     """A state from per-device cell totals, as a database aggregates stored readings
     (``storage.queries.impact_device_periods``: device_id, device_group, cell, readings,

@@ -4,7 +4,9 @@ An observation is one value of a KPI's metric with its context (device, group, e
 ``ts``, ingest time). A kind is built from its manifest entry and experiment
 (``make(kpi, experiment)``, through :data:`REGISTRY`: one aggregator per name of
 ``pilotlab.kpi_kinds.KINDS``) and offers ``initialize() → state``, ``add(state, obs) →
-state``, ``merge(state, state) → state`` (both inputs' observations together) and
+state``, ``add_all(state, observations) → state`` (``add`` folded over one message's values in
+their order: the same state, one call per message and window instead of one per value),
+``merge(state, state) → state`` (both inputs' observations together) and
 ``result(state, group) → (value, details)``. States are small JSON values (they live in
 Faust tables and their changelogs), no kind keeps raw events, and the result does not depend
 on the order observations were added in (exactly for counts, sketches, min and max; to
@@ -62,6 +64,25 @@ class Obs:
     received_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class Observations:
+    """Values of a KPI's metric from one message (one device), in the message's order, with
+    their ``ts``: what ``add_all`` takes (``Obs`` of each value, built once per batch)."""
+
+    values: list[float]
+    ts_ms: list[int]
+    device_id: str
+    group: str
+    received_ms: int
+
+    def each(self) -> list[Obs]:
+        """The same observations one by one (what ``add_all`` is the fold of)."""
+        return [
+            Obs(v, ts, self.device_id, self.group, self.received_ms)
+            for v, ts in zip(self.values, self.ts_ms, strict=True)
+        ]
+
+
 # --- sketch --------------------------------------------------------------------------------
 
 
@@ -71,15 +92,23 @@ def sketch_new() -> dict:
 
 
 def sketch_add(state: dict, value: float) -> dict:
+    return sketch_add_all(state, [value])
+
+
+def sketch_add_all(state: dict, values: list[float]) -> dict:
+    """A new state with ``values`` added: the bucket maps are copied once per call, not once
+    per value (an add used to copy both per observation)."""
     out = {"p": dict(state["p"]), "m": dict(state["m"]), "z": state["z"]}
-    if value > _MAPPING.min_possible:
-        store, k = out["p"], str(_MAPPING.key(value))
-    elif value < -_MAPPING.min_possible:
-        store, k = out["m"], str(_MAPPING.key(-value))
-    else:
-        out["z"] += 1
-        return out
-    store[k] = store.get(k, 0) + 1
+    positive, negative, smallest, key = out["p"], out["m"], _MAPPING.min_possible, _MAPPING.key
+    for value in values:
+        if value > smallest:
+            store, k = positive, str(key(value))
+        elif value < -smallest:
+            store, k = negative, str(key(-value))
+        else:
+            out["z"] += 1
+            continue
+        store[k] = store.get(k, 0) + 1
     return out
 
 
@@ -134,12 +163,14 @@ def sketch_count(state: dict) -> int:
 
 
 class KindAggregator(Protocol):
-    """What every KPI kind offers (states are JSON values; ``add`` and ``merge`` return the
-    new state, and only the impact kind updates its own state in place)."""
+    """What every KPI kind offers (states are JSON values; ``add``, ``add_all`` and ``merge``
+    return the new state, and only the impact kind updates its own state in place)."""
 
     def initialize(self) -> Any: ...
 
     def add(self, state: Any, obs: Obs) -> Any: ...
+
+    def add_all(self, state: Any, obs: Observations) -> Any: ...
 
     def merge(self, a: Any, b: Any) -> Any: ...
 
@@ -174,6 +205,9 @@ class OfValue:
     def add(self, state: Any, obs: Obs) -> Any:
         return self.fold.add(state, obs.value)
 
+    def add_all(self, state: Any, obs: Observations) -> Any:
+        return self.fold.add_all(state, obs.values)
+
     def merge(self, a: Any, b: Any) -> Any:
         return self.fold.merge(a, b)
 
@@ -191,6 +225,9 @@ class Quantile:
     def add(self, state: dict, obs: Obs) -> dict:
         return sketch_add(state, obs.value)
 
+    def add_all(self, state: dict, obs: Observations) -> dict:
+        return sketch_add_all(state, obs.values)
+
     def merge(self, a: dict, b: dict) -> dict:
         return sketch_merge(a, b)
 
@@ -207,6 +244,9 @@ class Freshness(Quantile):
     def add(self, state: dict, obs: Obs) -> dict:
         return sketch_add(state, max(0, obs.received_ms - obs.ts_ms) / 1000)
 
+    def add_all(self, state: dict, obs: Observations) -> dict:
+        return sketch_add_all(state, [max(0, obs.received_ms - ts) / 1000 for ts in obs.ts_ms])
+
 
 class Exceedance:
     def __init__(self, threshold: float) -> None:
@@ -217,6 +257,10 @@ class Exceedance:
 
     def add(self, state: list, obs: Obs) -> list:
         return [state[0] + (obs.value > self.threshold), state[1] + 1]
+
+    def add_all(self, state: list, obs: Observations) -> list:
+        threshold = self.threshold
+        return [state[0] + sum(v > threshold for v in obs.values), state[1] + len(obs.values)]
 
     def merge(self, a: list, b: list) -> list:
         return [a[0] + b[0], a[1] + b[1]]
@@ -238,6 +282,11 @@ class Availability:
     def add(self, state: list, obs: Obs) -> list:
         return state if obs.device_id in state else sorted([*state, obs.device_id])
 
+    def add_all(self, state: list, obs: Observations) -> list:
+        if not obs.values or obs.device_id in state:
+            return state
+        return sorted([*state, obs.device_id])
+
     def merge(self, a: list, b: list) -> list:
         return sorted(set(a) | set(b))
 
@@ -258,6 +307,9 @@ class Completeness:
 
     def add(self, state: list, obs: Obs) -> list:
         return [state[0] + 1]
+
+    def add_all(self, state: list, obs: Observations) -> list:
+        return [state[0] + len(obs.values)]
 
     def merge(self, a: list, b: list) -> list:
         return [a[0] + b[0]]
@@ -291,6 +343,10 @@ class Impact:
     def add(self, state: dict, obs: Obs) -> dict:
         """Updates ``state`` in place (the engine hands out its own decoded copy)."""
         return impact.add(state, self.design, obs.device_id, obs.group, obs.ts_ms, obs.value)
+
+    def add_all(self, state: dict, obs: Observations) -> dict:
+        """Updates ``state`` in place, as ``add``."""
+        return impact.add_all(state, self.design, obs.device_id, obs.group, obs.ts_ms, obs.values)
 
     def merge(self, a: dict, b: dict) -> dict:
         return impact.merge(a, b)
