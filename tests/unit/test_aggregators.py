@@ -214,3 +214,41 @@ def test_merge_equals_one_fold(kind: str, head: list[float], tail: list[float]) 
     assert_close(kind, agg.result(merged), head + tail)
     assert_close(kind, agg.result(agg.merge(b, a)), head + tail)
     assert_close(kind, agg.result(agg.merge(agg.initialize(), merged)), head + tail)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(KINDS), VALUES, VALUES)
+def test_add_all_is_the_fold_of_add(kind: str, head: list[float], tail: list[float]) -> None:
+    """``add_all`` (a message's values at once, as the worker adds them) gives the very state
+    of ``add`` one value at a time, to the last bit (repr tells -0.0 from 0.0), from any
+    state, and leaves its input alone."""
+    agg = AGGREGATORS[kind]
+    state = fold(kind, head)
+    snapshot = repr(state)
+    one_by_one = state
+    for v in tail:
+        one_by_one = agg.add(one_by_one, v)
+    assert repr(agg.add_all(state, tail)) == repr(one_by_one)
+    assert repr(state) == snapshot
+
+
+@pytest.mark.parametrize(
+    ("kind", "values", "expected"),
+    [
+        ("count", [1.0, 2.0, 3.0], [3]),
+        ("sum", [0.5, 0.25, 0.25], [1.0, 0.0]),
+        ("mean", [1.0, 2.0, 6.0], [3, 3.0]),
+        ("min", [3.0, -1.0, 2.0], [-1.0]),
+        ("max", [3.0, -1.0, 5.0], [5.0]),
+        ("min", [], [None]),
+    ],
+)
+def test_add_all_cases(kind: str, values: list[float], expected: list) -> None:
+    agg = AGGREGATORS[kind]
+    assert agg.add_all(agg.initialize(), values) == expected
+
+
+def test_add_all_sum_keeps_the_compensation() -> None:
+    state = Sum.add_all(Sum.initialize(), [0.1] * 10)
+    assert Sum.result(state) == 1.0 == math.fsum([0.1] * 10)
+    assert state[1] != 0.0  # the rounding of the last step, carried to the next message

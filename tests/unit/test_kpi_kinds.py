@@ -304,3 +304,38 @@ def test_merge_of_two_states_equals_one_fold(name, head, tail) -> None:
     for group in ("treatment", "control"):
         _same(name, agg.result(merged, group), agg.result(_state(k, a_obs + b_obs), group))
         _same(name, agg.result(agg.merge(agg.initialize(), merged), group), agg.result(merged, group))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(kpi_kinds.KIND_NAMES),
+    st.lists(st.tuples(finite, st.integers(min_value=0, max_value=10**12)), max_size=40),
+    st.lists(st.tuples(finite, st.integers(min_value=0, max_value=10**12)), max_size=40),
+    st.sampled_from(DEVICES),
+)
+def test_add_all_is_the_fold_of_add(name, head, tail, device) -> None:
+    """Every kind: one message's observations added at once (``add_all``, what the worker
+    does) give the very state of ``add`` one observation at a time, from any state; no
+    kind but impact (documented in place) changes its input state."""
+    k = kpi(name, **PARAMS_OF.get(name, {}))
+    agg = kpis.make(k, EXP)
+    state = _state(k, observations([v for v, _ in head], [o for _, o in head]))
+    device_id, group = device
+    stamps = [T0 + off % (2 * SPAN_MS) for _, off in tail]
+    message = kpis.Observations([v for v, _ in tail], stamps, device_id, group, T0 + 2 * SPAN_MS)
+    one_by_one = json.loads(json.dumps(state))
+    for o in message.each():
+        one_by_one = agg.add(one_by_one, o)
+    snapshot = json.dumps(state)
+    at_once = agg.add_all(state, message)
+    assert repr(at_once) == repr(one_by_one)
+    if name != "impact":
+        assert json.dumps(state) == snapshot
+
+
+def test_add_all_of_nothing_changes_nothing() -> None:
+    for name in kpi_kinds.KIND_NAMES:
+        agg = kpis.make(kpi(name, **PARAMS_OF.get(name, {})), EXP)
+        state = _state(kpi(name, **PARAMS_OF.get(name, {})), [ob(3.0)])
+        empty = kpis.Observations([], [], "t2", "treatment", T0)
+        assert agg.add_all(json.loads(json.dumps(state)), empty) == state, name

@@ -13,8 +13,18 @@ from hypothesis import strategies as st
 
 from pilotlab.contracts import KpiValue, Reading, ReadingBatch, to_ms
 from pilotlab.manifest import Experiment
+from streams import kpis
 from streams.checkpoint import Chunk, decode_entry, run_chunk
-from streams.engine import IMPACT_GROUP, advance, apply_batch, closes_at, kpi_values, split_late
+from streams.engine import (
+    IMPACT_GROUP,
+    advance,
+    apply_batch,
+    closes_at,
+    kpi_values,
+    split_late,
+    window_key,
+    window_start,
+)
 from streams.impact import estimate_impact
 
 MIN = 60_000
@@ -388,3 +398,61 @@ def test_an_entry_of_a_chunk_cut_short_reads_as_its_value_before() -> None:
     changelog.update([mark])
     assert Chunk(changelog.get, 3).get("k") == {"v": 2}
     assert Chunk(changelog.get, 3).applied(2) and not Chunk(changelog.get, 3).applied(3)
+
+
+# --- a message's values folded at once = one reading at a time ---------------------------------
+
+
+def apply_by_reading(b: ReadingBatch, windows: dict) -> dict[str, set[str]]:
+    """The plain fold ``apply_batch`` stands for: each reading through each KPI's ``add``, in
+    order (the engine before it folded a message's values per window with ``add_all``)."""
+    touched: dict[str, set[str]] = {}
+    for kpi in EXP.kpis:
+        agg, sig = kpis.make(kpi, EXP), kpi.signature()
+        for r in b.readings:
+            value = r.metrics.get(kpi.metric)
+            if value is None:
+                continue
+            if kpi.kind == "impact":
+                if agg.period(r.ts_ms) is None:
+                    continue
+                k = window_key(b.experiment_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
+            else:
+                k = window_key(b.experiment_id, b.group, kpi.window, window_start(r.ts_ms, kpi.window))
+            window = windows.setdefault(k, {})
+            touched.setdefault(k, set())
+            state = window.get(kpi.name)
+            if state is None or state["k"] != sig:
+                state = window[kpi.name] = {"k": sig, "s": agg.initialize(), "n": 0, "r": state["r"] if state else 0}
+            state["s"] = agg.add(state["s"], kpis.Obs(value, r.ts_ms, b.device_id, b.group, b.received_ms))
+            state["n"] += 1
+            touched[k].add(kpi.name)
+    for k, names in touched.items():
+        for name in names:
+            windows[k][name]["r"] += 1
+    return touched
+
+
+READING = st.tuples(
+    st.integers(min_value=-10 * MIN, max_value=130 * MIN),  # before, in and after both periods
+    st.floats(min_value=-50, max_value=500, allow_nan=False),
+    st.sets(st.sampled_from(["pm25", "no2"]), max_size=2),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(GROUP)), st.lists(READING, max_size=12)), max_size=6))
+def test_apply_batch_equals_one_reading_at_a_time(messages) -> None:
+    """Windows, samples, revisions and the order windows are first touched in: all the same
+    as the plain per-reading fold, over messages spanning several windows, readings missing
+    the metric, readings outside the impact periods and out of order."""
+    fast: dict = {}
+    plain: dict = {}
+    for seq, (device, rows) in enumerate(messages):
+        readings = [
+            Reading(seq * 100 + i, T0 + off, {m: v for m in metrics}) for i, (off, v, metrics) in enumerate(rows)
+        ]
+        b = batch(device, readings, received=T0 + 200 * MIN)
+        touched = apply_batch(b, EXP, fast.get, fast.__setitem__)
+        assert list(touched.items()) == list(apply_by_reading(b, plain).items())
+    assert repr(fast) == repr(plain)
