@@ -14,12 +14,35 @@ What each figure is (all QoS 1 / acks=all, the settings ingest uses):
 - a datapoint is one metric value of one reading.
 
 It starts its own embedded stack in a temporary directory and stops it at the end.
+
+CPU per datapoint on the end-to-end workload (issue 17):
+
+    python3 bench/bench_ingest.py --cpu [--rate 40000 --duration 20 --runs 3] [--py-spy]
+    python3 bench/bench_ingest.py --pure [--messages 6000] [--profile]
+
+- ``--cpu``: bench/e2e/load.py's workload (experiment ``bench-e2e``, 200 devices, QoS 1
+  messages of 10 readings × 3 metrics = 30 datapoints) published at ``--rate`` datapoints/s
+  through one ingest process on the embedded Mosquitto and tansu (only ingest runs); per run,
+  ingest's CPU (its process tree, /proc utime + stime, from the first publish until ingest
+  has acknowledged the last message) and the load generator's CPU (its whole life), each
+  per published datapoint; the best of ``--runs``. ``--py-spy`` samples ingest during the
+  last run and prints where its busy time goes (py-spy must be on PATH or in the venv);
+- ``--pure``: the same messages through ingest's pure path in this process (bytes → decode
+  and validate → authorise → seq and value screens → remember → the Kafka value), CPU by
+  ``time.process_time``, best of 3; ``--profile`` adds a cProfile listing.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import collections
 import json
+import os
+import pstats
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,13 +58,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.e2e.cpu import tree_cpu
+from bench.e2e.load import device_ids
+from bench.e2e.load import payload as load_payload
 from control.services import Services
 from control.stack import Stack
+from ingest.dedup import SeqMemory, ValueMemory
+from ingest.pipeline import handle, remember, screen_conflicts, screen_duplicates
 from pilotlab import registry
 from pilotlab.contracts import telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.kafka_admin import ensure_topics
+from pilotlab.contracts import Limits
 from pilotlab.manifest import Experiment
+from pilotlab.registry import Registry
 
 DEVICES = 20
 METRICS_PER_READING = 2
@@ -180,12 +210,187 @@ def through_ingest(ep: MqttEndpoint, services: Services, messages: list[tuple[st
         pub.loop_stop()
 
 
+# --- CPU per datapoint on the end-to-end workload -------------------------------------------
+
+LOAD = Path(__file__).resolve().parent / "e2e" / "load.py"
+E2E_READINGS = 10
+E2E_PER_MESSAGE = E2E_READINGS * 3
+
+
+def e2e_experiment() -> Experiment:
+    from bench.bench_e2e import experiment as e2e  # noqa: PLC0415 - bench_e2e is a large module
+
+    return e2e(200)
+
+
+def pure_path(messages: int, profile: bool) -> dict:
+    """Ingest's pure path on load.py's messages: µs of CPU per datapoint, best of 3. It calls
+    what ``IngestService._on_message`` calls, in the same order, minus MQTT and Kafka I/O."""
+    exp = e2e_experiment()
+    reg, limits = Registry.of([exp]), Limits()
+    topics = [telemetry_topic(exp.id, d) for d in device_ids(200)]
+    now = to_ms(utcnow())
+    msgs = [
+        (topics[i % 200], load_payload(i * E2E_READINGS, now - 60_000 + i * E2E_READINGS, E2E_READINGS))
+        for i in range(messages)
+    ]
+
+    def once() -> float:
+        seqs, values = SeqMemory(1024, 100_000), ValueMemory(256, 100_000)
+        t0 = time.process_time()
+        for topic, raw in msgs:
+            out = handle(topic, raw, now, reg, limits)
+            screen_duplicates(out, seqs, topic, raw)
+            screen_conflicts(out, values, topic, raw)
+            remember(out, seqs, object(), values)
+            if out.batch is None or out.rejections:
+                raise RuntimeError(f"the workload's message was refused: {out.rejections[:1]}")
+            out.batch.to_json()
+        return (time.process_time() - t0) / (messages * E2E_PER_MESSAGE) * 1e6
+
+    best = min(once() for _ in range(3))
+    if profile:
+        prof = cProfile.Profile()
+        prof.runcall(once)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    return {"messages": messages, "pure_us_per_datapoint": best}
+
+
+def _py_spy() -> str | None:
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
+def py_spy_summary(raw: Path, top: int = 15) -> list[str]:
+    """py-spy's collapsed stacks → the share of busy samples per function, inclusive and self
+    (idle waits in select/poll/sleep/wait left out, as in docs/performance.md)."""
+    idle = ("select (", "poll (", "wait (", "sleep (", "_wait_for_tstate_lock", "acquire (")
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    busy = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # by function, not by line
+        if not frames or any(frames[-1].startswith(i) for i in idle):
+            continue
+        n = int(count)
+        busy += n
+        own[frames[-1]] += n
+        for f in set(frames):
+            inclusive[f] += n
+    out = [f"  busy samples: {busy}"]
+    out += [f"  incl {100 * n / busy:5.1f}%  {f}" for f, n in inclusive.most_common(top)] if busy else []
+    out += [f"  self {100 * n / busy:5.1f}%  {f}" for f, n in own.most_common(top)] if busy else []
+    return out
+
+
+def workload_run(state, services: Services, rate: float, duration: float, seq_base: int, tmp: Path,
+                 spy: Path | None = None) -> dict:  # fmt: skip
+    """One load.py run through ingest: µs CPU per datapoint of ingest and of the publisher."""
+    ingest_pid = services.procs["ingest"].pid
+    before = acked(services.metrics_port)
+    out = tmp / f"load-{seq_base}.json"
+    argv = [sys.executable, str(LOAD), "--mqtt-url", state.mqtt_url, "--rate", str(rate),
+            "--duration", str(duration), "--seq-base", str(seq_base), "--out", str(out)]  # fmt: skip
+    cpu0 = tree_cpu({"ingest": ingest_pid})["ingest"]
+    spy_proc = None
+    if spy is not None:
+        exe = _py_spy()
+        if exe is None:
+            raise RuntimeError("--py-spy: py-spy is not installed (pip install py-spy)")
+        spy_proc = subprocess.Popen(
+            [exe, "record", "--subprocesses", "--nonblocking", "-r", "100", "-d", str(int(duration)), "-f", "raw", "-o", str(spy),
+             "--pid", str(ingest_pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    try:
+        if proc.wait(timeout=duration + 300) != 0:
+            raise RuntimeError(f"load.py exited with {proc.returncode}")
+        load = json.loads(out.read_text())
+        deadline = time.monotonic() + 300
+        while acked(services.metrics_port) - before < load["messages"]:
+            services.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError("ingest did not acknowledge every message within 300 s")
+            time.sleep(0.02)
+        cpu = tree_cpu({"ingest": ingest_pid})["ingest"] - cpu0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if spy_proc is not None:
+            spy_proc.wait(timeout=duration + 60)
+    dp = load["datapoints"]
+    return {
+        "datapoints": dp,
+        "achieved_datapoints_per_s": load["achieved_datapoints_per_s"],
+        "kept_up": load["kept_up"],
+        "ingest_cpu_s": cpu,
+        "ingest_us_per_datapoint": cpu / dp * 1e6,
+        "publisher_cpu_s": load["cpu_s"],
+        "publisher_us_per_datapoint": load["cpu_s"] / dp * 1e6,
+    }
+
+
+def workload_cpu(rate: float, duration: float, runs: int, py_spy: bool) -> dict:
+    with tempfile.TemporaryDirectory(prefix="pilotlab-bench-") as tmp:
+        stack = Stack(Path(tmp) / "stack")
+        try:
+            state = stack.up()
+            ensure_topics(state.kafka_bootstrap, partitions=4)
+            registry.publish(state.kafka_bootstrap, [e2e_experiment()])
+            with Services(state, Path(tmp) / "services").start("ingest") as services:
+                services.wait_ingest_ready()
+                workload_run(state, services, 3000, 3, 0, Path(tmp))  # warm-up
+                results = []
+                for i in range(runs):
+                    spy = Path(tmp) / "ingest.pyspy" if py_spy and i == runs - 1 else None
+                    results.append(workload_run(state, services, rate, duration, (i + 1) * 10**9, Path(tmp), spy))
+                    print(f"  run {i + 1}: ingest {results[-1]['ingest_us_per_datapoint']:.2f} µs/dp, "
+                          f"publisher {results[-1]['publisher_us_per_datapoint']:.2f} µs/dp, "
+                          f"achieved {results[-1]['achieved_datapoints_per_s']:,.0f} dp/s", file=sys.stderr)  # fmt: skip
+                spy_lines = py_spy_summary(spy) if spy is not None and spy.exists() else []
+        finally:
+            stack.down(purge=True)
+    return {
+        "rate": rate,
+        "duration_s": duration,
+        "runs": results,
+        "best_ingest_us_per_datapoint": min(r["ingest_us_per_datapoint"] for r in results),
+        "best_publisher_us_per_datapoint": min(r["publisher_us_per_datapoint"] for r in results),
+        "load_average": os.getloadavg(),
+        "py_spy": spy_lines,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=5000, help="messages per single-payload run")
     ap.add_argument("--batch", type=int, default=10, help="readings per batched message")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="µs CPU per datapoint on the e2e workload (see above)")
+    ap.add_argument("--rate", type=float, default=40_000, help="--cpu: datapoints/s")
+    ap.add_argument("--duration", type=float, default=20, help="--cpu: seconds per run")
+    ap.add_argument("--runs", type=int, default=3, help="--cpu: runs (the best is reported)")
+    ap.add_argument("--py-spy", action="store_true", help="--cpu: sample ingest during the last run")
+    ap.add_argument("--pure", action="store_true", help="the pure path's µs CPU per datapoint")
+    ap.add_argument("--profile", action="store_true", help="--pure: a cProfile listing too")
     args = ap.parse_args()
+    if args.pure:
+        res = pure_path(args.messages, args.profile)
+        print(json.dumps(res, indent=2) if args.json else f"pure path: {res['pure_us_per_datapoint']:.3f} µs CPU/dp")
+        return 0
+    if args.cpu:
+        res = workload_cpu(args.rate, args.duration, args.runs, args.py_spy)
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        print(f"e2e workload at {args.rate:,.0f} dp/s, {args.duration:g} s, best of {args.runs} "
+              f"(load average {res['load_average'][0]:.2f}):")  # fmt: skip
+        print(f"  ingest     {res['best_ingest_us_per_datapoint']:.2f} µs CPU per datapoint")
+        print(f"  publisher  {res['best_publisher_us_per_datapoint']:.2f} µs CPU per datapoint (load.py, whole life)")
+        print("\n".join(res["py_spy"]))
+        return 0
     n_single, n_batched = args.messages, max(1, args.messages // args.batch)
 
     with tempfile.TemporaryDirectory(prefix="pilotlab-bench-") as tmp:

@@ -77,24 +77,34 @@ class ValueMemory:
             raise ValueError("per_device and max_devices must be at least 1")
         self.per_device = per_device
         self.max_devices = max_devices
-        self._devices: OrderedDict[str, OrderedDict[int, tuple[dict[str, float], object]]] = OrderedDict()
+        # device → (ts → {metric: value} in insertion order, ts → token). Two maps rather than a
+        # (values, token) tuple per instant: a {str: float} dict is not tracked by Python's
+        # cycle collector, a tuple holding a token is, and 50,000 remembered instants of
+        # tracked tuples made every full collection walk them (about 10% of ingest's CPU at
+        # 40,000 datapoints/s). Nothing per instant here is a tracked object.
+        self._devices: OrderedDict[str, tuple[OrderedDict[int, dict[str, float]], dict[int, object]]] = OrderedDict()
 
     def lookup(self, device: str, ts_ms: int) -> tuple[dict[str, float], object] | None:
-        instants = self._devices.get(device)
-        return None if instants is None else instants.get(ts_ms)
+        mem = self._devices.get(device)
+        if mem is None:
+            return None
+        values = mem[0].get(ts_ms)
+        return None if values is None else (values, mem[1][ts_ms])
 
     def remember(self, device: str, ts_ms: int, metrics: dict[str, float], token: object = None) -> None:
-        instants = self._devices.get(device)
-        if instants is None:
-            instants = self._devices[device] = OrderedDict()
+        mem = self._devices.get(device)
+        if mem is None:
+            mem = self._devices[device] = (OrderedDict(), {})
             while len(self._devices) > self.max_devices:
                 self._devices.popitem(last=False)
         else:
             self._devices.move_to_end(device)
-        have = instants.get(ts_ms)
+        values, tokens = mem
+        have = values.get(ts_ms)
         if have is None:
-            instants[ts_ms] = (dict(metrics), token)
-            while len(instants) > self.per_device:
-                instants.popitem(last=False)
+            values[ts_ms] = dict(metrics)
+            tokens[ts_ms] = token
+            while len(values) > self.per_device:
+                del tokens[values.popitem(last=False)[0]]
         else:
-            have[0].update(metrics)
+            have.update(metrics)

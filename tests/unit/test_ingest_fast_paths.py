@@ -1,0 +1,188 @@
+"""Ingest's fast paths give what the plain code gives (issue 17):
+
+- ``decode.plain_reading`` (the common well-formed item in one pass) accepts only items that
+  ``decode_item`` accepts, with an equal Reading, and leaves everything else to it;
+- ``dedup.ValueMemory`` (values and tokens in two maps, nothing per instant tracked by the
+  cycle collector) answers every lookup as the plain one-tuple-per-instant memory it replaced,
+  kept here as the reference model.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections import OrderedDict
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.e2e.load import payload as load_payload
+from ingest.decode import decode, decode_item, plain_reading
+from ingest.dedup import ValueMemory
+from pilotlab.contracts import Limits, Reading
+from pilotlab.metrics import METRICS
+
+NOW_MS = 1_773_576_000_000
+LIMITS = Limits(max_age_ms=7 * 86_400_000, max_future_ms=300_000)
+
+NAMES = sorted(METRICS)[:4] + ["PM2.5", "no_2", "bogus", ""]  # canonical, aliases, unknown
+NUMBERS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0, -1, 1e6, 2.5, 40.0, True, False, None, "3.5"]),
+)
+TS = st.one_of(
+    st.integers(min_value=NOW_MS - 8 * 86_400_000, max_value=NOW_MS + 400_000),
+    st.integers(min_value=-5, max_value=2 * 10**11),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["2026-03-15T12:00:00Z", "2026-03-15T12:00:00", "x", None, True, float(NOW_MS)]),
+)
+SEQ = st.one_of(st.integers(min_value=-3, max_value=2**64), st.sampled_from([True, 1.0, "1", None]))
+METRIC_MAPS = st.one_of(
+    st.dictionaries(st.sampled_from(NAMES), NUMBERS, max_size=5),
+    st.sampled_from([[], None, "no2", 3]),
+)
+
+
+@st.composite
+def items(draw) -> object:
+    fields = {"seq": SEQ, "ts": TS, "metrics": METRIC_MAPS, "extra": st.integers()}
+    item = {k: draw(v) for k, v in fields.items() if draw(st.booleans()) or k != "extra"}
+    for k in ("seq", "ts", "metrics"):
+        if draw(st.integers(0, 9)) == 0:
+            item.pop(k)  # now and then a missing field
+    return draw(st.sampled_from([item, item, item, [item], "item", 7]))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(items())
+def test_plain_reading_accepts_only_what_decode_item_accepts_with_the_same_reading(item) -> None:
+    fast = plain_reading(item, NOW_MS, LIMITS)
+    slow = decode_item(item, 0, NOW_MS, LIMITS)
+    if fast is not None:
+        assert isinstance(slow, Reading)
+        assert fast == slow
+        assert all(type(v) is float for v in fast.metrics.values())
+
+
+def test_plain_reading_takes_the_benchmark_workload_and_the_common_shapes() -> None:
+    """The fast path is not dead code: the e2e workload's items and integer values take it."""
+    doc = orjson.loads(load_payload(0, NOW_MS - 1000, 10))
+    assert all(plain_reading(item, NOW_MS, LIMITS) is not None for item in doc)
+    assert plain_reading({"seq": 1, "ts": NOW_MS, "metrics": {"no2": 40}}, NOW_MS, LIMITS) == Reading(
+        1, NOW_MS, {"no2": 40.0}
+    )
+
+
+def test_plain_reading_leaves_every_refusal_to_decode_item() -> None:
+    base = {"seq": 1, "ts": NOW_MS, "metrics": {"no2": 40.0}}
+    for change in (
+        {"seq": -1},
+        {"seq": True},
+        {"ts": "2026-03-15T12:00:00Z"},  # valid, but ISO strings are decode_item's
+        {"ts": 1_700_000_000},  # epoch seconds
+        {"ts": NOW_MS + 301_000},
+        {"ts": NOW_MS - 8 * 86_400_000},
+        {"metrics": {}},
+        {"metrics": {"NO2": 40.0}},  # an alias: canonical_metric's job
+        {"metrics": {"no2": math.inf}},
+        {"metrics": {"no2": math.nan}},
+        {"metrics": {"no2": 1e12}},
+        {"metrics": {"no2": 2**80}},
+    ):
+        assert plain_reading({**base, **change}, NOW_MS, LIMITS) is None, change
+
+
+def test_decode_with_the_fast_path_matches_item_by_item_decoding() -> None:
+    doc = [
+        {"seq": 1, "ts": NOW_MS, "metrics": {"no2": 40.0}},
+        {"seq": 2, "ts": NOW_MS, "metrics": {"NO2": 41.0}},
+        {"seq": 3, "ts": "2026-03-15T12:00:00Z", "metrics": {"no2": 1e12}},
+        {"seq": 4, "ts": NOW_MS, "metrics": {"no2": 40.0}, "note": "ignored"},
+    ]
+    out = decode(orjson.dumps(doc), NOW_MS, LIMITS)
+    expected = [decode_item(item, i, NOW_MS, LIMITS) for i, item in enumerate(doc)]
+    assert out.readings == [r for r in expected if isinstance(r, Reading)]
+    assert out.errors == [e for e in expected if not isinstance(e, Reading)]
+    assert out.indexes == [0, 1, 3]
+
+
+class ReferenceValueMemory:
+    """The memory before issue 17: one (values, token) tuple per instant."""
+
+    def __init__(self, per_device: int, max_devices: int) -> None:
+        self.per_device, self.max_devices = per_device, max_devices
+        self._devices: OrderedDict[str, OrderedDict[int, tuple[dict[str, float], object]]] = OrderedDict()
+
+    def lookup(self, device: str, ts_ms: int):
+        instants = self._devices.get(device)
+        return None if instants is None else instants.get(ts_ms)
+
+    def remember(self, device: str, ts_ms: int, metrics: dict[str, float], token: object = None) -> None:
+        instants = self._devices.get(device)
+        if instants is None:
+            instants = self._devices[device] = OrderedDict()
+            while len(self._devices) > self.max_devices:
+                self._devices.popitem(last=False)
+        else:
+            self._devices.move_to_end(device)
+        have = instants.get(ts_ms)
+        if have is None:
+            instants[ts_ms] = (dict(metrics), token)
+            while len(instants) > self.per_device:
+                instants.popitem(last=False)
+        else:
+            have[0].update(metrics)
+
+
+OPS = st.lists(
+    st.tuples(
+        st.booleans(),  # remember (True) or lookup
+        st.sampled_from(["a", "b", "c", "d"]),
+        st.integers(0, 12),
+        st.dictionaries(st.sampled_from(["no2", "pm25", "pm10"]), st.floats(0, 100), max_size=3),
+        st.integers(0, 5),
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 3), OPS)
+def test_value_memory_answers_as_the_reference_model(per_device, max_devices, ops) -> None:
+    fast, ref = ValueMemory(per_device, max_devices), ReferenceValueMemory(per_device, max_devices)
+    for is_remember, device, ts, metrics, token in ops:
+        if is_remember:
+            fast.remember(device, ts, metrics, token)
+            ref.remember(device, ts, metrics, token)
+        assert fast.lookup(device, ts) == ref.lookup(device, ts)
+    for device in "abcd":
+        for ts in range(13):
+            assert fast.lookup(device, ts) == ref.lookup(device, ts)
+
+
+def test_value_memory_keeps_the_metrics_given_apart_from_its_own() -> None:
+    memory, metrics = ValueMemory(), {"no2": 1.0}
+    memory.remember("a", 1, metrics, "t")
+    metrics["no2"] = 2.0
+    memory.remember("a", 1, {"pm25": 3.0}, "later")
+    assert memory.lookup("a", 1) == ({"no2": 1.0, "pm25": 3.0}, "t")  # the first hand-off's token
+    assert metrics == {"no2": 2.0}
+
+
+def test_value_memory_creates_no_object_the_cycle_collector_tracks_per_instant() -> None:
+    """Why the two maps: the remembered instants must not lengthen every full collection."""
+    memory = ValueMemory(per_device=1000)
+
+    class Token:  # tracked, like the service's _PendingAck
+        pass
+
+    token = Token()
+    memory.remember("a", 0, {"no2": 1.0}, token)
+    gc.collect()
+    before = len(gc.get_objects())
+    for ts in range(1, 1001):
+        memory.remember("a", ts, {"no2": 1.0, "pm25": 2.0}, token)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 10
