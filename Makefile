@@ -41,7 +41,8 @@ integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(ARGS)
 
 ## end to end on the embedded stack (MQTT → readings and → KPIs): step load, latency at 1k/10k datapoints/s, CPU
-## per process, raw ceilings and peers; writes bench/results/ (under 15 min; ARGS=--quick: 2-3 min smoke run)
+## per process, raw ceilings and peers; writes bench/results/ (about 20 min: memory broker, then the
+## fixed load and saturation on the durable one; ARGS=--quick: 3-4 min smoke run)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_e2e.py $(ARGS)
 

@@ -26,6 +26,12 @@ Phases (each on the same stack, one after the other):
 - peers: the same saturation workload and the 1,000 datapoints/s latency run against each
   peer of bench/peers (Node-RED per message and batched, paho → per-message INSERT).
 
+Kafka storage (``--kafka-storage``, default ``both``): every phase runs on the broker's memory
+storage, then a second stack with durable storage (tansu's s3:// engine on the local object
+server, what `pilotlab stack up` runs) repeats the last fixed load and the saturation run, so
+the two modes stand side by side in one report. The report opens with the run measured
+against the efficiency goals (``TARGETS``).
+
 Writes ``bench/results/e2e-<UTC>.json`` and ``.md`` (with machine info), each run's figures
 once, and ``latest.md``, a pointer to them; prints the markdown. ``--quick`` is a 1-3 minute
 smoke run of tiny loads (written as ``e2e-quick-<UTC>.*``, pointed at by ``latest-quick.md``).
@@ -48,7 +54,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -95,15 +101,15 @@ class Config:
     readings: int = 10
     fixed_rates: tuple[int, ...] = (1000, 10000)
     fixed_s: float = 40.0
-    steps: tuple[int, ...] = (2000, 3500, 5000, 7500, 10000, 15000, 20000, 30000, 40000)
+    steps: tuple[int, ...] = (2000, 5000, 10000, 20000, 30000, 40000, 50000, 60000, 70000, 80000)
     step_s: float = 20.0
-    saturation_datapoints: int = 300_000
+    saturation_datapoints: int = 600_000
     saturation_timeout_s: float = 240.0
     peer_saturation_timeout_s: float = 90.0
     ceiling_messages: int = 20_000
     copy_rows: int = 300_000
     drain_timeout_s: float = 60.0
-    budget_s: float = 14 * 60  # step load stops early when the run would not fit in 15 min
+    budget_s: float = 20 * 60  # step load stops early when the run would not fit in 20 min
     quick: bool = False
 
     @property
@@ -991,12 +997,140 @@ def kafka_requests_table(runs: list[dict]) -> list[str]:
         for who, apis in [*sorted(kr["per_s"].items()), ("all", kr["total_per_s"])]:
             other = sum(v for k, v in apis.items() if k not in REQUEST_COLUMNS)
             L.append(
-                f"| {r['name']} | {who} | " + " | ".join(_n(apis.get(k), ",.1f") for k in REQUEST_COLUMNS)
+                f"| {r['name']} | {who} | "
+                + " | ".join(_n(apis.get(k), ",.1f") for k in REQUEST_COLUMNS)
                 + f" | {other:,.1f} | {sum(apis.values()):,.1f} |"
             )
         if kr.get("dropped"):
             L.append(f"| {r['name']} | (the packet socket dropped {kr['dropped']:,} packets: counts are low) | |")
     L.append("")
+    return L
+
+
+TARGETS = {  # the efficiency goals the report checks itself against
+    "broker_cores_at_10000": 0.2,
+    "p99_stored_at_10000_s": 0.5,
+    "sustained_datapoints_per_s": 60_000,
+    "ratio_to_nodered": 1.2,
+    "ratio_to_nodered_batched": 0.75,
+}
+
+
+def _fixed_at(res: dict, rate: int) -> dict | None:
+    return next((r for r in res.get("fixed") or [] if r["load"]["target_datapoints_per_s"] == rate), None)
+
+
+def _met(ok: bool | None) -> str:
+    return "—" if ok is None else ("yes" if ok else "**no**")
+
+
+def targets_table(res: dict) -> list[str]:
+    """The run measured against the efficiency goals: one line each, measured beside target."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    for label, part in (("memory", res), ("durable", res.get("durable"))):
+        f = _fixed_at(part, 10_000) if part else None
+        if f is None:
+            continue
+        c = f["cpu"]["cores_busy"]
+        broker = (c.get("tansu") or 0.0) + (c.get("objects") or 0.0)
+        what = "tansu" + (" + object server" if "objects" in c else "")
+        rows.append(
+            (
+                f"broker cores at 10,000 dp/s ({label}: {what})",
+                f"{broker:.2f}",
+                f"≤ {TARGETS['broker_cores_at_10000']}",
+                broker <= TARGETS["broker_cores_at_10000"],
+            )
+        )
+        p99 = f["latency_s"]["p99"]
+        rows.append(
+            (
+                f"p99 publish → stored at 10,000 dp/s ({label})",
+                _ms(p99) + " ms",
+                f"≤ {TARGETS['p99_stored_at_10000_s'] * 1000:.0f} ms",
+                None if p99 is None else p99 <= TARGETS["p99_stored_at_10000_s"],
+            )
+        )
+    step, sat = res.get("step"), res.get("saturation")
+    for key, sat_key in (("readings", "readings_datapoints_per_s"), ("kpis", "kpis_datapoints_per_s")):
+        if not step:
+            break
+        sustained = step[f"sustained_{key}_datapoints_per_s"]
+        behind = step["first_step_behind_readings" if key == "readings" else "first_step_behind_kpis"]
+        satv = (sat or {}).get(sat_key)
+        # "sustained = saturation": no step below the saturation figure fell behind
+        no_gap = None if satv is None else (behind is None or behind >= satv)
+        target = TARGETS["sustained_datapoints_per_s"]
+        rows.append(
+            (
+                f"sustained to `{'readings' if key == 'readings' else 'kpi_values'}` (memory)",
+                _n(sustained),
+                f"≥ {target:,}",
+                sustained is not None and sustained >= target,
+            )
+        )
+        rows.append(
+            (
+                f"no step behind below saturation ({_n(satv)} dp/s to {key})",
+                "first behind: " + _n(behind),
+                "none below saturation",
+                no_gap,
+            )
+        )
+    for p in (res.get("peers") or {}).get("runs") or []:
+        key = {"nodered": "ratio_to_nodered", "nodered-batched": "ratio_to_nodered_batched"}.get(p["peer"])
+        if key is None:
+            continue
+        ratio = p.get("ratio_throughput_pilotlab_to_peer")
+        rows.append(
+            (
+                f"pilotlab / {p['peer']} saturation throughput",
+                _n(ratio, ".2f"),
+                f"≥ {TARGETS[key]}",
+                None if ratio is None else ratio >= TARGETS[key],
+            )
+        )
+    if not rows:
+        return []
+    L = ["## Against the efficiency goals", "", "| figure | measured | goal | met |", "| --- | ---: | ---: | --- |"]
+    L += [f"| {a} | {b} | {c} | {_met(d)} |" for a, b, c, d in rows]
+    L.append("")
+    return L
+
+
+def durable_runs(res: dict) -> list[dict]:
+    """The durable broker's runs, named apart, for the CPU tables."""
+    d = res.get("durable") or {}
+    runs = ([d["idle"]] if d.get("idle") else []) + list(d.get("fixed") or [])
+    runs += [d["saturation"]] if d.get("saturation") else []
+    return [{**r, "name": f"durable: {r['name']}"} for r in runs]
+
+
+def durable_section(res: dict) -> list[str]:
+    d = res.get("durable")
+    if not d:
+        return []
+    L = [
+        "## Durable broker (tansu's s3:// engine on the local object server; the same workload)",
+        "",
+        "| run | stored p50 / p95 / p99 (ms) | KPI lag p50 / p99 (ms) | to `readings` dp/s | to KPIs dp/s "
+        "| all stored |",
+        "| --- | --- | --- | ---: | ---: | --- |",
+    ]
+    for r in list(d.get("fixed") or []):
+        lat, kl = r["latency_s"], r["kpi"]["lag_s"]
+        L.append(
+            f"| fixed {r['load']['target_datapoints_per_s']:,.0f} dp/s | {_ms(lat['p50'])} / {_ms(lat['p95'])} / "
+            f"{_ms(lat['p99'])} | {_ms(kl['p50'])} / {_ms(kl['p99'])} | {_n(r['stored_datapoints_per_s'])} | "
+            f"{_n(r.get('kpi_datapoints_per_s'))} | {r['all_stored']} |"
+        )
+    s = d.get("saturation")
+    if s:
+        L.append(
+            f"| saturation ({s['published_datapoints']:,} dp) | | | {_n(s['readings_datapoints_per_s'])} | "
+            f"{_n(s.get('kpis_datapoints_per_s'))} | {s['all_stored']} |"
+        )
+    L += ["", "Its CPU is in the tables above (runs named `durable: …`).", ""]
     return L
 
 
@@ -1012,12 +1146,17 @@ def markdown(res: dict) -> str:
     L.append(
         f"Workload: {cfg['devices']} devices, {cfg['readings']} readings × 3 metrics = {cfg['per_message']} "
         f"datapoints per MQTT message (QoS 1); KPIs: 1-min count, mean, p95, impact. "
-        f"Kafka storage: {cfg.get('kafka_storage', 'memory')}. "
+        + (
+            "Kafka storage: memory; the fixed load and saturation again on durable storage (below). "
+            if cfg.get("kafka_storage") == "both"
+            else f"Kafka storage: {cfg.get('kafka_storage', 'memory')}. "
+        )
         + "".join(f"{k}={v} (not the default). " for k, v in (cfg.get("env") or {}).items())
         + f"{'QUICK smoke run (tiny loads). ' if cfg['quick'] else ''}Wall time {res['wall_s']:.0f} s."
     )
     L.append("")
     sat, step, ceil = res.get("saturation"), res.get("step"), res.get("ceilings")
+    L += targets_table(res)
     L += ["## Throughput (datapoints/s)", "", "| figure | datapoints/s | note |", "| --- | ---: | --- |"]
     if step:
         L.append(
@@ -1067,6 +1206,7 @@ def markdown(res: dict) -> str:
     runs = ([res["idle"]] if res.get("idle") else []) + list(res.get("fixed") or []) + ([sat] if sat else [])
     if step:
         runs += step["steps"]
+    runs += durable_runs(res)
     for p in (res.get("peers") or {}).get("runs") or []:
         runs += [r for r in (p.get("fixed"), p.get("saturation")) if r]
     if runs:
@@ -1137,6 +1277,7 @@ def markdown(res: dict) -> str:
             f"{_ratio(sat_rate, ceil['postgres_sink_copy_merge_rows_per_s'])} |"
         )
         L.append("")
+    L += durable_section(res)
     peers = res.get("peers")
     if peers:
         L += ["## Peers (same workload, same box; pilotlab's services stopped meanwhile)", ""]
@@ -1189,9 +1330,8 @@ def save(res: dict, out_dir: Path) -> tuple[Path, Path]:
     moves the pointer: a run of some (``--phases fixed``, an A/B comparison) is kept, not latest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = res["started_at"].replace(":", "").replace("-", "")
-    kind = ("-quick" if res["config"]["quick"] else "") + (
-        "-memory" if res["config"].get("kafka_storage") == "memory" else ""
-    )
+    storage = res["config"].get("kafka_storage", "both")
+    kind = ("-quick" if res["config"]["quick"] else "") + ("" if storage == "both" else f"-{storage}")
     j, md = out_dir / f"e2e{kind}-{stamp}.json", out_dir / f"e2e{kind}-{stamp}.md"
     text = json.dumps(res, indent=2, default=str)
     mdt = markdown(res)
@@ -1213,6 +1353,77 @@ def latest_pointer(j: Path, md: Path) -> str:
 
 # --- main ------------------------------------------------------------------------------------
 
+DURABLE_PHASES = ("fixed", "saturation")
+DURABLE_RESERVE_S = 150.0  # what the durable broker's fixed load and saturation take, kept from the step load
+
+
+def run_on_stack(
+    cfg: Config,
+    kafka_storage: str,
+    phases: list[str],
+    tmp: Path,
+    *,
+    t0: float,
+    peers_only: str | None = None,
+    reserve_s: float = 0.0,
+) -> dict:
+    """The asked phases on one fresh embedded stack with the given Kafka storage; returns the
+    phases' figures and their timings."""
+    res: dict = {}
+    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.chmod(0o755)
+    stack = Stack(tmp / "stack", kafka_storage=kafka_storage)
+    b = None
+    try:
+        t = time.monotonic()
+        state = stack.up()
+        migrate(state.database_url)
+        ensure_topics(state.kafka_bootstrap, partitions=4)
+        exp = experiment(cfg.devices)
+        registry.publish(state.kafka_bootstrap, [exp])
+        b = Bench(cfg, state, tmp, t0=t0)
+        b.timings["stack_up"] = time.monotonic() - t
+        if "ceilings" in phases:
+            with b.timed("ceilings", "ceilings: raw Mosquitto, raw Kafka, PostgreSQL COPY"):
+                res["ceilings"] = phase_ceilings(b)
+        if {"fixed", "step", "saturation"} & set(phases):
+            t = time.monotonic()
+            with Services(state, tmp / "services").start("ingest", "streams", "sink") as services:
+                b.services = services
+                services.wait_ingest_ready()
+                warm = pipeline_run(b, "warm-up", rate=1000, duration=3, drain_timeout=120)
+                if not (warm["all_stored"] and warm["kpis_complete"]):
+                    raise RuntimeError(
+                        f"warm-up not stored/counted: {warm['stored_datapoints']} rows, "
+                        f"{warm['kpi']['counted']} counted; see {tmp / 'services'}"
+                    )
+                wait_pipeline_idle(b)
+                b.timings["services_up_and_warm_up"] = time.monotonic() - t
+                res["idle"] = measure_idle(b, 3 if cfg.quick else 10)
+                if "fixed" in phases:
+                    with b.timed("fixed", "fixed loads"):
+                        res["fixed"] = phase_fixed(b)
+                if "step" in phases:
+                    reserve = reserve_s + (90 if "saturation" in phases else 0) + (240 if "peers" in phases else 0)
+                    with b.timed("step", "step load"):
+                        res["step"] = phase_step(b, reserve_s=0 if cfg.quick else reserve)
+                if "saturation" in phases:
+                    with b.timed("saturation", "saturation"):
+                        res["saturation"] = phase_saturation(b)
+                b.services = None
+            discard_ingest_session(state)
+        if "peers" in phases:
+            only = [x.strip() for x in peers_only.split(",")] if peers_only else None
+            with b.timed("peers", "peers"):
+                res["peers"] = phase_peers(b, res, only)
+    finally:
+        t = time.monotonic()
+        stack.down(purge=True)
+        if b is not None:
+            b.timings["stack_down"] = time.monotonic() - t
+    res["timings"] = {k: round(v, 1) for k, v in b.timings.items()} if b is not None else {}
+    return res
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1225,9 +1436,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", help="comma-separated subset of bench/peers' PEERS (default: all)")
     ap.add_argument(
         "--kafka-storage",
-        choices=KAFKA_STORAGE,
-        default="durable",
-        help="the embedded Kafka broker's storage: durable (files, the default of `pilotlab stack up`) or memory",
+        choices=(*KAFKA_STORAGE, "both"),
+        default="both",
+        help="the embedded Kafka broker's storage: both (every phase on memory storage, then the fixed load and "
+        "saturation again on durable storage; the default), memory, or durable (files, the default of "
+        "`pilotlab stack up`)",
     )
     a = ap.parse_args(argv)
     phases = [p.strip() for p in a.phases.split(",") if p.strip()]
@@ -1261,61 +1474,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"pilotlab end-to-end benchmark ({'quick' if cfg.quick else 'full'}): phases {', '.join(phases)}", flush=True)
     t_all = time.monotonic()
+    main_storage = "memory" if a.kafka_storage == "both" else a.kafka_storage
+    durable_phases = [p for p in phases if p in DURABLE_PHASES] if a.kafka_storage == "both" else []
     with tempfile.TemporaryDirectory(prefix="pilotlab-bench-e2e-") as tmpdir:
         tmp = Path(tmpdir)
         # reachable by the unprivileged user PostgreSQL runs as when we are root: its data then
         # stays inside this directory and goes with it (else the stack puts it in /tmp for good)
         tmp.chmod(0o755)
-        stack = Stack(tmp / "stack", kafka_storage=a.kafka_storage)
-        try:
+        reserve = DURABLE_RESERVE_S if durable_phases else 0.0
+        res.update(
+            run_on_stack(cfg, main_storage, phases, tmp / main_storage, t0=t_all, peers_only=a.peers, reserve_s=reserve)
+        )
+        if durable_phases:
+            # the same workload on the durable broker (files through the object server, the
+            # default of `pilotlab stack up`): its latency at the fixed load and its saturation
+            dcfg = replace(cfg, fixed_rates=cfg.fixed_rates[-1:])
+            print("durable broker: the same fixed load and saturation", flush=True)
             t = time.monotonic()
-            state = stack.up()
-            migrate(state.database_url)
-            ensure_topics(state.kafka_bootstrap, partitions=4)
-            exp = experiment(cfg.devices)
-            registry.publish(state.kafka_bootstrap, [exp])
-            b = Bench(cfg, state, tmp, t0=t_all)
-            b.timings["stack_up"] = time.monotonic() - t
-            if "ceilings" in phases:
-                with b.timed("ceilings", "ceilings: raw Mosquitto, raw Kafka, PostgreSQL COPY"):
-                    res["ceilings"] = phase_ceilings(b)
-            if {"fixed", "step", "saturation"} & set(phases):
-                t = time.monotonic()
-                with Services(state, tmp / "services").start("ingest", "streams", "sink") as services:
-                    b.services = services
-                    services.wait_ingest_ready()
-                    warm = pipeline_run(b, "warm-up", rate=1000, duration=3, drain_timeout=120)
-                    if not (warm["all_stored"] and warm["kpis_complete"]):
-                        raise RuntimeError(
-                            f"warm-up not stored/counted: {warm['stored_datapoints']} rows, "
-                            f"{warm['kpi']['counted']} counted; see {tmp / 'services'}"
-                        )
-                    wait_pipeline_idle(b)
-                    b.timings["services_up_and_warm_up"] = time.monotonic() - t
-                    res["idle"] = measure_idle(b, 3 if cfg.quick else 10)
-                    if "fixed" in phases:
-                        with b.timed("fixed", "fixed loads"):
-                            res["fixed"] = phase_fixed(b)
-                    if "step" in phases:
-                        reserve = (90 if "saturation" in phases else 0) + (240 if "peers" in phases else 0)
-                        with b.timed("step", "step load"):
-                            res["step"] = phase_step(b, reserve_s=0 if cfg.quick else reserve)
-                    if "saturation" in phases:
-                        with b.timed("saturation", "saturation"):
-                            res["saturation"] = phase_saturation(b)
-                    b.services = None
-                discard_ingest_session(state)
-            if "peers" in phases:
-                only = [x.strip() for x in a.peers.split(",")] if a.peers else None
-                with b.timed("peers", "peers"):
-                    res["peers"] = phase_peers(b, res, only)
-        finally:
-            t = time.monotonic()
-            stack.down(purge=True)
-            if "b" in locals():
-                b.timings["stack_down"] = time.monotonic() - t
-        if "b" in locals():
-            res["timings"] = {k: round(v, 1) for k, v in b.timings.items()}
+            res["durable"] = run_on_stack(dcfg, "durable", durable_phases, tmp / "durable", t0=time.monotonic())
+            res["timings"]["durable_broker"] = round(time.monotonic() - t, 1)
     res["wall_s"] = round(time.monotonic() - t_all, 1)
     res["timings"]["total"] = res["wall_s"]
     j, md = save(res, a.out_dir)

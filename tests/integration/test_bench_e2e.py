@@ -77,3 +77,14 @@ def test_quick_run_measures_everything_and_loses_nothing(tmp_path: Path):
         assert r["stored_datapoints"] == r["published_datapoints"] > 0, f"{r['name']}: rows lost"
     assert _figure(peer["ratio_throughput_pilotlab_to_peer"]) and _figure(peer["ratio_latency_p50_peer_to_pilotlab"])
     assert set(res["timings"]) >= {"stack_up", "ceilings", "fixed", "step", "saturation", "peers", "total"}
+
+    # the default storage "both": the last fixed load and the saturation again on the durable broker
+    assert res["config"]["kafka_storage"] == "both"
+    d = res["durable"]
+    assert [r["name"] for r in d["fixed"]] == ["fixed-600"] and d["saturation"]["name"] == "saturation"
+    for r in (*d["fixed"], d["saturation"]):
+        assert r["stored_datapoints"] == r["published_datapoints"] > 0, f"durable {r['name']}: rows lost"
+        assert r["kpis_complete"] and "objects" in r["cpu"]["cores_busy"], r["name"]
+    assert "durable_broker" in res["timings"]
+    text = reports[0].read_text()
+    assert "## Against the efficiency goals" in text and "## Durable broker" in text

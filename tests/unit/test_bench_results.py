@@ -13,7 +13,7 @@ from bench import bench_e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
-def result(started: str, phases=bench_e2e.PHASES, quick=False, storage="durable") -> dict:
+def result(started: str, phases=bench_e2e.PHASES, quick=False, storage="both") -> dict:
     return {
         "started_at": started,
         "config": {"quick": quick, "kafka_storage": storage},
@@ -34,10 +34,11 @@ def names(out: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("quick", "storage", "prefix", "pointer"),
     [
-        (False, "durable", "e2e", "latest.md"),
-        (True, "durable", "e2e-quick", "latest-quick.md"),
+        (False, "both", "e2e", "latest.md"),
+        (True, "both", "e2e-quick", "latest-quick.md"),
         (False, "memory", "e2e-memory", "latest-memory.md"),
         (True, "memory", "e2e-quick-memory", "latest-quick-memory.md"),
+        (False, "durable", "e2e-durable", "latest-durable.md"),
     ],
 )
 def test_a_run_is_written_once_and_the_pointer_names_it(tmp_path, quick, storage, prefix, pointer):
