@@ -1,11 +1,19 @@
-"""Pure parts of storage: migration variants per mode, the sink's batch decoding and the
-deterministic storage_refused rejection."""
+"""Pure parts of storage: migration variants per mode, the sink's batch decoding, the
+deterministic storage_refused rejection and the binary COPY encoding of readings."""
 
 from __future__ import annotations
+
+import struct
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pilotlab.contracts import KafkaTopics, Reading, ReadingBatch, Reason
 from storage.migrate import available
 from storage.sink import TOPICS, Batch, Record, storage_refusal
+from storage.writer import NotEncodable, encode_readings_copy, reading_columns
 
 
 def test_each_mode_gets_one_variant_of_every_version():
@@ -50,3 +58,80 @@ def test_storage_refusal_is_deterministic_and_free_of_nul_bytes():
     assert a.experiment_id is None and a.device_id == "d1"
     assert "\x00" not in a.detail and "\x00" not in a.excerpt
     assert a.received_ms == 5
+
+
+# --- the binary COPY encoder of readings (storage.writer.encode_readings_copy) ---------------
+
+
+def parse_copy(data: bytes) -> list[tuple]:
+    """A binary COPY stream of the eight reading columns back as rows of Python values in
+    ``reading_columns``' order (an independent reader of the format, for the test)."""
+    assert data.startswith(b"PGCOPY\n\xff\r\n\x00") and data.endswith(b"\xff\xff")
+    view, pos, rows = data[19:-2], 0, []
+    while pos < len(view):
+        (nfields,) = struct.unpack_from(">h", view, pos)
+        assert nfields == 8
+        pos += 2
+        fields = []
+        for _ in range(nfields):
+            (size,) = struct.unpack_from(">i", view, pos)
+            fields.append(view[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+        exp, dev, grp, recv, ts, seq, metric, value = fields
+        us = lambda b: struct.unpack(">q", b)[0]  # noqa: E731
+        pg_epoch = datetime(2000, 1, 1, tzinfo=UTC)
+        rows.append((
+            pg_epoch + timedelta(microseconds=us(ts)), exp.decode(), dev.decode(), grp.decode(), metric.decode(),
+            struct.unpack(">d", value)[0], us(seq), pg_epoch + timedelta(microseconds=us(recv)),
+        ))  # fmt: skip
+    return rows
+
+
+names = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=12)
+readings = st.builds(
+    Reading,
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-10**12, 10**13),
+    st.dictionaries(names, st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**60), 2**60)),
+                    max_size=4),
+)  # fmt: skip
+reading_batches = st.builds(
+    ReadingBatch, names, names, st.sampled_from(["treatment", "control"]), st.integers(0, 10**13),
+    st.lists(readings, max_size=5).map(tuple),
+)  # fmt: skip
+
+
+@given(st.lists(reading_batches, max_size=4))
+def test_the_binary_copy_holds_the_same_rows_as_the_columns(batches):
+    data, n = encode_readings_copy(batches)
+    expected = list(zip(*reading_columns(batches), strict=True))
+    assert n == len(expected)
+    assert parse_copy(data) == [(*r[:5], float(r[5]), *r[6:]) for r in expected]
+
+
+@pytest.mark.parametrize(
+    ("batch", "why"),
+    [
+        (ReadingBatch("e", "bad\x00dev", "treatment", 1, (Reading(1, 1, {"no2": 1.0}),)), "NUL in a text field"),
+        (ReadingBatch("e", "d", "treatment", 1, (Reading(1, 1, {"no\x002": 1.0}),)), "NUL in a metric name"),
+        (ReadingBatch("e", 7, "treatment", 1, (Reading(1, 1, {"no2": 1.0}),)), "a number for a text field"),
+        (ReadingBatch("e", "d", "treatment", 1, (Reading(1, 1, {"no2": None}),)), "a null value"),
+        (ReadingBatch("e", "d", "treatment", 1, (Reading(1, 1, {"no2": True}),)), "a boolean value"),
+        (ReadingBatch("e", "d", "treatment", 1, (Reading(1, 1, {"no2": "3"}),)), "a string value"),
+        (ReadingBatch("e", "d", "treatment", 1, (Reading(1, 1, {"no2": 10**400}),)), "beyond float8"),
+        (ReadingBatch("e", "d", "treatment", 1, (Reading(True, 1, {"no2": 1.0}),)), "a boolean seq"),
+        (ReadingBatch("e", "d", "treatment", 1, (Reading(2**63, 1, {"no2": 1.0}),)), "seq beyond int8"),
+        (ReadingBatch("e", "d", "treatment", 1, (Reading(1, 1.5, {"no2": 1.0}),)), "a fractional ts_ms"),
+        (ReadingBatch("e", "d", "treatment", 10**17, (Reading(1, 1, {"no2": 1.0}),)), "received beyond int8 µs"),
+    ],
+)
+def test_what_the_encoder_declines_goes_the_text_path(batch, why):
+    """Declined batches are written by write_readings_merge, where psycopg and the database judge
+    the values exactly as before the binary path (a NUL is refused with psycopg's own message)."""
+    with pytest.raises(NotEncodable):
+        encode_readings_copy([batch])
+
+
+def test_an_empty_batch_is_a_complete_empty_copy_stream():
+    data, n = encode_readings_copy([ReadingBatch("e", "d", "control", 1, ())])
+    assert n == 0 and parse_copy(data) == []
