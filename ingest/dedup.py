@@ -21,6 +21,9 @@ Pure data structure, no I/O; not thread-safe (the service calls it from one thre
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
+
+from pilotlab.contracts import Reading
 
 
 class SeqMemory:
@@ -46,6 +49,10 @@ class SeqMemory:
         return True, seqs[seq]
 
     def remember(self, device: str, seq: int, token: object = None) -> None:
+        self.remember_all(device, (seq,), token)
+
+    def remember_all(self, device: str, seqs_seen: Iterable[int], token: object = None) -> None:
+        """``remember`` for each seq in turn (the device is looked up once per message)."""
         seqs = self._devices.get(device)
         if seqs is None:
             seqs = self._devices[device] = OrderedDict()
@@ -53,11 +60,12 @@ class SeqMemory:
                 self._devices.popitem(last=False)
         else:
             self._devices.move_to_end(device)
-        if seq in seqs:
-            return
-        seqs[seq] = token
-        while len(seqs) > self.per_device:
-            seqs.popitem(last=False)
+        for seq in seqs_seen:
+            if seq in seqs:
+                continue
+            seqs[seq] = token
+            if len(seqs) > self.per_device:
+                seqs.popitem(last=False)
 
 
 class ValueMemory:
@@ -92,6 +100,10 @@ class ValueMemory:
         return None if values is None else (values, mem[1][ts_ms])
 
     def remember(self, device: str, ts_ms: int, metrics: dict[str, float], token: object = None) -> None:
+        self.remember_all(device, (Reading(0, ts_ms, metrics),), token)
+
+    def remember_all(self, device: str, readings: Iterable[Reading], token: object = None) -> None:
+        """``remember`` each reading's values in turn (the device is looked up once per message)."""
         mem = self._devices.get(device)
         if mem is None:
             mem = self._devices[device] = (OrderedDict(), {})
@@ -100,11 +112,12 @@ class ValueMemory:
         else:
             self._devices.move_to_end(device)
         values, tokens = mem
-        have = values.get(ts_ms)
-        if have is None:
-            values[ts_ms] = dict(metrics)
-            tokens[ts_ms] = token
-            while len(values) > self.per_device:
-                del tokens[values.popitem(last=False)[0]]
-        else:
-            have.update(metrics)
+        for reading in readings:
+            have = values.get(reading.ts_ms)
+            if have is None:
+                values[reading.ts_ms] = dict(reading.metrics)
+                tokens[reading.ts_ms] = token
+                if len(values) > self.per_device:
+                    del tokens[values.popitem(last=False)[0]]
+            else:
+                have.update(reading.metrics)

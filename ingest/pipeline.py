@@ -108,28 +108,38 @@ def screen_conflicts(out: Outcome, memory: ValueMemory, topic: str, payload: byt
     if out.batch is None:
         return found
     device = out.batch.device_id
-    here: dict[tuple[int, str], float] = {}
+    # (ts → {metric: value}) accepted earlier in this message; a dict per instant (not a
+    # (ts, metric) tuple per value) so a reading at an instant nobody has seen costs two
+    # lookups, which is nearly every reading
+    here: dict[int, dict[str, float]] = {}
     keep: list[Reading] = []
     kept_indexes: list[int | None] = []
     indexes = out.indexes if len(out.indexes) == len(out.batch.readings) else [None] * len(out.batch.readings)
     changed = False
     for reading, index in zip(out.batch.readings, indexes, strict=True):
         earlier = memory.lookup(device, reading.ts_ms)
+        seen = here.get(reading.ts_ms)
+        if earlier is None and seen is None:  # a new instant: every value is fresh
+            here[reading.ts_ms] = reading.metrics
+            keep.append(reading)
+            kept_indexes.append(index)
+            continue
         fresh: dict[str, float] = {}
         clashes = []
         for metric, value in reading.metrics.items():
-            prev = here.get((reading.ts_ms, metric))
+            prev = seen.get(metric) if seen is not None else None
             if prev is None and earlier is not None:
                 prev = earlier[0].get(metric)
                 if prev is not None and earlier[1] is not None:
                     found.tokens.append(earlier[1])
             if prev is None:
                 fresh[metric] = value
-                here[(reading.ts_ms, metric)] = value
             elif prev == value:
                 found.repeats += 1
             else:
                 clashes.append(f"{metric} {value!r} (accepted before: {prev!r})")
+        if fresh:
+            here[reading.ts_ms] = {**seen, **fresh} if seen is not None else fresh  # never mutate a reading's dict
         if clashes:
             when = from_ms(reading.ts_ms).isoformat().replace("+00:00", "Z")
             detail = f"{device} at {when}: {', '.join(clashes)}; one value per metric and instant is kept"
@@ -154,8 +164,7 @@ def remember(out: Outcome, memory: SeqMemory, token: object = None, values: Valu
     ``values`` — with the token of their hand-off."""
     if out.batch is None:
         return
-    for reading in out.batch.readings:
-        if not out.senml:
-            memory.remember(out.batch.device_id, reading.seq, token)
-        if values is not None:
-            values.remember(out.batch.device_id, reading.ts_ms, reading.metrics, token)
+    if not out.senml:
+        memory.remember_all(out.batch.device_id, [r.seq for r in out.batch.readings], token)
+    if values is not None:
+        values.remember_all(out.batch.device_id, out.batch.readings, token)

@@ -2,6 +2,8 @@
 
 - ``decode.plain_reading`` (the common well-formed item in one pass) accepts only items that
   ``decode_item`` accepts, with an equal Reading, and leaves everything else to it;
+- ``pipeline.screen_conflicts`` and ``remember`` decide every message (kept readings,
+  refusals and their wording, tokens to wait for, exact repeats) as the code before them;
 - ``dedup.ValueMemory`` (values and tokens in two maps, nothing per instant tracked by the
   cycle collector) answers every lookup as the plain one-tuple-per-instant memory it replaced,
   kept here as the reference model.
@@ -12,16 +14,29 @@ from __future__ import annotations
 import gc
 import math
 from collections import OrderedDict
+from dataclasses import replace
+from pathlib import Path
 
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.e2e.load import payload as load_payload
-from ingest.decode import decode, decode_item, plain_reading
-from ingest.dedup import ValueMemory
-from pilotlab.contracts import Limits, Reading
+from ingest.decode import ItemError, decode, decode_item, plain_reading
+from ingest.dedup import SeqMemory, ValueMemory
+from ingest.pipeline import (
+    Conflicts,
+    Outcome,
+    _reject,
+    handle,
+    remember,
+    screen_conflicts,
+    screen_duplicates,
+)
+from pilotlab.contracts import Limits, Reading, Reason, from_ms, telemetry_topic
+from pilotlab.manifest import load_manifests
 from pilotlab.metrics import METRICS
+from pilotlab.registry import Registry
 
 NOW_MS = 1_773_576_000_000
 LIMITS = Limits(max_age_ms=7 * 86_400_000, max_future_ms=300_000)
@@ -186,3 +201,113 @@ def test_value_memory_creates_no_object_the_cycle_collector_tracks_per_instant()
         memory.remember("a", ts, {"no2": 1.0, "pm25": 2.0}, token)
     gc.collect()
     assert len(gc.get_objects()) - before < 10
+
+
+# --- the whole screening against the code before issue 17 -----------------------------------
+
+
+def reference_screen_conflicts(out: Outcome, memory: ReferenceValueMemory, topic: str, payload: bytes) -> Conflicts:
+    """``pipeline.screen_conflicts`` before issue 17 (a (ts, metric) key per value)."""
+    found = Conflicts()
+    if out.batch is None:
+        return found
+    device = out.batch.device_id
+    here: dict[tuple[int, str], float] = {}
+    keep: list[Reading] = []
+    kept_indexes: list[int | None] = []
+    indexes = out.indexes if len(out.indexes) == len(out.batch.readings) else [None] * len(out.batch.readings)
+    changed = False
+    for reading, index in zip(out.batch.readings, indexes, strict=True):
+        earlier = memory.lookup(device, reading.ts_ms)
+        fresh: dict[str, float] = {}
+        clashes = []
+        for metric, value in reading.metrics.items():
+            prev = here.get((reading.ts_ms, metric))
+            if prev is None and earlier is not None:
+                prev = earlier[0].get(metric)
+                if prev is not None and earlier[1] is not None:
+                    found.tokens.append(earlier[1])
+            if prev is None:
+                fresh[metric] = value
+                here[(reading.ts_ms, metric)] = value
+            elif prev == value:
+                found.repeats += 1
+            else:
+                clashes.append(f"{metric} {value!r} (accepted before: {prev!r})")
+        if clashes:
+            when = from_ms(reading.ts_ms).isoformat().replace("+00:00", "Z")
+            detail = f"{device} at {when}: {', '.join(clashes)}; one value per metric and instant is kept"
+            err = ItemError(Reason.CONFLICTING_READING, detail, index)
+            out.rejections.append(_reject(err, topic, payload, out.batch.received_ms, out.address))
+        if len(fresh) < len(reading.metrics):
+            changed = True
+            if not fresh:
+                continue
+            keep.append(Reading(reading.seq, reading.ts_ms, fresh))
+        else:
+            keep.append(reading)
+        kept_indexes.append(index)
+    if changed:
+        out.indexes = kept_indexes if out.indexes else []
+        out.batch = replace(out.batch, readings=tuple(keep)) if keep else None
+    return found
+
+
+def reference_remember(out: Outcome, memory: SeqMemory, token: object, values: ReferenceValueMemory) -> None:
+    """``pipeline.remember`` before issue 17 (one call per reading and memory)."""
+    if out.batch is None:
+        return
+    for reading in out.batch.readings:
+        if not out.senml:
+            memory.remember(out.batch.device_id, reading.seq, token)
+        values.remember(out.batch.device_id, reading.ts_ms, reading.metrics, token)
+
+
+REGISTRY = Registry.of(load_manifests(Path(__file__).resolve().parents[2] / "control" / "examples" / "experiments"))
+DEVICES = [telemetry_topic("lez-san-salvario", d) for d in ("aq-lez-01", "aq-lez-02")]
+SMALL = st.sampled_from([10.0, 11.0, 12.0])
+
+
+@st.composite
+def messages(draw) -> tuple[str, bytes]:
+    """Native batches (and now and then SenML) with few seqs, instants and values, so that
+    duplicates, conflicts, exact repeats and repeats within a message are frequent."""
+    topic = draw(st.sampled_from(DEVICES))
+    if draw(st.integers(0, 5)) == 0:
+        base = NOW_MS / 1000
+        pack = [{"bn": "urn:dev:x:", "bt": base}] + [
+            {"n": draw(st.sampled_from(["no2", "pm25"])), "v": draw(SMALL), "t": draw(st.integers(-3, 0))}
+            for _ in range(draw(st.integers(1, 4)))
+        ]
+        return topic, orjson.dumps(pack)
+    items = [
+        {
+            "seq": draw(st.integers(0, 8)),
+            "ts": NOW_MS - draw(st.integers(0, 4)),
+            "metrics": draw(st.dictionaries(st.sampled_from(["no2", "pm25", "pm10"]), SMALL, min_size=1)),
+        }
+        for _ in range(draw(st.integers(1, 6)))
+    ]
+    return topic, orjson.dumps(items)
+
+
+def screen(kind: str, state, topic: str, raw: bytes, token: str):
+    seqs, values = state
+    out = handle(topic, raw, NOW_MS, REGISTRY, LIMITS)
+    originals = screen_duplicates(out, seqs, topic, raw)
+    if kind == "fast":
+        found = screen_conflicts(out, values, topic, raw)
+        remember(out, seqs, token, values)
+    else:
+        found = reference_screen_conflicts(out, values, topic, raw)
+        reference_remember(out, seqs, token, values)
+    return out.batch, out.indexes, out.rejections, originals, found.tokens, found.repeats
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 6), st.lists(messages(), min_size=1, max_size=12))
+def test_screening_decides_every_message_as_the_code_before(instants, msgs) -> None:
+    fast = (SeqMemory(per_device=6, max_devices=2), ValueMemory(per_device=instants, max_devices=2))
+    ref = (SeqMemory(per_device=6, max_devices=2), ReferenceValueMemory(instants, 2))
+    for i, (topic, raw) in enumerate(msgs):
+        assert screen("fast", fast, topic, raw, f"hand-off {i}") == screen("ref", ref, topic, raw, f"hand-off {i}")
