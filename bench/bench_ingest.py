@@ -35,8 +35,8 @@ CPU per datapoint on the end-to-end workload (issue 17):
 from __future__ import annotations
 
 import argparse
-import cProfile
 import collections
+import cProfile
 import json
 import os
 import pstats
@@ -66,10 +66,9 @@ from control.stack import Stack
 from ingest.dedup import SeqMemory, ValueMemory
 from ingest.pipeline import handle, remember, screen_conflicts, screen_duplicates
 from pilotlab import registry
-from pilotlab.contracts import telemetry_topic, to_ms, utcnow
+from pilotlab.contracts import Limits, telemetry_topic, to_ms, utcnow
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.kafka_admin import ensure_topics
-from pilotlab.contracts import Limits
 from pilotlab.manifest import Experiment
 from pilotlab.registry import Registry
 
@@ -284,8 +283,9 @@ def py_spy_summary(raw: Path, top: int = 15) -> list[str]:
     return out
 
 
-def workload_run(state, services: Services, rate: float, duration: float, seq_base: int, tmp: Path,
-                 spy: Path | None = None) -> dict:  # fmt: skip
+def workload_run(
+    state, services: Services, *, rate: float, duration: float, seq_base: int, tmp: Path, spy: Path | None = None
+) -> dict:
     """One load.py run through ingest: µs CPU per datapoint of ingest and of the publisher."""
     ingest_pid = services.procs["ingest"].pid
     before = acked(services.metrics_port)
@@ -299,8 +299,9 @@ def workload_run(state, services: Services, rate: float, duration: float, seq_ba
         if exe is None:
             raise RuntimeError("--py-spy: py-spy is not installed (pip install py-spy)")
         spy_proc = subprocess.Popen(
-            [exe, "record", "--subprocesses", "--nonblocking", "-r", "100", "-d", str(int(duration)), "-f", "raw", "-o", str(spy),
-             "--pid", str(ingest_pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [exe, "record", "--subprocesses", "--nonblocking", "-r", "100", "-d", str(int(duration)),
+             "-f", "raw", "-o", str(spy), "--pid", str(ingest_pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     try:
@@ -341,14 +342,20 @@ def workload_cpu(rate: float, duration: float, runs: int, py_spy: bool) -> dict:
             registry.publish(state.kafka_bootstrap, [e2e_experiment()])
             with Services(state, Path(tmp) / "services").start("ingest") as services:
                 services.wait_ingest_ready()
-                workload_run(state, services, 3000, 3, 0, Path(tmp))  # warm-up
+                workload_run(state, services, rate=3000, duration=3, seq_base=0, tmp=Path(tmp))  # warm-up
                 results = []
                 for i in range(runs):
                     spy = Path(tmp) / "ingest.pyspy" if py_spy and i == runs - 1 else None
-                    results.append(workload_run(state, services, rate, duration, (i + 1) * 10**9, Path(tmp), spy))
-                    print(f"  run {i + 1}: ingest {results[-1]['ingest_us_per_datapoint']:.2f} µs/dp, "
-                          f"publisher {results[-1]['publisher_us_per_datapoint']:.2f} µs/dp, "
-                          f"achieved {results[-1]['achieved_datapoints_per_s']:,.0f} dp/s", file=sys.stderr)  # fmt: skip
+                    results.append(
+                        workload_run(
+                            state, services, rate=rate, duration=duration, seq_base=(i + 1) * 10**9,
+                            tmp=Path(tmp), spy=spy,
+                        )
+                    )
+                    r = results[-1]
+                    print(f"  run {i + 1}: ingest {r['ingest_us_per_datapoint']:.2f} µs/dp, "
+                          f"publisher {r['publisher_us_per_datapoint']:.2f} µs/dp, "
+                          f"achieved {r['achieved_datapoints_per_s']:,.0f} dp/s", file=sys.stderr)  # fmt: skip
                 spy_lines = py_spy_summary(spy) if spy is not None and spy.exists() else []
         finally:
             stack.down(purge=True)
@@ -388,7 +395,8 @@ def main() -> int:
         print(f"e2e workload at {args.rate:,.0f} dp/s, {args.duration:g} s, best of {args.runs} "
               f"(load average {res['load_average'][0]:.2f}):")  # fmt: skip
         print(f"  ingest     {res['best_ingest_us_per_datapoint']:.2f} µs CPU per datapoint")
-        print(f"  publisher  {res['best_publisher_us_per_datapoint']:.2f} µs CPU per datapoint (load.py, whole life)")
+        pub = res["best_publisher_us_per_datapoint"]
+        print(f"  publisher  {pub:.2f} µs CPU per datapoint (load.py, its whole life)")
         print("\n".join(res["py_spy"]))
         return 0
     n_single, n_batched = args.messages, max(1, args.messages // args.batch)

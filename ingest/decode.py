@@ -6,6 +6,7 @@ Nothing here does I/O, logs or raises on bad input: every input yields a ``Decod
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -47,8 +48,10 @@ class TopicAddress:
     device_id: str
 
 
+@functools.lru_cache(maxsize=65_536)  # a device keeps its topic: split and match it once, not per message
 def parse_topic(topic: str) -> TopicAddress | ItemError:
-    """``pilots/{experiment_id}/{device_id}/telemetry`` → its address, or why not."""
+    """``pilots/{experiment_id}/{device_id}/telemetry`` → its address, or why not (both
+    immutable, so the cache may hand out the same object again)."""
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != "pilots" or parts[3] != "telemetry":
         return ItemError(Reason.BAD_TOPIC, "publish to pilots/{experiment_id}/{device_id}/telemetry")

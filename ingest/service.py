@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.dedup import SeqMemory, ValueMemory
 from ingest.pipeline import handle, remember, screen_conflicts, screen_duplicates
-from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, Limits, Reason, feedback_topic, to_ms, utcnow
+from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, Limits, Reason, feedback_topic
 from pilotlab.credentials import MqttEndpoint
 from pilotlab.errorlog import ErrorLog
 from pilotlab.health import Health, serve
@@ -87,7 +87,7 @@ class _PendingAck:
         self.forwarded = forwarded
         self.failed = False
         self.done = False
-        self.dependents: list[_PendingAck] = []
+        self.dependents: list[_PendingAck] | None = None  # made when needed: rarely
         self.started = time.perf_counter()
         # the MQTT connection the message came on: after a reconnect the broker redelivers
         # what was not acknowledged, with packet ids of the new connection (see delivered)
@@ -101,6 +101,8 @@ class _PendingAck:
             if original.done:
                 return
             self.remaining += 1
+            if original.dependents is None:
+                original.dependents = []
             original.dependents.append(self)
 
     def delivered(self, err, msg) -> None:  # runs in the producer's poll thread
@@ -112,17 +114,18 @@ class _PendingAck:
             if self.remaining > 0 or self.failed or self.svc.error is not None:
                 return
             self.done = True
-            dependents, self.dependents = self.dependents, []
+            dependents, self.dependents = self.dependents, None
         PRODUCE_LATENCY.observe(time.perf_counter() - self.started)
         FORWARDED.inc(self.forwarded)
-        self.svc.kafka_confirmed()
+        if not self.svc.kafka_marked_ok:
+            self.svc.kafka_confirmed()
         if self.generation == self.svc.generation:
             self.client.ack(self.mid, self.qos)
             ACKED.inc()
         # else: received before a reconnect; the broker redelivers it (a duplicate, acked then)
         INFLIGHT.dec()
         self.svc.inflight.release()
-        for d in dependents:
+        for d in dependents or ():
             d.delivered(None, None)
 
 
@@ -164,6 +167,9 @@ class IngestService:
         self.generation = 0  # MQTT connections so far (see _PendingAck.generation)
         self.retries: list[tuple[float, str, bytes | None, bytes, _PendingAck]] = []  # (due, topic, key, value, ack)
         self.kafka_errors = ErrorLog(log, "Kafka")
+        # False until a delivery marked Kafka confirmed, and again after any error (both in the
+        # poll thread): a delivery then updates the gauge, /readyz and the error log once
+        self.kafka_marked_ok = False
         self.client = self._mqtt_client()
         # /healthz: the Kafka poll loop beats, paho's network thread runs; /readyz: below
         self.health = Health("ingest", ("mqtt_subscribed", "kafka_reachable"))
@@ -198,6 +204,7 @@ class IngestService:
         return client
 
     def _kafka_error(self, err) -> None:  # librdkafka's error_cb, in the poll thread
+        self.kafka_marked_ok = False
         KAFKA_ERRORS.labels(err.name()).inc()
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             KAFKA_CONNECTED.set(0)
@@ -205,6 +212,9 @@ class IngestService:
         self.kafka_errors.failed(f"{err.name()}: {err.str()}; MQTT messages stay unacknowledged until it confirms")
 
     def kafka_confirmed(self) -> None:
+        """Kafka confirmed a record: connected, reachable, errors over. Called by a delivery
+        only while ``kafka_marked_ok`` is False (after an error), not for every message."""
+        self.kafka_marked_ok = True
         KAFKA_CONNECTED.set(1)
         self.health.set("kafka_reachable", True)
         if self.kafka_errors.since is not None:
@@ -213,6 +223,7 @@ class IngestService:
     def reproduce(self, err, msg, pending: _PendingAck) -> None:
         """A record Kafka did not confirm: count and log the cause, produce it again after a
         second. Its MQTT message stays unacknowledged meanwhile; nothing is dropped."""
+        self.kafka_marked_ok = False
         KAFKA_ERRORS.labels(err.name()).inc()
         self.kafka_errors.failed(
             f"record to {msg.topic()} not confirmed ({err.name()}: {err.str()}); producing it again"
@@ -250,7 +261,7 @@ class IngestService:
         if self.stopping.is_set():
             return  # not acknowledged: redelivered to the next session
         MESSAGES.inc()
-        now_ms = to_ms(utcnow())
+        now_ms = time.time_ns() // 1_000_000  # = to_ms(utcnow()), without two datetimes per message
         outcome = handle(msg.topic, msg.payload, now_ms, self.registry.registry, self.limits)
         originals = screen_duplicates(outcome, self.seqs, msg.topic, msg.payload)
         if msg.dup and originals:

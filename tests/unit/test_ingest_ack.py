@@ -24,6 +24,7 @@ class Svc:
         self.error: str | None = None
         self.generation = 0
         self.reproduced: list[tuple[str, _PendingAck]] = []
+        self.kafka_marked_ok = False
 
     def fatal(self, reason: str) -> None:
         self.error = reason
