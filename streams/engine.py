@@ -13,6 +13,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 from pilotlab.contracts import DeviceStatus, KpiValue, Reading, ReadingBatch
 from pilotlab.kpi_kinds import KINDS
@@ -102,9 +103,10 @@ def apply_batch(
     windows: dict[str, dict[str, WindowState]] = {}
     touched: dict[str, set[str]] = {}
     group, device_id, received = batch.group, batch.device_id, batch.received_ms
+    columns = Columns.of(batch)
     for plan in made_of(experiment).plans:
         name, agg, sig = plan.name, plan.agg, plan.signature
-        for k, (values, stamps) in values_by_window(plan, batch).items():
+        for k, (values, stamps) in values_by_window(plan, batch, columns).items():
             window = windows.get(k)
             if window is None:
                 window = windows[k] = load(k) or {}
@@ -122,16 +124,47 @@ def apply_batch(
     return touched
 
 
-def values_by_window(plan: Plan, batch: ReadingBatch) -> dict[str, tuple[list[float], list[int]]]:
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """A batch's readings as columns, made once per batch for all its KPIs."""
+
+    stamps: list[int]
+    metrics: list[dict[str, float]]
+    oldest: int
+    newest: int
+
+    @staticmethod
+    def of(batch: ReadingBatch) -> Columns:
+        stamps = [r.ts_ms for r in batch.readings]
+        return Columns(stamps, [r.metrics for r in batch.readings], min(stamps, default=0), max(stamps, default=0))
+
+    def values(self, metric: str) -> tuple[list[float], list[int]]:
+        """One metric's values and their ``ts`` in the batch's order, readings without it left
+        out. The lists are shared by the KPIs of the batch: read them, never change them."""
+        values = [m.get(metric) for m in self.metrics]
+        if None not in values:
+            return values, self.stamps
+        keep = [i for i, v in enumerate(values) if v is not None]
+        return [values[i] for i in keep], [self.stamps[i] for i in keep]
+
+
+def values_by_window(
+    plan: Plan, batch: ReadingBatch, columns: Columns
+) -> dict[str, tuple[list[float], list[int]]]:
     """The batch's values of one KPI's metric and their ``ts``, by ``window_key``, each list
     in the batch's order (so that ``add_all`` folds exactly what one ``add`` per reading did),
     the windows in the order the readings first reach them. A window key is written once per
-    window, not per reading: a message's readings mostly share one window."""
+    window, not per reading. A message's readings mostly share one window (or impact period):
+    then the values are taken as one column, without a look at each reading's window."""
     metric, out = plan.metric, {}
     last_start, lists = None, None
     if plan.windowed:
         size_ms = plan.window * 1000
         prefix = window_key(batch.experiment_id, batch.group, plan.window, 0)[:-1]  # without the start
+        start = window_start(columns.oldest, plan.window)
+        if columns.newest < start + size_ms:  # every reading in one window
+            values, stamps = columns.values(metric)
+            return {prefix + str(start): (values, stamps)} if values else {}
         for r in batch.readings:
             value = r.metrics.get(metric)
             if value is None:
@@ -145,6 +178,11 @@ def values_by_window(plan: Plan, batch: ReadingBatch) -> dict[str, tuple[list[fl
             lists[1].append(ts)
         return out
     agg = plan.agg  # impact: one window over the experiment's span, both groups
+    period = agg.period(columns.oldest)
+    if period is not None and agg.period(columns.newest) == period:  # a period is an interval: all in it
+        values, stamps = columns.values(metric)
+        key = window_key(batch.experiment_id, IMPACT_GROUP, agg.window_size_s, agg.window_start_ms)
+        return {key: (values, stamps)} if values else {}
     for r in batch.readings:
         value = r.metrics.get(metric)
         if value is None or agg.period(r.ts_ms) is None:
@@ -324,7 +362,19 @@ def screen(
     fresh: list[Reading] = []
     late: list[Reading] = []
     duplicates = 0
-    for r in batch.readings:
+    readings = batch.readings
+    if all_new(readings, instants, hwm, forgotten):  # the usual message: nothing to look up per reading
+        instants.extend(r.ts_ms for r in readings)
+        if usual is None:
+            usual = state["u"] = sorted(readings[0].metrics)
+            usual_set = set(usual)
+        for r in readings:
+            if r.metrics.keys() != usual_set:
+                odd[str(r.ts_ms)] = list(r.metrics)
+        fresh = list(readings)
+        hwm = readings[-1].ts_ms
+        readings = ()  # all screened
+    for r in readings:
         ts = r.ts_ms
         if (hwm is not None and ts <= hwm - horizon_ms) or (forgotten is not None and ts <= forgotten):
             late.append(r)
@@ -370,6 +420,20 @@ def screen(
         too_late=tuple(late),
     )
     return screened, state
+
+
+def all_new(readings: tuple[Reading, ...], instants: list[int], hwm: int | None, forgotten: int | None) -> bool:
+    """Whether ``screen``'s loop would take every reading as a new instant, appended in turn:
+    readings in strictly ascending ``ts``, the first newer than every instant remembered, the
+    newest seen and the newest forgotten (so none is late either)."""
+    if not readings:
+        return False
+    first = readings[0].ts_ms
+    if (hwm is not None and first <= hwm) or (forgotten is not None and first <= forgotten):
+        return False
+    if instants and first <= instants[-1]:
+        return False
+    return all(a.ts_ms < b.ts_ms for a, b in pairwise(readings))
 
 
 # --- one message through the whole engine ---------------------------------------------------

@@ -7,6 +7,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -564,3 +565,34 @@ def test_screen_passes_exactly_the_unseen_device_metric_instants(stream, per_mes
                     want.append((m, r.ts_ms))
         assert sorted(passed) == sorted(want)
         assert out.too_late == ()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(-5, 40),  # the message's first instant (s), often right after the previous one
+            st.lists(st.tuples(st.integers(0, 3), st.sets(st.sampled_from(["no2", "pm25"]), min_size=1)), max_size=6),
+        ),
+        max_size=30,
+    ),
+    st.integers(2, 12),
+)
+def test_screen_of_all_new_readings_is_its_plain_loop(messages, memory) -> None:
+    """The shortcut for a message of readings all newer than anything remembered (``all_new``)
+    leaves the very state and output of the reading-by-reading loop, whatever the steps,
+    orders, metric sets and memory."""
+    fast_state = plain_state = None
+    last = 0
+    for first, steps in messages:
+        t, readings = last + first, []
+        for i, (step_s, metrics) in enumerate(steps):
+            t += step_s
+            readings.append(Reading(i, T0 + t * 1000, dict.fromkeys(sorted(metrics), 1.0)))
+        last = t
+        b = batch("t-1", readings)
+        fast, fast_state = screen(b, fast_state, 20_000, memory)
+        with mock.patch("streams.engine.all_new", return_value=False):
+            plain, plain_state = screen(b, plain_state, 20_000, memory)
+        assert fast == plain
+        assert repr(fast_state) == repr(plain_state)

@@ -434,23 +434,29 @@ def apply_by_reading(b: ReadingBatch, windows: dict) -> dict[str, set[str]]:
 
 
 READING = st.tuples(
-    st.integers(min_value=-10 * MIN, max_value=130 * MIN),  # before, in and after both periods
+    st.integers(min_value=-2 * MIN, max_value=2 * MIN),  # around the message's own time
     st.floats(min_value=-50, max_value=500, allow_nan=False),
     st.sets(st.sampled_from(["pm25", "no2"]), max_size=2),
 )
+MESSAGE = st.tuples(
+    st.sampled_from(sorted(GROUP)),
+    st.integers(min_value=-10 * MIN, max_value=130 * MIN),  # before, in and after both periods
+    st.lists(READING, max_size=12),
+)
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(sorted(GROUP)), st.lists(READING, max_size=12)), max_size=6))
+@settings(max_examples=200, deadline=None)
+@given(st.lists(MESSAGE, max_size=6))
 def test_apply_batch_equals_one_reading_at_a_time(messages) -> None:
     """Windows, samples, revisions and the order windows are first touched in: all the same
-    as the plain per-reading fold, over messages spanning several windows, readings missing
-    the metric, readings outside the impact periods and out of order."""
+    as the plain per-reading fold, over messages within one window or spanning several,
+    readings missing the metric, inside, across and outside the impact periods, out of order."""
     fast: dict = {}
     plain: dict = {}
-    for seq, (device, rows) in enumerate(messages):
+    for seq, (device, base, rows) in enumerate(messages):
         readings = [
-            Reading(seq * 100 + i, T0 + off, {m: v for m in metrics}) for i, (off, v, metrics) in enumerate(rows)
+            Reading(seq * 100 + i, T0 + base + off, {m: v for m in metrics})
+            for i, (off, v, metrics) in enumerate(rows)
         ]
         b = batch(device, readings, received=T0 + 200 * MIN)
         touched = apply_batch(b, EXP, fast.get, fast.__setitem__)
