@@ -224,17 +224,18 @@ def write_readings(conn: psycopg.Connection, batches: Iterable[ReadingBatch]) ->
     if not any(b.readings for b in batches):
         return 0
     conn.execute(_STAGING_SQL)
+    # Empty before, not after: the commit empties it (ON COMMIT DELETE ROWS), so this scans an
+    # empty table except when several writes share one transaction (record by record).
+    conn.execute("DELETE FROM readings_incoming")
     n = _stage(conn, batches)
     if n == 0:
         return 0
     try:
         with conn.transaction():  # a savepoint: a duplicate key undoes only this insert
-            stored = conn.execute(_READINGS_INSERT_NEW_SQL).rowcount
+            return conn.execute(_READINGS_INSERT_NEW_SQL).rowcount
     except psycopg.errors.UniqueViolation:
         log.info("a reading of this batch was stored before (a replay): merging %d rows on their key", n)
-        stored = conn.execute(_READINGS_INSERT_MERGE_SQL).rowcount
-    conn.execute("DELETE FROM readings_incoming")  # several writes may share one transaction
-    return stored
+    return conn.execute(_READINGS_INSERT_MERGE_SQL).rowcount
 
 
 def write_readings_unnest(conn: psycopg.Connection, batches: Iterable[ReadingBatch]) -> int:
