@@ -25,8 +25,8 @@ CPU per datapoint on the end-to-end workload (issue 17):
   through one ingest process on the embedded Mosquitto and tansu (only ingest runs); per run,
   ingest's CPU (its process tree, /proc utime + stime, from the first publish until ingest
   has acknowledged the last message) and the load generator's CPU (its whole life), each
-  per published datapoint; the best of ``--runs``. ``--py-spy`` samples ingest during the
-  last run and prints where its busy time goes (py-spy must be on PATH or in the venv);
+  per published datapoint; the best of ``--runs``. ``--py-spy`` samples ingest and the
+  publisher during the last run and prints where their busy time goes (py-spy must be on PATH or in the venv);
 - ``--pure``: the same messages through ingest's pure path in this process (bytes → decode
   and validate → authorise → seq and value screens → remember → the Kafka value), CPU by
   ``time.process_time``, best of 3; ``--profile`` adds a cProfile listing.
@@ -261,15 +261,18 @@ def _py_spy() -> str | None:
 
 
 def py_spy_summary(raw: Path, top: int = 15) -> list[str]:
-    """py-spy's collapsed stacks → the share of busy samples per function, inclusive and self
-    (idle waits in select/poll/sleep/wait left out, as in docs/performance.md)."""
+    """py-spy's collapsed stacks → the share of samples per function, inclusive and self.
+    Samples whose innermost Python frame is a wait (select, poll, sleep, lock) are left out;
+    without --native a wait in C (paho's select, time.sleep) counts as its caller's self time."""
     idle = ("select (", "poll (", "wait (", "sleep (", "_wait_for_tstate_lock", "acquire (")
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     busy = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # by function, not by line
+        # by function, not by line; without py-spy's "process N:<command line>" frames (the
+        # publisher's carries the MQTT URL with its password)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if not f.startswith("process ")]
         if not frames or any(frames[-1].startswith(i) for i in idle):
             continue
         n = int(count)
@@ -293,17 +296,20 @@ def workload_run(
     argv = [sys.executable, str(LOAD), "--mqtt-url", state.mqtt_url, "--rate", str(rate),
             "--duration", str(duration), "--seq-base", str(seq_base), "--out", str(out)]  # fmt: skip
     cpu0 = tree_cpu({"ingest": ingest_pid})["ingest"]
-    spy_proc = None
-    if spy is not None:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    spies = []
+    if spy is not None:  # ingest and the publisher, each into its own file
         exe = _py_spy()
         if exe is None:
             raise RuntimeError("--py-spy: py-spy is not installed (pip install py-spy)")
-        spy_proc = subprocess.Popen(
-            [exe, "record", "--subprocesses", "--nonblocking", "-r", "100", "-d", str(int(duration)),
-             "-f", "raw", "-o", str(spy), "--pid", str(ingest_pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        for pid, path in ((ingest_pid, spy), (proc.pid, spy.with_suffix(".publisher"))):
+            spies.append(
+                subprocess.Popen(
+                    [exe, "record", "--subprocesses", "--nonblocking", "-r", "100", "-d", str(int(duration)),
+                     "-f", "raw", "-o", str(path), "--pid", str(pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
     try:
         if proc.wait(timeout=duration + 300) != 0:
             raise RuntimeError(f"load.py exited with {proc.returncode}")
@@ -319,8 +325,8 @@ def workload_run(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if spy_proc is not None:
-            spy_proc.wait(timeout=duration + 60)
+        for p in spies:
+            p.wait(timeout=duration + 60)
     dp = load["datapoints"]
     return {
         "datapoints": dp,
@@ -356,7 +362,10 @@ def workload_cpu(rate: float, duration: float, runs: int, py_spy: bool) -> dict:
                     print(f"  run {i + 1}: ingest {r['ingest_us_per_datapoint']:.2f} µs/dp, "
                           f"publisher {r['publisher_us_per_datapoint']:.2f} µs/dp, "
                           f"achieved {r['achieved_datapoints_per_s']:,.0f} dp/s", file=sys.stderr)  # fmt: skip
-                spy_lines = py_spy_summary(spy) if spy is not None and spy.exists() else []
+                spy_lines = []
+                for what, path in (("ingest", spy), ("publisher", spy and spy.with_suffix(".publisher"))):
+                    if path is not None and path.exists():
+                        spy_lines += [f"py-spy, {what}:", *py_spy_summary(path)]
         finally:
             stack.down(purge=True)
     return {
@@ -379,7 +388,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=40_000, help="--cpu: datapoints/s")
     ap.add_argument("--duration", type=float, default=20, help="--cpu: seconds per run")
     ap.add_argument("--runs", type=int, default=3, help="--cpu: runs (the best is reported)")
-    ap.add_argument("--py-spy", action="store_true", help="--cpu: sample ingest during the last run")
+    ap.add_argument("--py-spy", action="store_true", help="--cpu: sample ingest and the publisher during the last run")
     ap.add_argument("--pure", action="store_true", help="the pure path's µs CPU per datapoint")
     ap.add_argument("--profile", action="store_true", help="--pure: a cProfile listing too")
     args = ap.parse_args()

@@ -115,9 +115,11 @@ class ValueMemory:
         for reading in readings:
             have = values.get(reading.ts_ms)
             if have is None:
-                values[reading.ts_ms] = dict(reading.metrics)
+                # the reading's own dict, not a copy (a Reading's metrics are never changed,
+                # and this memory never changes a dict it keeps: a merge makes a new one)
+                values[reading.ts_ms] = reading.metrics
                 tokens[reading.ts_ms] = token
                 if len(values) > self.per_device:
                     del tokens[values.popitem(last=False)[0]]
             else:
-                have.update(reading.metrics)
+                values[reading.ts_ms] = {**have, **reading.metrics}

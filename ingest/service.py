@@ -8,6 +8,7 @@ device's feedback topic, so the startup sees why, live.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -344,6 +345,10 @@ class IngestService:
                 return 0
             log.error("registry topic not read yet at %s; still waiting", self.settings.kafka_bootstrap)
         log.info("registry loaded: %d experiments", len(self.registry.registry.experiments))
+        # what start-up made (modules, clients, the registry) lives as long as the process:
+        # move it out of the cycle collector's view, so the full collections that the
+        # remembered hand-offs trigger do not walk it again and again
+        gc.freeze()
         poller = threading.Thread(target=self._poll_producer, name="kafka-poll", daemon=True)
         self.health.watch_thread("kafka-poll", lambda: poller)
         poller.start()

@@ -41,7 +41,7 @@ from pilotlab.registry import Registry
 NOW_MS = 1_773_576_000_000
 LIMITS = Limits(max_age_ms=7 * 86_400_000, max_future_ms=300_000)
 
-NAMES = sorted(METRICS)[:4] + ["PM2.5", "no_2", "bogus", ""]  # canonical, aliases, unknown
+NAMES = [*sorted(METRICS)[:4], "PM2.5", "no_2", "bogus", ""]  # canonical, aliases, unknown
 NUMBERS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.integers(min_value=-(2**70), max_value=2**70),
@@ -177,13 +177,14 @@ def test_value_memory_answers_as_the_reference_model(per_device, max_devices, op
             assert fast.lookup(device, ts) == ref.lookup(device, ts)
 
 
-def test_value_memory_keeps_the_metrics_given_apart_from_its_own() -> None:
-    memory, metrics = ValueMemory(), {"no2": 1.0}
-    memory.remember("a", 1, metrics, "t")
-    metrics["no2"] = 2.0
-    memory.remember("a", 1, {"pm25": 3.0}, "later")
-    assert memory.lookup("a", 1) == ({"no2": 1.0, "pm25": 3.0}, "t")  # the first hand-off's token
-    assert metrics == {"no2": 2.0}
+def test_value_memory_never_changes_a_readings_metrics() -> None:
+    """It keeps a Reading's own dict (no copy), so a merge must make a new one."""
+    memory, first, second = ValueMemory(), {"no2": 1.0}, {"pm25": 3.0}
+    memory.remember("a", 1, first, "t")
+    memory.remember("a", 1, second, "later")
+    memory.remember("a", 1, {"no2": 9.0}, "later still")
+    assert memory.lookup("a", 1) == ({"no2": 9.0, "pm25": 3.0}, "t")  # the first hand-off's token
+    assert first == {"no2": 1.0} and second == {"pm25": 3.0}
 
 
 def test_value_memory_creates_no_object_the_cycle_collector_tracks_per_instant() -> None:
