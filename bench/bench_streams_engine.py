@@ -36,7 +36,7 @@ from e2e.load import METRICS  # noqa: E402
 
 from pilotlab.contracts import Reading, ReadingBatch, encode_kpis, to_ms, utcnow  # noqa: E402
 from pilotlab.settings import StreamsSettings  # noqa: E402
-from streams.checkpoint import Chunk, run_chunk  # noqa: E402
+from streams.checkpoint import Chunk, collector_paused, run_chunk  # noqa: E402
 
 DEFAULTS = StreamsSettings.model_fields
 READINGS = 10  # per message, as load.py sends them
@@ -76,12 +76,12 @@ class Worker:
         for lo in range(0, len(raw), self.chunk_max):
             part = raw[lo : lo + self.chunk_max]
             chunk = Chunk(self.table.get, 0)
-            messages = []
-            for value in part:
-                batch = ReadingBatch.from_json(value)
-                messages.append((self.offset, batch, self.exp))
-                self.offset += 1
-            out = run_chunk(chunk, messages, horizon_ms=self.horizon_ms, memory=self.memory)
+            with collector_paused():  # as streams.app does
+                batches = [ReadingBatch.from_json(value) for value in part]
+            messages = [(self.offset + i, batch, self.exp) for i, batch in enumerate(batches)]
+            self.offset += len(part)
+            with collector_paused():
+                out = run_chunk(chunk, messages, horizon_ms=self.horizon_ms, memory=self.memory)
             sent = [encode_kpis(values) for values in out.kpis.values()]
             sent += [held.to_json() for held in out.late] + [t.to_json() for t in out.transitions]
             self.sent_bytes += sum(map(len, sent))

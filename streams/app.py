@@ -27,7 +27,7 @@ from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
 from streams import faust_compat
-from streams.checkpoint import Chunk, ChunkOut, read_mark, run_chunk
+from streams.checkpoint import Chunk, ChunkOut, collector_paused, read_mark, run_chunk
 from streams.metrics import StreamsObserver
 
 log = logging.getLogger("pilotlab.streams")
@@ -148,15 +148,17 @@ def create_app(settings: StreamsSettings) -> faust.App:
                 by_partition.setdefault(event.message.partition, []).append(event)
             for partition, part in by_partition.items():
                 chunk = Chunk(stored, partition)
-                messages = []
-                for event in part:
-                    if chunk.applied(event.message.offset):
-                        continue
-                    batch = ReadingBatch.from_json(event.value)
-                    messages.append((event.message.offset, batch, await experiment_for(batch.experiment_id)))
+                fresh = [event for event in part if not chunk.applied(event.message.offset)]
+                with collector_paused():  # decoding and computing: see collector_paused
+                    batches = [ReadingBatch.from_json(event.value) for event in fresh]
+                messages = [
+                    (event.message.offset, batch, await experiment_for(batch.experiment_id))
+                    for event, batch in zip(fresh, batches, strict=True)
+                ]
                 if messages:
                     started = time.perf_counter()
-                    out = run_chunk(chunk, messages, horizon_ms=horizon_ms, memory=memory)
+                    with collector_paused():
+                        out = run_chunk(chunk, messages, horizon_ms=horizon_ms, memory=memory)
                     computed = time.perf_counter()
                     await write_chunk(partition, out)
                     observer.chunk(messages, out, computed - started, time.perf_counter() - computed)

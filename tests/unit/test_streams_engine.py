@@ -4,6 +4,7 @@ liveness, and the new KPI kinds through ``apply_batch``."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import random
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from pilotlab.contracts import KpiValue, Reading, ReadingBatch, to_ms
 from pilotlab.manifest import Experiment
 from streams import kpis
-from streams.checkpoint import Chunk, decode_entry, run_chunk
+from streams.checkpoint import Chunk, collector_paused, decode_entry, run_chunk
 from streams.engine import (
     IMPACT_GROUP,
     advance,
@@ -462,3 +463,20 @@ def test_apply_batch_equals_one_reading_at_a_time(messages) -> None:
         touched = apply_batch(b, EXP, fast.get, fast.__setitem__)
         assert list(touched.items()) == list(apply_by_reading(b, plain).items())
     assert repr(fast) == repr(plain)
+
+
+def test_collector_paused_only_within_and_as_it_was() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with contextlib.suppress(ValueError), collector_paused():
+        raise ValueError("a chunk that fails")
+    assert gc.isenabled()  # back on after an error too
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # a collector someone else turned off stays off
+    finally:
+        gc.enable()
