@@ -15,11 +15,12 @@ per transaction, what the sink gathers in its 200 ms wait at 40,000 dp/s): the s
 not in it), as the sink's role ``pilotlab_writer``, best of ``--repeat`` runs each, for a first
 delivery and for a replay of every record (which the new path merges on the key):
 
-- ``old``: text COPY of psycopg ``write_row`` into a staging table created per transaction,
-  then ``INSERT … SELECT … ON CONFLICT DO NOTHING`` (``writer.write_readings_merge``);
-- ``new``: one binary COPY buffer built from the decoded records into the session's staging
-  table, a plain ``INSERT … SELECT`` in a savepoint, the ``ON CONFLICT`` merge only when a key
-  is already there (``writer.write_readings``).
+- ``old``: ``ReadingBatch.from_json``, text COPY of psycopg ``write_row`` into a staging table
+  created per transaction, then ``INSERT … SELECT … ON CONFLICT DO NOTHING``
+  (``writer.write_readings_merge``);
+- ``new``: ``writer.IncomingReadings.from_json`` (no object per reading), one binary COPY
+  buffer into the session's staging table, a plain ``INSERT … SELECT`` in a savepoint, the
+  ``ON CONFLICT`` merge only when a key is already there (``writer.write_readings``).
 
     python bench/bench_sink.py [--rows 200000] [--sizes 500,2000,10000,50000] [--cpu-rows 480000] [--repeat 3]
 
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pilotlab.contracts import KafkaTopics, Reading, ReadingBatch, to_ms, utcnow
 from storage import writer
 from storage.migrate import migrate
-from storage.sink import Batch, Record
+from storage.sink import Record
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -136,18 +137,16 @@ def backend_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def timed_writes(conn: psycopg.Connection, write, groups: list[list[Record]]) -> tuple[float, float, int]:
-    """Decode and write each group in one transaction, as the sink does; returns the sink's and
-    the backend's CPU seconds and the rows the writes reported."""
+def timed_writes(conn: psycopg.Connection, decode, write, groups: list[list[Record]]) -> tuple[float, float, int]:
+    """Decode and write each group's Kafka values in one transaction, as the sink does; returns
+    the sink's and the backend's CPU seconds and the rows the writes reported."""
     pid = conn.info.backend_pid
     pg0, me0 = backend_cpu_s(pid), time.process_time()
     written = 0
     for g in groups:
-        batch = Batch()
-        for rec in g:
-            batch.add_record(rec)
+        decoded = [decode(rec.value) for rec in g]
         with conn.transaction():
-            written += write(conn, batch.readings)
+            written += write(conn, decoded)
     return time.process_time() - me0, backend_cpu_s(pid) - pg0, written
 
 
@@ -157,14 +156,17 @@ def bench_cpu(owner_url: str, writer_url: str, rows: int, repeat: int, rows_per_
     records = e2e_records(rows)
     total = 30 * len(records)
     groups = [records[k : k + rows_per_txn // 30] for k in range(0, len(records), rows_per_txn // 30)]
-    paths = (("old", writer.write_readings_merge), ("new", writer.write_readings))
+    paths = (
+        ("old", ReadingBatch.from_json, writer.write_readings_merge),
+        ("new", writer.IncomingReadings.from_json, writer.write_readings),
+    )
     best: dict[tuple[str, str], tuple[float, float]] = {}
     with psycopg.connect(owner_url, autocommit=True) as owner, psycopg.connect(writer_url, autocommit=True) as conn:
         for _ in range(repeat):
-            for name, write in paths:
+            for name, decode, write in paths:
                 owner.execute("TRUNCATE readings")
                 for phase in ("first", "replay"):
-                    sink_s, pg_s, written = timed_writes(conn, write, groups)
+                    sink_s, pg_s, written = timed_writes(conn, decode, write, groups)
                     stored = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
                     assert stored == total, (name, phase, stored, total)
                     assert written == (total if phase == "first" else 0), (name, phase, written)

@@ -73,7 +73,7 @@ class Record:
 
 @dataclass
 class Batch:
-    readings: list[ReadingBatch] = field(default_factory=list)
+    readings: list[writer.IncomingReadings] = field(default_factory=list)
     late: list[ReadingBatch] = field(default_factory=list)
     kpis: list = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
@@ -99,7 +99,7 @@ class Batch:
     def _decode(self, rec: Record) -> None:
         topic, value = rec.topic, rec.value
         if topic == KafkaTopics.READINGS:
-            self.readings.append(ReadingBatch.from_json(value))
+            self.readings.append(writer.IncomingReadings.from_json(value))  # the lean decode
         elif topic == KafkaTopics.LATE:
             self.late.append(ReadingBatch.from_json(value))
         elif topic == KafkaTopics.KPIS:

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from pilotlab.contracts import KafkaTopics, Reading, ReadingBatch, Reason
 from storage.migrate import available
-from storage.sink import TOPICS, Batch, Record, storage_refusal
-from storage.writer import NotEncodable, encode_readings_copy, reading_columns
+from storage.sink import TOPICS, UNDECODABLE, Batch, Record, storage_refusal
+from storage.writer import IncomingReadings, NotEncodable, encode_readings_copy, reading_columns
 
 
 def test_each_mode_gets_one_variant_of_every_version():
@@ -103,7 +103,7 @@ reading_batches = st.builds(
 
 @given(st.lists(reading_batches, max_size=4))
 def test_the_binary_copy_holds_the_same_rows_as_the_columns(batches):
-    data, n = encode_readings_copy(batches)
+    data, n = encode_readings_copy([IncomingReadings.of(b) for b in batches])
     expected = list(zip(*reading_columns(batches), strict=True))
     assert n == len(expected)
     assert parse_copy(data) == [(*r[:5], float(r[5]), *r[6:]) for r in expected]
@@ -129,9 +129,38 @@ def test_what_the_encoder_declines_goes_the_text_path(batch, why):
     """Declined batches are written by write_readings_merge, where psycopg and the database judge
     the values exactly as before the binary path (a NUL is refused with psycopg's own message)."""
     with pytest.raises(NotEncodable):
-        encode_readings_copy([batch])
+        encode_readings_copy([IncomingReadings.of(batch)])
 
 
 def test_an_empty_batch_is_a_complete_empty_copy_stream():
-    data, n = encode_readings_copy([ReadingBatch("e", "d", "control", 1, ())])
+    data, n = encode_readings_copy([IncomingReadings("e", "d", "control", 1, [])])
     assert n == 0 and parse_copy(data) == []
+
+
+@given(reading_batches)
+def test_the_lean_decode_reads_what_reading_batch_reads(b):
+    lean = IncomingReadings.from_json(b.to_json())
+    assert lean.batch() == ReadingBatch.from_json(b.to_json())
+    assert IncomingReadings.of(b).batch() == b
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"experiment_id": "e", "device_id": "d", "group": "control", "received_ms": 1}',
+        b'{"experiment_id": "e", "device_id": "d", "group": "control", "received_ms": 1, "readings": [[1, 2]]}',
+        b'{"experiment_id": "e", "device_id": "d", "group": "control", "received_ms": 1, "readings": [[1, 2, {}, 4]]}',
+        b'{"experiment_id": "e", "device_id": "d", "group": "control", "received_ms": 1, "readings": [7]}',
+        b'{"experiment_id": "e", "device_id": "d", "group": "control", "received_ms": 1, "readings": 7}',
+        b'{"device_id": "d", "group": "control", "received_ms": 1, "readings": []}',
+        b"[1, 2, 3]",
+        b"{not json",
+    ],
+)
+def test_the_lean_decode_fails_where_reading_batch_fails(raw):
+    """The sink turns these errors into storage_refused rejections (sink.UNDECODABLE)."""
+    with pytest.raises(UNDECODABLE) as theirs:
+        ReadingBatch.from_json(raw)
+    with pytest.raises(UNDECODABLE) as ours:
+        IncomingReadings.from_json(raw)
+    assert type(ours.value) is type(theirs.value)
