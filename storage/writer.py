@@ -2,7 +2,9 @@
 
 Each ``write_*`` takes decoded records and one open transaction's connection. Rows are
 sent as arrays through ``unnest`` (one round trip per table and batch) and land on their
-natural keys with ``ON CONFLICT``: replaying a batch changes nothing.
+natural keys with ``ON CONFLICT``: replaying a batch changes nothing. Readings, the bulk,
+go as one binary COPY and a plain insert that falls back to the merge when a key is already
+stored (:func:`write_readings`).
 """
 
 from __future__ import annotations
