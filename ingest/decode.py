@@ -25,6 +25,12 @@ _SECONDS_NOT_MS_BELOW = 100_000_000_000
 _DEFAULT_LIMITS = Limits()
 _SEQ_END = 2**63
 _FLOAT_SAFE_INT = 2**63  # float() of a smaller integer never overflows
+# canonical name → (low, high) of every metric whose range is finite: within it a value is
+# finite too, so the fast path needs no isfinite call (a metric with an open range is left
+# to decode_item)
+_FINITE_BOUNDS = {
+    name: (m.low, m.high) for name, m in METRICS.items() if math.isfinite(m.low) and math.isfinite(m.high)
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,17 +172,17 @@ def plain_reading(item: object, now_ms: int, limits: Limits) -> Reading | None:
         return None
     clean: dict[str, float] = {}
     for name, raw in metrics.items():
-        metric = METRICS.get(name)
-        if metric is None:
+        bounds = _FINITE_BOUNDS.get(name)
+        if bounds is None:
             return None
         kind = type(raw)
-        if kind is int and -_FLOAT_SAFE_INT < raw < _FLOAT_SAFE_INT:
-            value = float(raw)
-        elif kind is float:
+        if kind is float:
             value = raw
+        elif kind is int and -_FLOAT_SAFE_INT < raw < _FLOAT_SAFE_INT:
+            value = float(raw)
         else:
             return None
-        if not (metric.low <= value <= metric.high and math.isfinite(value)):
+        if not bounds[0] <= value <= bounds[1]:  # finite bounds: NaN and ±inf fail here too
             return None
         clean[name] = value
     return Reading(seq, ts, clean)

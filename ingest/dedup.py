@@ -21,9 +21,12 @@ Pure data structure, no I/O; not thread-safe (the service calls it from one thre
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 
 from pilotlab.contracts import Reading
+
+_NOTHING: Mapping[int, object] = MappingProxyType({})
 
 
 class SeqMemory:
@@ -40,6 +43,10 @@ class SeqMemory:
 
     def devices(self) -> int:
         return len(self._devices)
+
+    def of(self, device: str) -> Mapping[int, object]:
+        """The device's remembered seqs → tokens, to read (one lookup per message, not per seq)."""
+        return self._devices.get(device, _NOTHING)
 
     def lookup(self, device: str, seq: int) -> tuple[bool, object]:
         """(seen, token of the first sighting)."""

@@ -71,14 +71,15 @@ def screen_duplicates(out: Outcome, memory: SeqMemory, topic: str, payload: byte
         return []
     device = out.batch.device_id
     keep, kept_indexes, tokens, here = [], [], [], set()
+    remembered = memory.of(device)
     for reading, index in zip(out.batch.readings, out.indexes, strict=True):
-        seen, token = memory.lookup(device, reading.seq)
+        seen = reading.seq in remembered
         if seen or reading.seq in here:
             where = "in this message" if reading.seq in here else "already"
             err = ItemError(Reason.DUPLICATE, f"seq {reading.seq} of {device} was {where} accepted", index)
             out.rejections.append(_reject(err, topic, payload, out.batch.received_ms, out.address))
             if seen:
-                tokens.append(token)
+                tokens.append(remembered[reading.seq])
             continue
         keep.append(reading)
         kept_indexes.append(index)
