@@ -124,7 +124,7 @@ def apply_batch(
     return touched
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per message, and a frozen __init__ costs 3x; nothing changes it
 class Columns:
     """A batch's readings as columns, made once per batch for all its KPIs."""
 

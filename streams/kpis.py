@@ -64,7 +64,7 @@ class Obs:
     received_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per message and KPI, and a frozen __init__ costs 3x; nothing changes it
 class Observations:
     """Values of a KPI's metric from one message (one device), in the message's order, with
     their ``ts``: what ``add_all`` takes (``Obs`` of each value, built once per batch)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
@@ -171,6 +172,12 @@ def test_reading_batch_round_trip_example() -> None:
     assert back == batch
     assert isinstance(back.readings, tuple)
     assert all(type(v) is float for r in back.readings for v in r.metrics.values())
+    # decoded readings are built through their slots: still whole, equal, printable and frozen
+    first = back.readings[0]
+    assert (first.seq, first.ts_ms, first.metrics) == (1, NOW_MS - 1, {"no2": 40.0, "pm25": 0.1})
+    assert repr(first) == repr(batch.readings[0])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.seq = 2  # type: ignore[misc]
 
 
 @settings(max_examples=150, deadline=None)
