@@ -267,9 +267,11 @@ def py_spy_summary(raw: Path, top: int = 15) -> list[str]:
     idle = ("select (", "poll (", "wait (", "sleep (", "_wait_for_tstate_lock", "acquire (")
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
+    lines: collections.Counter[str] = collections.Counter()  # self samples per line of ingest/
     busy = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        leaf_ingest = next((f for f in reversed(stack.split(";")) if "(ingest/" in f), None)
         # by function, not by line; without py-spy's "process N:<command line>" frames (the
         # publisher's carries the MQTT URL with its password)
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if not f.startswith("process ")]
@@ -278,11 +280,14 @@ def py_spy_summary(raw: Path, top: int = 15) -> list[str]:
         n = int(count)
         busy += n
         own[frames[-1]] += n
+        if leaf_ingest is not None:
+            lines[leaf_ingest] += n
         for f in set(frames):
             inclusive[f] += n
     out = [f"  busy samples: {busy}"]
     out += [f"  incl {100 * n / busy:5.1f}%  {f}" for f, n in inclusive.most_common(top)] if busy else []
     out += [f"  self {100 * n / busy:5.1f}%  {f}" for f, n in own.most_common(top)] if busy else []
+    out += [f"  line {100 * n / busy:5.1f}%  {f}" for f, n in lines.most_common(top)] if busy and lines else []
     return out
 
 
