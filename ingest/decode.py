@@ -54,10 +54,23 @@ class TopicAddress:
     device_id: str
 
 
-@functools.lru_cache(maxsize=65_536)  # a device keeps its topic: split and match it once, not per message
+# the longest topic that can be valid: pilots/ + 63 characters + / + 63 characters + /telemetry
+_LONGEST_VALID_TOPIC = len("pilots///telemetry") + 2 * 63
+
+
 def parse_topic(topic: str) -> TopicAddress | ItemError:
     """``pilots/{experiment_id}/{device_id}/telemetry`` → its address, or why not (both
-    immutable, so the cache may hand out the same object again)."""
+    immutable, so the same object may be handed out again).
+
+    A device keeps its topic: it is split and matched once, then found in a bounded cache.
+    Only topics short enough to be valid are cached (at most 65,536 × 144 characters), so
+    a sender of long, ever-different topics cannot grow it beyond that."""
+    if len(topic) > _LONGEST_VALID_TOPIC:
+        return _parse_topic(topic)
+    return _parse_topic_cached(topic)
+
+
+def _parse_topic(topic: str) -> TopicAddress | ItemError:
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != "pilots" or parts[3] != "telemetry":
         return ItemError(Reason.BAD_TOPIC, "publish to pilots/{experiment_id}/{device_id}/telemetry")
@@ -65,6 +78,9 @@ def parse_topic(topic: str) -> TopicAddress | ItemError:
         if not _ID.fullmatch(value):
             return ItemError(Reason.BAD_TOPIC, f"{what} {value[:64]!r} must match [a-z0-9][a-z0-9_-]{{0,62}}")
     return TopicAddress(parts[1], parts[2])
+
+
+_parse_topic_cached = functools.lru_cache(maxsize=65_536)(_parse_topic)
 
 
 def _is_number(v: object) -> bool:

@@ -4,6 +4,8 @@
   ``decode_item`` accepts, with an equal Reading, and leaves everything else to it;
 - ``pipeline.screen_conflicts`` and ``remember`` decide every message (kept readings,
   refusals and their wording, tokens to wait for, exact repeats) as the code before them;
+- ``decode.parse_topic`` through its per-topic cache parses as without it, and caches only
+  topics short enough to be valid;
 - ``dedup.ValueMemory`` (values and tokens in two maps, nothing per instant tracked by the
   cycle collector) answers every lookup as the plain one-tuple-per-instant memory it replaced,
   kept here as the reference model.
@@ -22,7 +24,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.e2e.load import payload as load_payload
-from ingest.decode import ItemError, decode, decode_item, plain_reading
+from ingest.decode import (
+    _LONGEST_VALID_TOPIC,
+    ItemError,
+    TopicAddress,
+    _parse_topic,
+    _parse_topic_cached,
+    decode,
+    decode_item,
+    parse_topic,
+    plain_reading,
+)
 from ingest.dedup import SeqMemory, ValueMemory
 from ingest.pipeline import (
     Conflicts,
@@ -312,3 +324,29 @@ def test_screening_decides_every_message_as_the_code_before(instants, msgs) -> N
     ref = (SeqMemory(per_device=6, max_devices=2), ReferenceValueMemory(instants, 2))
     for i, (topic, raw) in enumerate(msgs):
         assert screen("fast", fast, topic, raw, f"hand-off {i}") == screen("ref", ref, topic, raw, f"hand-off {i}")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        st.builds(
+            "pilots/{}/{}/telemetry".format,
+            st.from_regex(r"[a-z0-9][a-z0-9_-]{0,70}", fullmatch=True),
+            st.from_regex(r"[a-zA-Z0-9_/-]{0,70}", fullmatch=True),
+        ),
+    )
+)
+def test_parse_topic_through_its_cache_is_the_plain_parse(topic) -> None:
+    assert parse_topic(topic) == _parse_topic(topic)
+    assert parse_topic(topic) == _parse_topic(topic)  # the second time from the cache
+
+
+def test_only_topics_short_enough_to_be_valid_are_cached() -> None:
+    longest = f"pilots/{'a' * 63}/{'b' * 63}/telemetry"
+    assert isinstance(parse_topic(longest), TopicAddress)
+    assert len(longest) == _LONGEST_VALID_TOPIC
+    before = _parse_topic_cached.cache_info().currsize
+    for i in range(50):
+        parse_topic(f"pilots/{'x' * 5000}{i}/d/telemetry")
+    assert _parse_topic_cached.cache_info().currsize == before
