@@ -16,6 +16,7 @@ messages after it are replayed, neither counted twice nor lost.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -190,4 +191,8 @@ def main(settings: StreamsSettings) -> None:
         observer.health.beat()  # waiting for Kafka is alive, not ready
     else:
         raise SystemExit(f"could not read the registry topic at {settings.kafka_bootstrap}")
+    # what start-up made (modules, the app, its topics and table, the registry) lives as long as
+    # the process: out of the cycle collector's view, so full collections do not walk it again
+    # and again (as ingest does; chunks pause the collector themselves, checkpoint.collector_paused)
+    gc.freeze()
     Worker(app, observer.service(), loglevel="INFO", quiet=True).execute_from_commandline()
