@@ -10,19 +10,11 @@ is due and publishes everything due in one go.
 
 :func:`send` is the one loop used by scenarios and replays: ``messages`` come with their due
 time (seconds after the start); it returns once the broker has acknowledged every message.
-
-``MqttPool(threaded=False)`` (the benchmark's load generator) runs no network threads: the
-caller's thread drives every connection with paho's external-loop API (``socket``,
-``loop_read``/``loop_write``/``loop_misc``) whenever it waits (:meth:`MqttPool.sleep`), and a
-publish is written to the socket at once. The same messages, connections and PUBACKs, without
-two thread wake-ups per message (the publish handed across to a network thread, the PUBACK
-back); it does not reconnect: a lost connection raises.
 """
 
 from __future__ import annotations
 
 import contextlib
-import select
 import ssl
 import time
 import zlib
@@ -50,7 +42,6 @@ class MqttPool:
         password: str | None = None,
         inflight: int = 1000,
         ca_file: str | None = None,
-        threaded: bool = True,
     ) -> None:
         u = urlparse(url)
         if u.scheme not in ("mqtt", "mqtts"):
@@ -61,7 +52,6 @@ class MqttPool:
         self.password = password if password is not None else (unquote(u.password) if u.password else None)
         self.tls = u.scheme == "mqtts"
         self.ca_file = ca_file
-        self.threaded = threaded
         self.clients: list[mqtt.Client] = []
         for i in range(max(1, connections)):
             c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"{client_id}-{i}")
@@ -79,8 +69,7 @@ class MqttPool:
             rc = c.connect(self.host, self.port, keepalive=60)
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 raise ConnectionError(f"MQTT connect to {self.host}:{self.port} failed: {mqtt.error_string(rc)}")
-            if self.threaded:
-                c.loop_start()
+            c.loop_start()
         deadline = time.monotonic() + timeout
         while not all(c.is_connected() for c in self.clients):
             if time.monotonic() > deadline:
@@ -89,7 +78,7 @@ class MqttPool:
                     f"MQTT broker {self.host}:{self.port} did not accept the connection within {timeout:.0f} s "
                     "(credentials?)"
                 )
-            self.sleep(0.01)
+            time.sleep(0.01)
         self._connected = True
         return self
 
@@ -97,51 +86,11 @@ class MqttPool:
         client = self.clients[zlib.crc32(topic.encode()) % len(self.clients)]
         return client.publish(topic, payload, qos=qos, retain=retain)
 
-    def sleep(self, seconds: float) -> None:
-        """Wait ``seconds``; unthreaded, serve every connection meanwhile (PUBACKs, pings)."""
-        if self.threaded:
-            time.sleep(seconds)
-            return
-        end = time.monotonic() + seconds
-        while True:
-            self._serve(max(0.0, end - time.monotonic()))
-            if time.monotonic() >= end:
-                return
-
-    def poll(self) -> None:
-        """Unthreaded: serve the connections without waiting (a publisher that never waits,
-        publishing as fast as it can, still reads its PUBACKs). Threaded: nothing to do."""
-        if not self.threaded:
-            self._serve(0.0)
-
-    def _serve(self, timeout: float) -> None:
-        """One select over the connections (unthreaded pool): read what came in (every
-        PUBACK there is), write what paho could not write at once, keep the sessions alive."""
-        by_sock = {}
-        for c in self.clients:
-            sock = c.socket()
-            if sock is None:
-                raise ConnectionError(f"MQTT connection to {self.host}:{self.port} lost")
-            by_sock[sock] = c
-        wants = [sock for sock, c in by_sock.items() if c.want_write()]
-        readable, writable, _ = select.select(list(by_sock), wants, [], timeout)
-        for sock in readable:
-            self._check(by_sock[sock].loop_read())
-        for sock in writable:
-            self._check(by_sock[sock].loop_write())
-        for c in self.clients:
-            self._check(c.loop_misc())
-
-    def _check(self, rc: mqtt.MQTTErrorCode) -> None:
-        if rc != mqtt.MQTT_ERR_SUCCESS:
-            raise ConnectionError(f"MQTT connection to {self.host}:{self.port}: {mqtt.error_string(rc)}")
-
     def close(self) -> None:
         for c in self.clients:
             with contextlib.suppress(OSError):
                 c.disconnect()
-            if self.threaded:
-                c.loop_stop()
+            c.loop_stop()
         self._connected = False
 
     def __enter__(self) -> MqttPool:
@@ -185,14 +134,13 @@ def send(
         now = time.monotonic()
         wait = start + due - now
         if wait > 0.002:
-            pool.sleep(wait)
+            time.sleep(wait)
         elif wait < 0:
             stats.max_lag_s = max(stats.max_lag_s, -wait)
         info = pool.publish(topic, payload, qos=qos)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionError(f"MQTT publish failed: {mqtt.error_string(info.rc)}")
         outstanding.append(info)
-        pool.poll()
         stats.messages += 1
         while outstanding and outstanding[0].is_published():
             outstanding.popleft()
@@ -201,11 +149,7 @@ def send(
     deadline = time.monotonic() + ack_timeout
     while outstanding:
         info = outstanding.popleft()
-        if pool.threaded:
-            info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
-        else:
-            while not info.is_published() and time.monotonic() < deadline:
-                pool.sleep(0.01)
+        info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
         if not info.is_published():
             raise TimeoutError(f"the MQTT broker did not acknowledge every message within {ack_timeout:.0f} s")
     stats.wall_s = time.monotonic() - t0
