@@ -15,7 +15,7 @@ What each figure is (all QoS 1 / acks=all, the settings ingest uses):
 
 It starts its own embedded stack in a temporary directory and stops it at the end.
 
-CPU per datapoint on the end-to-end workload (issue 17):
+CPU per datapoint on the end-to-end workload:
 
     python3 bench/bench_ingest.py --cpu [--rate 40000 --duration 20 --runs 3] [--py-spy]
     python3 bench/bench_ingest.py --pure [--messages 6000] [--profile]

@@ -1,4 +1,4 @@
-"""Ingest's fast paths give what the plain code gives (issue 17):
+"""Ingest's fast paths give what the plain code gives:
 
 - ``decode.plain_reading`` (the common well-formed item in one pass) accepts only items that
   ``decode_item`` accepts, with an equal Reading, and leaves everything else to it;
@@ -136,7 +136,7 @@ def test_decode_with_the_fast_path_matches_item_by_item_decoding() -> None:
 
 
 class ReferenceValueMemory:
-    """The memory before issue 17: one (values, token) tuple per instant."""
+    """The memory before the fast paths: one (values, token) tuple per instant."""
 
     def __init__(self, per_device: int, max_devices: int) -> None:
         self.per_device, self.max_devices = per_device, max_devices
@@ -216,11 +216,11 @@ def test_value_memory_creates_no_object_the_cycle_collector_tracks_per_instant()
     assert len(gc.get_objects()) - before < 10
 
 
-# --- the whole screening against the code before issue 17 -----------------------------------
+# --- the whole screening against the code before the fast paths ----------------------------
 
 
 def reference_screen_conflicts(out: Outcome, memory: ReferenceValueMemory, topic: str, payload: bytes) -> Conflicts:
-    """``pipeline.screen_conflicts`` before issue 17 (a (ts, metric) key per value)."""
+    """``pipeline.screen_conflicts`` before the fast paths (a (ts, metric) key per value)."""
     found = Conflicts()
     if out.batch is None:
         return found
@@ -267,7 +267,7 @@ def reference_screen_conflicts(out: Outcome, memory: ReferenceValueMemory, topic
 
 
 def reference_remember(out: Outcome, memory: SeqMemory, token: object, values: ReferenceValueMemory) -> None:
-    """``pipeline.remember`` before issue 17 (one call per reading and memory)."""
+    """``pipeline.remember`` before the fast paths (one call per reading and memory)."""
     if out.batch is None:
         return
     for reading in out.batch.readings:
