@@ -13,7 +13,7 @@ a p95 quantile and an impact KPI.
 Phases (each on the same stack, one after the other):
 - ceilings: raw Mosquitto pub→sub, raw Kafka produce and consume (bench/bench_ingest.py's
   functions plus a consumer), PostgreSQL raw COPY of the same rows and the sink's own
-  COPY+merge path (bench/bench_sink.py), in a scratch database;
+  write path (storage.writer; bench/bench_sink.py), in a scratch database;
 - fixed: 1,000 and 10,000 datapoints/s for a fixed time: latency publish → stored
   (``readings.stored_at - ts`` of each message's last reading) p50/p95/p99; KPI lag (the
   count KPI polled every 200 ms against the publish timeline: the age of the oldest
@@ -663,7 +663,7 @@ def phase_ceilings(b: Bench) -> dict:
 
 
 def postgres_ceilings(b: Bench) -> dict:
-    """Raw COPY (bench_sink.via_raw_copy) and the sink's COPY+merge (storage.writer) of the same
+    """Raw COPY (bench_sink.via_raw_copy) and the sink's write path (storage.writer) of the same
     rows into a scratch database on the same server, in transactions of ~30,000 rows."""
     cfg = b.cfg
     url = b.state.database_url
@@ -1305,7 +1305,8 @@ def markdown(res: dict) -> str:
             f"{_n(ceil['postgres_raw_copy_rows_per_s'])} | {_ratio(sat_rate, ceil['postgres_raw_copy_rows_per_s'])} |"
         )
         L.append(
-            f"| PostgreSQL COPY + merge (the sink's writer) | {_n(ceil['postgres_sink_copy_merge_rows_per_s'])} rows "
+            "| PostgreSQL, the sink's write path (storage.writer) | "
+            f"{_n(ceil['postgres_sink_copy_merge_rows_per_s'])} rows "
             f"| {_n(ceil['postgres_sink_copy_merge_rows_per_s'])} | "
             f"{_ratio(sat_rate, ceil['postgres_sink_copy_merge_rows_per_s'])} |"
         )
