@@ -119,18 +119,7 @@ def design(experiment: Experiment, kpi: Kpi) -> Design:
 def add(state: dict, design_: Design, device_id: str, group: str, ts_ms: int, value: float) -> dict:  # noqa: PLR0917 - one reading
     """Add one reading; updates ``state`` in place (a worker's state is its own decoded copy)
     and returns it. Readings outside both periods are not part of the impact."""
-    cell = design_.cell(ts_ms)
-    if cell is None:
-        return state
-    row = state["d"].get(device_id)
-    if row is None:
-        row = state["d"][device_id] = _empty_row(group)
-    i = _CELL[cell]
-    row[i] += 1
-    row[i + 1] += value
-    if state["t"] is None or ts_ms > state["t"]:
-        state["t"] = ts_ms
-    return state
+    return add_all(state, design_, device_id, group, [ts_ms], [value])
 
 
 def add_all(state: dict, design_: Design, device_id: str, group: str, stamps: list[int], values: list[float]) -> dict:  # noqa: PLR0917 - one message
