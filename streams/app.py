@@ -73,12 +73,8 @@ def create_app(settings: StreamsSettings) -> faust.App:
     readings = app.topic(
         KafkaTopics.READINGS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-    kpis = app.topic(
-        KafkaTopics.KPIS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-    )
-    late = app.topic(
-        KafkaTopics.LATE, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-    )
+    kpis = app.topic(KafkaTopics.KPIS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    late = app.topic(KafkaTopics.LATE, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     # One table for every state (streams.checkpoint): "w|<window>", "d|<device>", "x|<experiment>"
     # and the applied marks "a|<partition>"; raw bytes, written only by ``write_chunk``.
     state = app.Table(
@@ -126,9 +122,7 @@ def create_app(settings: StreamsSettings) -> faust.App:
         await asyncio.gather(*sends)
         *entries, (mark, end) = out.writes
         changelog = state.changelog_topic
-        sends = [
-            await changelog.send(key=k.encode(), value=v, partition=partition, force=True) for k, v in entries
-        ]
+        sends = [await changelog.send(key=k.encode(), value=v, partition=partition, force=True) for k, v in entries]
         await asyncio.gather(*sends)
         await (await changelog.send(key=mark.encode(), value=end, partition=partition, force=True))
         for k, v in out.writes:
@@ -162,6 +156,12 @@ def create_app(settings: StreamsSettings) -> faust.App:
                         out = run_chunk(chunk, messages, horizon_ms=horizon_ms, memory=memory)
                     computed = time.perf_counter()
                     await write_chunk(partition, out)
+                    for expected, taken in out.gaps:
+                        log.warning(
+                            "%s partition %d: offsets %d..%d never reached the agent before offset %d "
+                            "(the state has not counted them)",
+                            KafkaTopics.READINGS, partition, expected, taken - 1, taken,
+                        )  # fmt: skip
                     observer.chunk(messages, out, computed - started, time.perf_counter() - computed)
                 observer.skipped(len(part) - len(messages))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -109,7 +110,19 @@ def durable_stack(tmp_path):
         s.down(purge=True)
 
 
-def assert_exact(state, exp, truth, victim: str) -> None:
+def service_warnings(logs: Path | None) -> list[str]:
+    """The WARNING and ERROR lines of the services' logs (what a failed comparison shows)."""
+    if logs is None:
+        return []
+    return [
+        line[:300]
+        for log in sorted(logs.glob("*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if "[WARNING]" in line or "[ERROR]" in line or " WARNING " in line or " ERROR " in line
+    ][-20:]
+
+
+def assert_exact(state, exp, truth, victim: str, logs: Path | None = None) -> None:
     with psycopg.connect(state.database_url) as conn:
         rows = conn.execute(
             "SELECT device_id, metric, ts, value FROM readings WHERE experiment_id = %s", (exp.id,)
@@ -136,7 +149,10 @@ def assert_exact(state, exp, truth, victim: str) -> None:
             if time.monotonic() > deadline:
                 on_topic = kpis_on_topic(state.kafka_bootstrap, exp.id)
                 sample = [(k, want[k], got.get(k), "topic max:", on_topic.get(k)) for k in bad[:3]]
-                pytest.fail(f"{len(bad)} of {len(want)} KPI windows differ after killing {victim}: {sample}")
+                pytest.fail(
+                    f"{len(bad)} of {len(want)} KPI windows differ after killing {victim}: {sample}; "
+                    f"the services' warnings: {service_warnings(logs)}"
+                )
             time.sleep(0.5)
             conn.commit()
 
@@ -189,7 +205,7 @@ def test_kill_minus_nine_mid_stream(durable_stack, victim):
             if "pilotlab.supervisor" in line and "exited with code" in line
         ]
         assert not restarts, f"a service stopped on the {victim} fault and was restarted: {restarts}"
-        assert_exact(state, exp, truth, victim)
+        assert_exact(state, exp, truth, victim, stack.logs / f"services-{victim}")
     RECOVERY[victim] = {"published": len(truth.accepted), "recovered_s": round(recovered, 1)}
     print(
         f"\n{victim}: {len(truth.accepted)} readings published = stored; drained {recovered:.1f} s after the kill, "

@@ -480,3 +480,18 @@ def test_collector_paused_only_within_and_as_it_was() -> None:
         assert not gc.isenabled()  # a collector someone else turned off stays off
     finally:
         gc.enable()
+
+
+def test_offsets_that_never_reached_the_chunk_are_reported_as_a_gap() -> None:
+    changelog: dict[str, bytes] = {}
+    first = Chunk(changelog.get, 0)
+    out = run_chunk(first, [(3, batch("t1", [Reading(1, T0, {"pm25": 1.0})]), EXP)], horizon_ms=6 * 3600_000)
+    assert out.gaps == []  # a partition's first chunk starts wherever its log starts
+    changelog.update(out.writes)
+    later = [(o, batch("t1", [Reading(o, T0 + o * 1000, {"pm25": 1.0})]), EXP) for o in (4, 5, 8, 9)]
+    out = run_chunk(Chunk(changelog.get, 0), later, horizon_ms=6 * 3600_000)
+    assert out.gaps == [(6, 8)]  # 6 and 7 were never handed to the chunk
+    changelog.update(out.writes)
+    contiguous = [(o, batch("t1", [Reading(o, T0 + o * 1000, {"pm25": 1.0})]), EXP) for o in (8, 9, 10, 11)]
+    out = run_chunk(Chunk(changelog.get, 0), contiguous, horizon_ms=6 * 3600_000)
+    assert out.gaps == [] and out.skipped == 2  # 8 and 9 again: applied before, skipped
