@@ -1203,7 +1203,7 @@ def markdown(res: dict) -> str:
     if sat:
         L.append(
             f"| saturation: first publish → last row in `readings` | {_n(sat['readings_datapoints_per_s'])} | "
-            f"{sat['published_datapoints']:,} datapoints handed to paho at {_n(sat['offered_datapoints_per_s'])}/s, "
+            f"{sat['published_datapoints']:,} datapoints written to MQTT at {_n(sat['offered_datapoints_per_s'])}/s, "
             f"acknowledged by Mosquitto at {_n(sat['load']['acked_datapoints_per_s'])}/s; "
             f"all stored: {sat['all_stored']} |"
         )

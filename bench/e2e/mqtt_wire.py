@@ -227,11 +227,6 @@ class WirePool:
                 if c.sock in ready:
                     c.serve(0)
 
-    def poll(self) -> None:
-        """Read whatever PUBACKs are in, without waiting."""
-        for c in self.conns:
-            c.serve(0)
-
     def outstanding(self) -> int:
         return sum(len(c.pending) for c in self.conns)
 
