@@ -85,7 +85,7 @@ class Chunk:
     def has_mark(self) -> bool:
         """Whether the partition has a mark yet (before its first chunk, the first offset read
         is where it starts: a topic's log may begin after 0)."""
-        return self.end is not None or self._stored(mark_key(self.partition)) is not None
+        return self.end is not None or self.mark > 0  # a written mark is an offset + 1
 
     @property
     def next_offset(self) -> int:
