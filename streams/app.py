@@ -23,12 +23,14 @@ import time
 from pathlib import Path
 
 import faust
+from aiokafka.errors import IllegalStateError
+from faust.types import TP
 
 from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
 from streams import faust_compat
-from streams.checkpoint import Chunk, ChunkOut, collector_paused, read_mark, run_chunk
+from streams.checkpoint import Chunk, ChunkOut, Rewinds, admit, collector_paused, read_mark, run_chunk
 from streams.metrics import StreamsObserver
 
 log = logging.getLogger("pilotlab.streams")
@@ -42,6 +44,52 @@ def crash_worker(what: str) -> None:
     log.exception("%s; ending the worker so that it restarts from its last mark", what)
     logging.shutdown()
     os._exit(70)
+
+
+def _offset(event) -> int:
+    return event.message.offset
+
+
+class Rewinder:
+    """Seeks a readings partition back to the offset its state expects when the messages
+    delivered skip past it (``streams.checkpoint.admit``; ``app`` is the Faust app, for its
+    consumer)."""
+
+    def __init__(self, app, observer: StreamsObserver, clock=time.monotonic, retry_s: float = 10.0) -> None:
+        self.app, self.observer, self.clock = app, observer, clock
+        self.rewinds = Rewinds(retry_s)
+
+    async def take_past_gap(self, partition: int, expected: int, offset: int) -> bool:
+        """A partition's message at ``offset`` while its state expects ``expected``: the
+        records in between never reached the worker. Take it only if they are deleted (the
+        log starts past them: retention); else seek the partition back to ``expected`` and
+        hold the message back."""
+        now = self.clock()
+        target = self.rewinds.target(partition, expected, now)
+        if target is not None:  # sought already: a record fetched before the seek, held back,
+            return offset == target  # or the first from where the log now starts
+        consumer = self.app.consumer
+        tp = TP(KafkaTopics.READINGS, partition)
+        start = (await consumer.earliest_offsets(tp)).get(tp) or 0
+        if offset <= start:
+            log.warning(
+                "%s partition %d: offsets %d..%d were deleted (retention) before the worker read them",
+                KafkaTopics.READINGS, partition, expected, offset - 1,
+            )  # fmt: skip
+            return True
+        target = max(expected, start)
+        self.rewinds.sought(partition, expected, target, now)
+        self.observer.rewound()
+        log.warning(
+            "%s partition %d: offset %d arrived where %d was expected (offsets %d..%d never reached "
+            "the worker); seeking back to %d",
+            KafkaTopics.READINGS, partition, offset, expected, expected, offset - 1, target,
+        )  # fmt: skip
+        try:
+            await consumer.seek(tp, target)
+        except IllegalStateError:  # revoked meanwhile: its next owner starts from the committed mark
+            log.info("%s partition %d is no longer assigned: not sought", KafkaTopics.READINGS, partition)
+        return False
 
 
 def create_app(settings: StreamsSettings) -> faust.App:
@@ -135,6 +183,8 @@ def create_app(settings: StreamsSettings) -> faust.App:
         except Exception:  # noqa: BLE001 - any error: crash-only (see crash_worker)
             crash_worker("the KPI agent failed")
 
+    rewinder = Rewinder(app, observer)
+
     async def _compute_kpis(stream):
         chunk_max, within = settings.streams_chunk_max, settings.streams_chunk_wait_ms / 1000
         async for events in stream.take_events(chunk_max, within=within):
@@ -143,32 +193,43 @@ def create_app(settings: StreamsSettings) -> faust.App:
                 by_partition.setdefault(event.message.partition, []).append(event)
             for partition, part in by_partition.items():
                 chunk = Chunk(stored, partition)
-                fresh = [event for event in part if not chunk.applied(event.message.offset)]
+                admitted = admit(chunk.mark, part, _offset)
+                fresh, skipped, gap = admitted.messages, admitted.skipped, admitted.gap
+                if fresh:
+                    rewinder.rewinds.reached(partition)
+                while gap is not None:
+                    if not await rewinder.take_past_gap(partition, *gap):
+                        observer.held_back(len(admitted.rest))
+                        break
+                    admitted = admit(gap[1], admitted.rest, _offset)
+                    fresh, skipped, gap = fresh + admitted.messages, skipped + admitted.skipped, admitted.gap
+                observer.skipped(skipped)
+                if not fresh:
+                    continue
                 with collector_paused():  # decoding and computing: see collector_paused
                     batches = [ReadingBatch.from_json(event.value) for event in fresh]
                 messages = [
                     (event.message.offset, batch, await experiment_for(batch.experiment_id))
                     for event, batch in zip(fresh, batches, strict=True)
                 ]
-                if messages:
-                    started = time.perf_counter()
-                    with collector_paused():
-                        out = run_chunk(chunk, messages, horizon_ms=horizon_ms, memory=memory)
-                    computed = time.perf_counter()
-                    await write_chunk(partition, out)
-                    for expected, taken in out.gaps:
-                        log.warning(
-                            "%s partition %d: offsets %d..%d never reached the agent before offset %d "
-                            "(the state has not counted them)",
-                            KafkaTopics.READINGS, partition, expected, taken - 1, taken,
-                        )  # fmt: skip
-                    observer.chunk(messages, out, computed - started, time.perf_counter() - computed)
-                observer.skipped(len(part) - len(messages))
+                started = time.perf_counter()
+                with collector_paused():
+                    out = run_chunk(chunk, messages, horizon_ms=horizon_ms, memory=memory)
+                computed = time.perf_counter()
+                await write_chunk(partition, out)
+                observer.chunk(messages, out, computed - started, time.perf_counter() - computed)
 
     @app.on_partitions_assigned.connect
     async def log_assignment(app, assigned, **_kw) -> None:
         mine = sorted(tp.partition for tp in assigned if tp.topic == KafkaTopics.READINGS)
         log.info("assigned %s partitions: %s", KafkaTopics.READINGS, mine)
+        rewinder.rewinds.forget()
+
+    @app.on_rebalance_complete.connect
+    async def state_recovered(app, **_kw) -> None:
+        """The table holds this generation's partitions: their marks may be compared with the
+        committed offsets (faust_compat.rewind_uncommitted)."""
+        app.pilotlab_state_generation = app.consumer_generation_id
 
     app.pilotlab_applied = applied  # read by faust_compat.commit_applied
     app.pilotlab_registry = registry  # for tests

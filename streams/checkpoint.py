@@ -26,15 +26,18 @@ from __future__ import annotations
 
 import gc
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import orjson
 
 from pilotlab.contracts import DeviceStatus, KpiValue, ReadingBatch
 from pilotlab.manifest import Experiment
 from streams.engine import DEDUP_MEMORY, kpi_values, step, window_loader
+
+E = TypeVar("E")
 
 
 def mark_key(partition: int) -> str:
@@ -81,17 +84,6 @@ class Chunk:
         one (a redelivery: skip it)."""
         return offset < self.mark or (self.end is not None and offset < self.end)
 
-    @property
-    def has_mark(self) -> bool:
-        """Whether the partition has a mark yet (before its first chunk, the first offset read
-        is where it starts: a topic's log may begin after 0)."""
-        return self.end is not None or self.mark > 0  # a written mark is an offset + 1
-
-    @property
-    def next_offset(self) -> int:
-        """The offset the state expects next: after this chunk's last message, else the mark."""
-        return self.end if self.end is not None else self.mark
-
     def take(self, offset: int) -> None:
         if self.applied(offset):
             raise ValueError(f"offset {offset} of partition {self.partition} was applied already")
@@ -133,11 +125,82 @@ class ChunkOut:
     transitions: list[DeviceStatus] = field(default_factory=list)
     writes: list[tuple[str, bytes]] = field(default_factory=list)
     skipped: int = 0  # messages applied before (a redelivery below the mark)
-    # (next offset the state expected, offset taken instead): offsets that never reached the
-    # chunk, though the mark now covers them. Kafka offsets of pilotlab.readings are contiguous
-    # (no transactions, no compaction), so a gap means messages were held back from the agent:
-    # the worker logs it loudly (it is what a KPI window one reading short would come from)
-    gaps: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted(Generic[E]):
+    """What ``admit`` lets through of one partition's messages."""
+
+    messages: list[E]  # to apply, in order, contiguous from the offset expected
+    skipped: int  # applied already (redeliveries below the next offset expected)
+    gap: tuple[int, int] | None = None  # (next offset expected, lowest offset past it delivered)
+    rest: Sequence[E] = ()  # the messages past the gap, in delivery order: not admitted
+
+
+def admit(expected: int, messages: Sequence[E], offset_of: Callable[[E], int]) -> Admitted[E]:
+    """The messages of one partition (in delivery order) that the state can apply now.
+
+    ``expected`` is the partition's mark: the next offset to apply. Offsets below it were
+    applied (skipped); the message at it is taken and the next is expected after it. A
+    message past the offset expected is held back, never applied past the offsets in between:
+    the mark (and the commit) would then cover them and they would be lost for good. Held-back
+    messages the walk reaches later are dropped as redeliveries; the others are ``rest``, and
+    ``gap`` names the offset still missing. Kafka offsets of ``pilotlab.readings`` are
+    contiguous (no transactions, no compaction), so a gap means records held back: delivered
+    out of order after a seek, or a consumer position ahead of the state (the worker seeks
+    back, ``Rewinds``). Only retention makes a gap legitimate; the worker checks the log start
+    before it takes past one."""
+    taken: list[E] = []
+    held: list[E] = []
+    skipped = 0
+    for m in messages:
+        offset = offset_of(m)
+        if offset < expected:
+            skipped += 1
+        elif offset == expected:
+            taken.append(m)
+            expected += 1
+        else:
+            held.append(m)
+    rest = [m for m in held if offset_of(m) >= expected]
+    skipped += len(held) - len(rest)
+    if not rest:
+        return Admitted(taken, skipped)
+    return Admitted(taken, skipped, (expected, min(offset_of(m) for m in rest)), rest)
+
+
+class Rewinds:
+    """Partitions sought back to the offset their state expects, until it arrives.
+
+    After a seek the records fetched before it still come through (from Faust's queues): they
+    lie past the gap too, and are held back without another seek for each of them. A partition
+    whose expected offset has not come ``retry_s`` after its seek is due for another one (a
+    rebalance may have undone it)."""
+
+    def __init__(self, retry_s: float = 10.0) -> None:
+        self.retry_s = retry_s
+        self._sought: dict[int, tuple[int, int, float]] = {}  # partition → (expected, target, when)
+
+    def target(self, partition: int, expected: int, now: float) -> int | None:
+        """Where ``partition`` was sought to for the offset ``expected``; None when a seek is
+        due (never sought for it, or ``retry_s`` ago)."""
+        last = self._sought.get(partition)
+        if last is None or last[0] != expected or now - last[2] >= self.retry_s:
+            return None
+        return last[1]
+
+    def sought(self, partition: int, expected: int, target: int, now: float) -> None:
+        """``partition`` was sought to ``target`` (above ``expected`` only when the log starts
+        there: the records in between are deleted)."""
+        self._sought[partition] = (expected, target, now)
+
+    def reached(self, partition: int) -> None:
+        """The partition's messages follow on from its state again."""
+        self._sought.pop(partition, None)
+
+    def forget(self) -> None:
+        """A new assignment: Faust seeks every partition to its committed offset itself."""
+        self._sought.clear()
 
 
 @contextmanager
@@ -175,9 +238,6 @@ def run_chunk(
         if chunk.applied(offset):
             out.skipped += 1
             continue
-        expected = chunk.next_offset
-        if chunk.has_mark and offset != expected:
-            out.gaps.append((expected, offset))
         chunk.take(offset)
         done = step(batch, experiment, chunk.get, chunk.put, horizon_ms=horizon_ms, memory=memory)
         if done.late:

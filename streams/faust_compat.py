@@ -17,7 +17,8 @@ patch                      behaviour worked around
                            Commits only what the worker's state has applied (its mark).
 ``rewind_uncommitted``     aiokafka's ``seek_to_committed`` leaves a partition without a
                            committed offset where the fetcher stood: records Faust dropped
-                           at a rebalance were never read again.
+                           at a rebalance were never read again. Also seeks a readings
+                           partition committed past the state's mark back to the mark.
 ``read_every_delivery``    Faust's fetch loop drops a record below the last offset it read;
                            after a seek back that mark can be ahead, so refetched records
                            were dropped unacked (lag stuck).
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable
 
 from faust.tables.recovery import Recovery
@@ -44,6 +46,8 @@ from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
 from pilotlab.kafka_admin import end_offsets
+
+log = logging.getLogger("pilotlab.streams")
 
 
 def _original(cls: type, name: str):
@@ -86,27 +90,50 @@ def true_highwaters(bootstrap: str) -> None:
     AIOKafkaConsumerThread._highwaters = _highwaters
 
 
+AppliedMark = Callable[[object], "int | None"]
+
+
 def rewind_uncommitted() -> None:
     """When a rebalance starts (or flow stops) Faust drops the records it fetched but had not
     handed to a stream yet and seeks back to the committed offsets to fetch them again
     (``Consumer.perform_seek``). aiokafka's ``seek_to_committed`` skips a partition without a
     committed offset (none, or 0): it stays where the fetcher stood, and the dropped records of
     a partition the group never committed were skipped for good. Seek those stream partitions
-    to their start (the worker skips what its state applied already)."""
+    to their start (the worker skips what its state applied already).
+
+    Also: a readings partition whose committed offset is ahead of the worker's state (its
+    applied mark, ``app.pilotlab_applied``; see ``commit_applied``) is sought back to the
+    mark. The commit is the mark, so this means the state was recovered short of what was
+    committed; from the committed offset the records in between would reach no chunk (the
+    agent would hold the first one back and seek itself, ``streams.checkpoint.admit``, but
+    only once a record came). Only from the seek that ends a recovery: the app sets
+    ``pilotlab_state_generation`` to the consumer generation whose recovery completed (Faust's
+    ``on_rebalance_complete``); a seek before (flow stopped mid-rebalance) would compare with a
+    state still being read."""
     perform_seek = _original(FaustConsumer, "perform_seek")
 
     @functools.wraps(perform_seek)
     async def _perform_seek(self) -> None:
         await perform_seek(self)
         changelogs = self.app.tables.changelog_topics
+        applied: AppliedMark | None = getattr(self.app, "pilotlab_applied", None)
+        if getattr(self.app, "pilotlab_state_generation", None) != getattr(self.app, "consumer_generation_id", 0):
+            applied = None  # the state of this generation's partitions is not recovered yet
         for tp in self.assignment():
-            if tp.topic not in changelogs and not self._committed_offset.get(tp):
+            if tp.topic in changelogs:
+                continue
+            committed = self._committed_offset.get(tp)
+            mark = applied(tp) if applied is not None else None
+            if not committed:
                 await self.seek(tp, 0)  # before the log start: aiokafka resets to the earliest
+            elif mark is not None and mark < committed:
+                log.warning(
+                    "%s partition %d: committed offset %d is ahead of the state's mark %d; seeking back to it",
+                    tp.topic, tp.partition, committed, mark,
+                )  # fmt: skip
+                await self.seek(tp, mark)
 
     FaustConsumer.perform_seek = _perform_seek
-
-
-AppliedMark = Callable[[object], "int | None"]
 
 
 def commit_applied() -> None:

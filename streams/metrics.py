@@ -48,6 +48,15 @@ SKIPPED = Counter(
     "pilotlab_streams_skipped_messages_total",
     "Messages delivered again and skipped: applied before (below their partition's mark)",
 )
+HELD_BACK = Counter(
+    "pilotlab_streams_held_back_messages_total",
+    "Messages delivered past a gap in their partition's offsets, held back until the records "
+    "in between come (the partition is sought back to its mark: streams.checkpoint.admit)",
+)
+REWINDS = Counter(
+    "pilotlab_streams_rewinds_total",
+    "Seeks of a readings partition back to the offset its state expects (a gap in the offsets delivered)",
+)
 CHUNK_MESSAGES = Histogram(
     "pilotlab_streams_chunk_messages",
     "Messages applied per chunk and partition",
@@ -171,6 +180,12 @@ class StreamsObserver:
     def skipped(self, n: int) -> None:
         if n:
             SKIPPED.inc(n)
+
+    def held_back(self, n: int) -> None:
+        HELD_BACK.inc(n)
+
+    def rewound(self) -> None:
+        REWINDS.inc()
 
     def _store(self) -> dict:
         """The state table's dict (the memory store's ``data``)."""

@@ -14,6 +14,7 @@ The Kafka broker runs with the default durable storage (``control.objectstore``)
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -21,14 +22,16 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from paho.mqtt.enums import CallbackAPIVersion
 
 from control.services import Services
 from control.stack import MQTT_AUTOSAVE_CHANGES, Stack
 from pilotlab import registry
-from pilotlab.contracts import to_ms
+from pilotlab.contracts import KafkaTopics, to_ms
 from pilotlab.credentials import MqttEndpoint
-from pilotlab.kafka_admin import ensure_topics
+from pilotlab.kafka_admin import end_offsets, ensure_topics
 from simulators.publisher import GroundTruth, plan_messages
 from storage.migrate import migrate
 from tests.integration.test_crash_recovery import busy, kpis_on_topic
@@ -211,6 +214,84 @@ def test_kill_minus_nine_mid_stream(durable_stack, victim):
         f"\n{victim}: {len(truth.accepted)} readings published = stored; drained {recovered:.1f} s after the kill, "
         f"{after_last:.1f} s after the last message was acknowledged"
     )
+
+
+class _FaustProtocol(RoundRobinPartitionAssignor):
+    """Joins under the name of the streams worker's assignor: tansu keeps an empty group's
+    protocol and refuses a member offering another (INCONSISTENT_GROUP_PROTOCOL)."""
+
+    name = "faust"
+
+
+def commit_past(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """Join ``group`` alone, commit its offsets of ``topic`` at each partition's end, leave
+    (tansu takes no commit from outside a group). Returns what was committed."""
+    ends = end_offsets(bootstrap, [(topic, p) for p in range(partitions)])
+    want = {TopicPartition(topic, p): ends[(topic, p)] for p in range(partitions)}
+
+    async def commit() -> None:
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+            partition_assignment_strategy=(_FaustProtocol,), session_timeout_ms=6000,
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + 90
+            while consumer.assignment() != set(want):
+                assert time.monotonic() < deadline, f"never assigned all of {topic} in {group}"
+                await asyncio.sleep(0.5)
+            await consumer.commit(want)
+        finally:
+            await consumer.stop()
+
+    asyncio.run(commit())
+    return {tp.partition: offset for tp, offset in want.items()}
+
+
+def test_a_commit_ahead_of_the_streams_state_is_sought_back_and_nothing_goes_uncounted(durable_stack):
+    """The streams worker commits a readings partition's applied mark, never beyond
+    (faust_compat.commit_applied). Should the committed offset still run ahead of the state
+    a restarted worker recovers (a changelog read short, a commit racing a rebalance: what
+    left a KPI window one reading short once in CI), the readings in between would reach no
+    chunk. Here the worker is killed mid-stream, the rest is published and stored, the group's
+    offsets are committed at the end of every partition, and the worker restarts: it seeks
+    each partition back to its state's mark and the KPIs count every stored reading."""
+    stack, state = durable_stack
+    exp = make_experiment("fault-ahead", "fahe", minutes=300)
+    registry.publish(state.kafka_bootstrap, [exp])
+    logs = stack.logs / "services-ahead"
+    result: dict = {}
+    with Services(state, logs).start() as services:
+        services.wait_ingest_ready()
+        halfway, resume = threading.Event(), threading.Event()
+        publisher = threading.Thread(
+            target=lambda: result.setdefault(
+                "truth", publish_acknowledged(state.mqtt_url, exp, seed=6, duration_s=6, gate=(halfway, resume))
+            )
+        )
+        publisher.start()
+        try:
+            assert halfway.wait(120), "the publisher did not get halfway"
+            busy(state.database_url, "streams", exp.id)
+        finally:
+            services.kill("streams")
+            resume.set()
+        publisher.join(timeout=180)
+        assert not publisher.is_alive(), "the publisher did not finish"
+        truth = result["truth"]
+        deadline = time.monotonic() + 120
+        with psycopg.connect(state.database_url, autocommit=True) as conn:
+            while conn.execute("SELECT count(*) FROM readings WHERE experiment_id = %s", (exp.id,)).fetchone()[0] < len(
+                truth.accepted
+            ):
+                assert time.monotonic() < deadline, "the sink did not store what was published"
+                time.sleep(0.5)
+        committed = commit_past(state.kafka_bootstrap, "pilotlab-streams", KafkaTopics.READINGS, 4)
+        assert sum(committed.values()) > 0
+        services.start("streams")
+        assert_exact(state, exp, truth, "streams (committed ahead)", logs)
+    log = (logs / "streams.log").read_text(errors="replace")
+    assert "is ahead of the state's mark" in log, "the worker never found its state behind the commit"
 
 
 def test_mqtt_killed_while_ingest_is_away_loses_at_most_the_autosave_window(durable_stack):

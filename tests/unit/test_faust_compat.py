@@ -117,6 +117,43 @@ def test_a_stream_partition_without_a_committed_offset_is_sought_to_its_start(ap
     assert seeks == [(READINGS, 0)]
 
 
+def test_a_stream_partition_committed_past_its_state_is_sought_back_to_the_mark(app) -> None:
+    """The commit is the mark (commit_applied), so a committed offset ahead of the recovered
+    mark means the state was recovered short: from the committed offset the readings in
+    between would reach no chunk."""
+    seeks: list = []
+
+    async def seek_to_committed():
+        return {READINGS: 40, CHANGELOG: 9}
+
+    async def seek(tp, offset):
+        seeks.append((tp, offset))
+
+    def fresh():
+        return SimpleNamespace(
+            app=app, _read_offset={}, _committed_offset={}, seek_to_committed=seek_to_committed,
+            seek=seek, assignment=lambda: {READINGS, CHANGELOG},
+        )  # fmt: skip
+
+    set_mark(app, READINGS.partition, 25)
+    try:
+        asyncio.run(FaustConsumer.perform_seek.__wrapped__(fresh()))
+        assert seeks == []  # Faust: from 40 on, 25..39 never applied
+        app.pilotlab_state_generation = None  # mid-rebalance, before this generation's recovery
+        asyncio.run(FaustConsumer.perform_seek(fresh()))
+        assert seeks == []  # the table may still be read: not compared yet
+        app.pilotlab_state_generation = app.consumer_generation_id  # recovery completed
+        asyncio.run(FaustConsumer.perform_seek(fresh()))
+        assert seeks == [(READINGS, 25)]
+        seeks.clear()
+        set_mark(app, READINGS.partition, 40)
+        asyncio.run(FaustConsumer.perform_seek(fresh()))
+        assert seeks == []  # the state holds what was committed: stay
+    finally:
+        set_mark(app, READINGS.partition, None)
+        app.pilotlab_state_generation = None
+
+
 # --- read_every_delivery -------------------------------------------------------------------------
 
 

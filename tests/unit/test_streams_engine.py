@@ -3,19 +3,23 @@ liveness, and the new KPI kinds through ``apply_batch``."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
+from aiokafka.errors import IllegalStateError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pilotlab.contracts import KpiValue, Reading, ReadingBatch, to_ms
 from pilotlab.manifest import Experiment
 from streams import kpis
-from streams.checkpoint import Chunk, collector_paused, decode_entry, run_chunk
+from streams.app import Rewinder
+from streams.checkpoint import Chunk, Rewinds, admit, collector_paused, decode_entry, run_chunk
 from streams.engine import (
     IMPACT_GROUP,
     advance,
@@ -482,16 +486,119 @@ def test_collector_paused_only_within_and_as_it_was() -> None:
         gc.enable()
 
 
-def test_offsets_that_never_reached_the_chunk_are_reported_as_a_gap() -> None:
-    changelog: dict[str, bytes] = {}
-    first = Chunk(changelog.get, 0)
-    out = run_chunk(first, [(3, batch("t1", [Reading(1, T0, {"pm25": 1.0})]), EXP)], horizon_ms=6 * 3600_000)
-    assert out.gaps == []  # a partition's first chunk starts wherever its log starts
-    changelog.update(out.writes)
-    later = [(o, batch("t1", [Reading(o, T0 + o * 1000, {"pm25": 1.0})]), EXP) for o in (4, 5, 8, 9)]
-    out = run_chunk(Chunk(changelog.get, 0), later, horizon_ms=6 * 3600_000)
-    assert out.gaps == [(6, 8)]  # 6 and 7 were never handed to the chunk
-    changelog.update(out.writes)
-    contiguous = [(o, batch("t1", [Reading(o, T0 + o * 1000, {"pm25": 1.0})]), EXP) for o in (8, 9, 10, 11)]
-    out = run_chunk(Chunk(changelog.get, 0), contiguous, horizon_ms=6 * 3600_000)
-    assert out.gaps == [] and out.skipped == 2  # 8 and 9 again: applied before, skipped
+@pytest.mark.parametrize(
+    ("expected", "offsets", "want"),
+    [
+        (5, [5, 6, 7], ([5, 6, 7], 0, None, [])),
+        (5, [3, 4, 5, 6], ([5, 6], 2, None, [])),  # redelivered below the mark: skipped
+        (5, [5, 6, 5, 6, 7], ([5, 6, 7], 2, None, [])),  # delivered twice after a seek back
+        (5, [5, 6, 9, 10], ([5, 6], 0, (7, 9), [9, 10])),  # 7 and 8 never came: held back from 9
+        (5, [8, 5, 6], ([5, 6], 0, (7, 8), [8])),  # a record fetched before a seek, first
+        (5, [8, 5, 6, 7, 8], ([5, 6, 7, 8], 1, None, [])),  # ... and again after it: a redelivery
+        (5, [9, 6, 5], ([5], 0, (6, 6), [9, 6])),  # held back in delivery order
+        (0, [3, 4], ([], 0, (0, 3), [3, 4])),  # no mark yet: a log that starts at 3 is a gap too
+        (5, [], ([], 0, None, [])),
+    ],
+)
+def test_admit_takes_the_offsets_that_follow_on_from_the_state(expected, offsets, want) -> None:
+    out = admit(expected, offsets, lambda o: o)
+    assert (out.messages, out.skipped, out.gap, list(out.rest)) == want  # taken, skipped, gap, held back
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_seeking_back_at_every_gap_applies_each_offset_once_in_order(data) -> None:
+    """A partition's log 0..n-1 delivered the way a consumer can get it wrong: a position ahead
+    of the state (a commit past the mark), records fetched before a seek arriving after it,
+    redeliveries. The worker's loop (admit, seek back to the offset expected at a gap, hold
+    the rest back) applies every offset exactly once, in order."""
+    n = data.draw(st.integers(1, 60), label="records")
+    position = data.draw(st.integers(0, n), label="position the consumer starts at")
+    applied: list[int] = []
+    mark = 0
+    for _ in range(8 * n + 20):  # chunks
+        if mark == n:
+            break
+        # what reaches the agent: a run from the consumer's position, maybe after a few stale
+        # records from anywhere in the log (fetched before a seek), maybe repeated
+        stale = data.draw(st.lists(st.integers(0, n - 1), max_size=3), label="stale")
+        run = list(range(position, min(n, position + data.draw(st.integers(1, 10), label="run"))))
+        delivered = stale + run
+        position += len(run)
+        out = admit(mark, delivered, lambda o: o)
+        applied += out.messages
+        mark += len(out.messages)
+        if out.gap is not None:
+            position = out.gap[0]  # the seek back (nothing deleted: the log starts at 0)
+    else:
+        pytest.fail("never caught up")
+    assert applied == list(range(n))
+
+
+def test_rewinds_hold_back_until_the_offset_expected_comes_or_a_seek_is_due_again() -> None:
+    r = Rewinds(retry_s=10.0)
+    assert r.target(0, 7, now=0.0) is None  # never sought: seek
+    r.sought(0, 7, 7, now=0.0)
+    assert r.target(0, 7, now=5.0) == 7  # sought: hold the stale records back, no new seek
+    assert r.target(0, 7, now=10.0) is None  # not there after retry_s: seek again
+    assert r.target(1, 7, now=5.0) is None  # per partition
+    r.sought(0, 7, 7, now=10.0)
+    assert r.target(0, 9, now=11.0) is None  # a new gap further on: seek
+    r.sought(0, 9, 12, now=11.0)  # the log starts at 12: 9..11 deleted
+    assert r.target(0, 9, now=12.0) == 12
+    r.reached(0)
+    assert r.target(0, 9, now=12.0) is None
+    r.sought(1, 3, 3, now=0.0)
+    r.forget()
+    assert r.target(1, 3, now=1.0) is None
+
+
+class FakeConsumer:
+    """Faust's consumer as the rewinder uses it (a unit test of the worker's own logic)."""
+
+    def __init__(self, start: int, assigned: bool = True) -> None:
+        self.start, self.assigned, self.seeks = start, assigned, []
+
+    async def earliest_offsets(self, *tps):
+        return dict.fromkeys(tps, self.start)
+
+    async def seek(self, tp, offset):
+        if not self.assigned:
+            raise IllegalStateError("No current assignment for partition")
+        self.seeks.append((tp.partition, offset))
+
+
+def rewinder(consumer: FakeConsumer, clock: list[float]) -> Rewinder:
+    counts = {"rewound": 0}
+    observer = SimpleNamespace(rewound=lambda: counts.__setitem__("rewound", counts["rewound"] + 1))
+    return Rewinder(SimpleNamespace(consumer=consumer), observer, clock=lambda: clock[0], retry_s=10.0)
+
+
+def test_a_gap_is_sought_back_to_the_offset_expected_once_until_it_comes() -> None:
+    consumer, clock = FakeConsumer(start=0), [0.0]
+    r = rewinder(consumer, clock)
+    assert asyncio.run(r.take_past_gap(2, 7, 9)) is False
+    assert consumer.seeks == [(2, 7)]
+    clock[0] = 5.0
+    assert asyncio.run(r.take_past_gap(2, 7, 10)) is False  # fetched before the seek: held back
+    assert consumer.seeks == [(2, 7)]
+    clock[0] = 10.0
+    assert asyncio.run(r.take_past_gap(2, 7, 11)) is False  # still not there: seek again
+    assert consumer.seeks == [(2, 7), (2, 7)]
+
+
+def test_a_gap_the_log_no_longer_holds_is_taken() -> None:
+    consumer, clock = FakeConsumer(start=9), [0.0]
+    r = rewinder(consumer, clock)
+    assert asyncio.run(r.take_past_gap(0, 7, 9)) is True  # 7 and 8 deleted (retention)
+    assert consumer.seeks == []
+    consumer.start = 8
+    assert asyncio.run(r.take_past_gap(0, 5, 9)) is False  # 5..7 deleted, 8 is there: fetch it
+    assert consumer.seeks == [(0, 8)]
+    assert asyncio.run(r.take_past_gap(0, 5, 10)) is False  # a record fetched before the seek
+    assert asyncio.run(r.take_past_gap(0, 5, 8)) is True  # the log's first record: from there on
+
+
+def test_a_partition_revoked_before_its_seek_is_left_to_its_next_owner() -> None:
+    consumer, clock = FakeConsumer(start=0, assigned=False), [0.0]
+    assert asyncio.run(rewinder(consumer, clock).take_past_gap(1, 3, 4)) is False
