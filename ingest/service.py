@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.dedup import SeqMemory, ValueMemory
+from ingest.pack import Pack, Packer
 from ingest.pipeline import handle, remember, screen_conflicts, screen_duplicates
 from pilotlab.contracts import TELEMETRY_SUBSCRIPTION, KafkaTopics, Limits, Reason, feedback_topic
 from pilotlab.credentials import MqttEndpoint
@@ -55,6 +56,11 @@ REDELIVERED = Counter(
 )
 MQTT_DISCONNECTS = Counter("pilotlab_ingest_mqtt_disconnects_total", "Connections to the MQTT broker lost or refused")
 READY = Gauge("pilotlab_ingest_ready", "1 when /readyz answers 200")
+PACKED = Histogram(
+    "pilotlab_ingest_pack_messages",
+    "MQTT messages per pilotlab.readings record (ingest.pack)",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000),
+)
 PRODUCE_LATENCY = Histogram(
     "pilotlab_ingest_produce_seconds",
     "MQTT receive → Kafka confirm",
@@ -130,6 +136,23 @@ class _PendingAck:
             d.delivered(None, None)
 
 
+class _PackAck:
+    """The delivery callback of a packed record: confirms each message in it (a failed one is
+    produced again whole, as one record)."""
+
+    __slots__ = ("pendings", "svc")
+
+    def __init__(self, svc: IngestService, pendings: list[_PendingAck]) -> None:
+        self.svc, self.pendings = svc, pendings
+
+    def delivered(self, err, msg) -> None:  # runs in the producer's poll thread
+        if err is not None:
+            self.svc.reproduce(err, msg, self)
+            return
+        for p in self.pendings:
+            p.delivered(None, None)
+
+
 class IngestService:
     def __init__(self, settings: IngestSettings) -> None:
         self.settings = settings
@@ -161,6 +184,10 @@ class IngestService:
         )
         self.seqs = SeqMemory(settings.ingest_dedup_per_device, settings.ingest_dedup_devices)
         self.values = ValueMemory(settings.ingest_conflict_instants, settings.ingest_dedup_devices)
+        self.packer: Packer[_PendingAck] = Packer(
+            settings.ingest_pack_messages, settings.ingest_pack_bytes, settings.ingest_pack_ms / 1000, time.monotonic
+        )
+        self.pack_lock = threading.Lock()  # packs reach the producer in the order they were started
         self.ack_lock = threading.Lock()
         self.inflight = threading.BoundedSemaphore(settings.ingest_max_inflight)
         self.stopping = threading.Event()
@@ -284,25 +311,47 @@ class IngestService:
             records.append((KafkaTopics.REJECTIONS, key, rej.to_json()))
         if outcome.rejections and outcome.address is not None:
             feedback = orjson.dumps({"rejections": [r.to_dict() for r in outcome.rejections]})
-            client.publish(
-                feedback_topic(outcome.address.experiment_id, outcome.address.device_id), feedback, qos=0
-            )
+            client.publish(feedback_topic(outcome.address.experiment_id, outcome.address.device_id), feedback, qos=0)
         while not self.inflight.acquire(timeout=0.5):  # bounded window of unconfirmed messages
             if self.stopping.is_set():
                 return
         forwarded = len(outcome.batch.readings) if outcome.batch is not None else 0
         INFLIGHT.inc()
-        pending = _PendingAck(
-            self, client, msg.mid, msg.qos, remaining=len(records) + 1, forwarded=forwarded
-        )
+        pending = _PendingAck(self, client, msg.mid, msg.qos, remaining=len(records) + 1, forwarded=forwarded)
         for original in {id(o): o for o in originals}.values():
             pending.wait_for(original)
         remember(outcome, self.seqs, pending, self.values)
         for topic, k, value in records:
-            self._produce(topic, k, value, pending)
+            if topic == KafkaTopics.READINGS:
+                with self.pack_lock:
+                    for pack in self.packer.add(k, value, pending):
+                        self._produce_pack(pack)
+            else:
+                self._produce(topic, k, value, pending)
         pending.delivered(None, None)  # the +1 above: every record and dependency is now counted
 
-    def _produce(self, topic: str, key: bytes, value: bytes, pending: _PendingAck) -> None:
+    def _produce_pack(self, pack: Pack[_PendingAck]) -> None:
+        """One readings record for a pack (under ``pack_lock``)."""
+        tickets = pack.tickets
+        PACKED.observe(len(tickets))
+        ack = tickets[0] if len(tickets) == 1 else _PackAck(self, tickets)
+        self._produce(KafkaTopics.READINGS, pack.key, pack.value(), ack)
+
+    def _produce_due_packs(self, *, all_open: bool = False) -> float:
+        """Produce the packs due (all of them at shutdown); returns how long the poll thread
+        may wait for the next. The poll thread never waits for ``pack_lock``: its holder may
+        be waiting for room in the producer's queue, which only the poll thread's ``poll``
+        makes (a full queue at that moment: the packs go on its next round)."""
+        if not self.pack_lock.acquire(blocking=all_open):
+            return 0.005
+        try:
+            for pack in self.packer.drain() if all_open else self.packer.due():
+                self._produce_pack(pack)
+            return self.packer.wait_s(0.1)
+        finally:
+            self.pack_lock.release()
+
+    def _produce(self, topic: str, key: bytes, value: bytes, pending: _PendingAck | _PackAck) -> None:
         while True:
             try:
                 self.producer.produce(topic, value=value, key=key, on_delivery=pending.delivered)
@@ -311,10 +360,12 @@ class IngestService:
                 time.sleep(0.005)
 
     def _poll_producer(self) -> None:
+        wait = 0.1
         while not self.stopping.is_set():
             self.health.beat()
             self._probe_kafka()
-            self.producer.poll(0.1)
+            self.producer.poll(wait)
+            wait = self._produce_due_packs()
             if self.retries and self.retries[0][0] <= time.monotonic():
                 due, self.retries = self.retries, []
                 for _due, topic, key, value, pending in due:
@@ -365,15 +416,15 @@ class IngestService:
         )
         self.stopping.wait()
         # drain: no new work (on_message returns early), confirm what is in flight, then ack
+        time.sleep(0.05)  # a message paho is handing over right now reaches its pack
+        self._produce_due_packs(all_open=True)
         remaining = self.producer.flush(30)
         time.sleep(0.2)  # let paho's network thread send the last PUBACKs
         self.client.disconnect()
         self.client.loop_stop()
         self.registry.stop()
         if remaining:
-            log.error(
-                "%d records unconfirmed at shutdown; their MQTT messages will be redelivered", remaining
-            )
+            log.error("%d records unconfirmed at shutdown; their MQTT messages will be redelivered", remaining)
         log.info("ingest stopped")
         return 1 if self.error else 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -156,7 +157,9 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class ReadingBatch:
-    """The Kafka value on ``pilotlab.readings``: the valid readings of one MQTT message."""
+    """The valid readings of one MQTT message. A Kafka value on ``pilotlab.readings`` holds
+    one batch (a JSON object) or several of one experiment in the order ingest took them (a
+    JSON array of those objects: ``pack_batches``); read it with ``all_from_json``."""
 
     experiment_id: str
     device_id: str
@@ -177,14 +180,35 @@ class ReadingBatch:
 
     @classmethod
     def from_json(cls, raw: bytes) -> ReadingBatch:
-        d = orjson.loads(raw)
+        """One batch (a JSON object)."""
+        return cls._of(orjson.loads(raw))
+
+    @classmethod
+    def all_from_json(cls, raw: bytes) -> list[ReadingBatch]:
+        """The batches of one ``pilotlab.readings`` value: one, or a packed array of them."""
+        if raw[:1] != b"[":
+            return [cls.from_json(raw)]
+        return [cls._of(d) for d in orjson.loads(raw)]
+
+    @classmethod
+    def _of(cls, d: dict) -> ReadingBatch:
         return cls(
-            experiment_id=d["experiment_id"],
-            device_id=d["device_id"],
-            group=d["group"],
-            received_ms=d["received_ms"],
-            readings=tuple(map(_decoded_reading, d["readings"])),
+            d["experiment_id"],
+            d["device_id"],
+            d["group"],
+            d["received_ms"],
+            tuple(map(_decoded_reading, d["readings"])),
         )
+
+
+def pack_batches(values: Sequence[bytes]) -> bytes:
+    """One ``pilotlab.readings`` value for several encoded batches (``ReadingBatch.to_json``)
+    of one experiment: the value itself for one, a JSON array for more. Ingest packs the
+    messages it takes within a few milliseconds into one Kafka record: every record costs
+    the broker, the streams worker and the sink about as much again as the readings in it."""
+    if len(values) == 1:
+        return values[0]
+    return b"[" + b",".join(values) + b"]"
 
 
 _new = object.__new__

@@ -70,6 +70,14 @@ class IngestSettings(KafkaSettings):
     # (memory storage; durable fell behind), 100 ms -> 0.14 (memory), 0.16 (durable), p99
     # publish -> stored 0.42-0.43 s; it adds up to this much latency (docs/performance.md)
     ingest_kafka_linger_ms: int = Field(default=100, ge=0, le=1000)
+    # packing (ingest.pack): the readings of up to this many MQTT messages of one experiment,
+    # taken within ingest_pack_ms, go to Kafka as one record (1: a record per message); every
+    # record costs the broker, the streams worker and the sink about as much again as its readings
+    ingest_pack_messages: int = Field(default=100, ge=1, le=10_000)
+    ingest_pack_bytes: int = Field(
+        default=256 * 1024, ge=1024, le=900_000, description="below Kafka's 1 MB record limit"
+    )
+    ingest_pack_ms: int = Field(default=20, ge=0, le=1000, description="the longest a message waits for its pack")
     # the `duplicate` check's bounded memory: seqs per device, devices
     ingest_dedup_per_device: int = Field(default=1024, ge=1)
     ingest_dedup_devices: int = Field(default=100_000, ge=1)

@@ -100,7 +100,7 @@ class Batch:
     def _decode(self, rec: Record) -> None:
         topic, value = rec.topic, rec.value
         if topic == KafkaTopics.READINGS:
-            self.readings.append(writer.IncomingReadings.from_json(value))  # the lean decode
+            self.readings.extend(writer.IncomingReadings.all_from_json(value))  # the lean decode
         elif topic == KafkaTopics.LATE:
             self.late.append(ReadingBatch.from_json(value))
         elif topic == KafkaTopics.KPIS:
@@ -150,6 +150,21 @@ def storage_refusal(rec: Record, detail: str) -> Rejection:
     )
 
 
+def unpacked(rec: Record) -> list[Record]:
+    """A packed ``pilotlab.readings`` record (a JSON array of several MQTT messages' batches,
+    ``pilotlab.contracts.pack_batches``) as one record per batch, so that the slow path
+    refuses only the batch the database refused; any other record as it is."""
+    if rec.topic != KafkaTopics.READINGS or rec.value[:1] != b"[":
+        return [rec]
+    try:
+        items = orjson.loads(rec.value)
+    except orjson.JSONDecodeError:
+        return [rec]
+    if not isinstance(items, list) or not items:
+        return [rec]
+    return [Record(rec.topic, rec.partition, rec.offset, orjson.dumps(item), rec.timestamp_ms) for item in items]
+
+
 def write_batch(conn: psycopg.Connection, batch: Batch) -> dict[str, int]:
     """All of a batch in one transaction. Experiments first: devices refer to them."""
     with conn.transaction():
@@ -172,7 +187,7 @@ def write_record_by_record(conn: psycopg.Connection, batch: Batch) -> dict[str, 
     record becomes a ``storage_refused`` rejection. Still one transaction for the batch."""
     totals: dict[str, int] = defaultdict(int)
     with conn.transaction():
-        for rec in batch.records:
+        for rec in (one for packed in batch.records for one in unpacked(packed)):
             single = Batch()
             single.add_record(rec)
             try:

@@ -95,6 +95,20 @@ class IncomingReadings(NamedTuple):
         return cls(d["experiment_id"], d["device_id"], d["group"], d["received_ms"], readings)
 
     @classmethod
+    def all_from_json(cls, raw: bytes) -> list[IncomingReadings]:
+        """The batches of one ``pilotlab.readings`` value: one, or a packed array
+        (``ReadingBatch.all_from_json``, which it decodes the same way)."""
+        if raw[:1] != b"[":
+            return [cls.from_json(raw)]
+        out = []
+        for d in orjson.loads(raw):
+            readings = d["readings"]
+            for _seq, _ts_ms, _metrics in readings:
+                pass
+            out.append(cls(d["experiment_id"], d["device_id"], d["group"], d["received_ms"], readings))
+        return out
+
+    @classmethod
     def of(cls, b: ReadingBatch | IncomingReadings) -> IncomingReadings:
         if isinstance(b, IncomingReadings):
             return b

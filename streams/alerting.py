@@ -148,8 +148,8 @@ class AlertService:
             offsets[(topic, msg.partition())] = msg.offset() + 1
             try:
                 if topic == KafkaTopics.READINGS:
-                    batch = ReadingBatch.from_json(value)
-                    events[batch.experiment_id].append(engine.from_batch(batch))
+                    for batch in ReadingBatch.all_from_json(value):
+                        events[batch.experiment_id].append(engine.from_batch(batch))
                 elif topic == KafkaTopics.REJECTIONS:
                     rej = Rejection.from_json(value)
                     refused = engine.from_rejection(rej)

@@ -207,10 +207,11 @@ def create_app(settings: StreamsSettings) -> faust.App:
                 if not fresh:
                     continue
                 with collector_paused():  # decoding and computing: see collector_paused
-                    batches = [ReadingBatch.from_json(event.value) for event in fresh]
+                    decoded = [(event.message.offset, ReadingBatch.all_from_json(event.value)) for event in fresh]
                 messages = [
-                    (event.message.offset, batch, await experiment_for(batch.experiment_id))
-                    for event, batch in zip(fresh, batches, strict=True)
+                    (offset, batch, await experiment_for(batch.experiment_id))
+                    for offset, batches in decoded
+                    for batch in batches
                 ]
                 started = time.perf_counter()
                 with collector_paused():

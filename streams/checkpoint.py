@@ -231,14 +231,19 @@ def run_chunk(
     horizon_ms: int,
     memory: int = DEDUP_MEMORY,
 ) -> ChunkOut:
-    """Run one partition's messages (offset, batch, its experiment) through the engine."""
+    """Run one partition's messages (offset, batch, its experiment) through the engine; the
+    batches of a packed record (``pilotlab.contracts.pack_batches``) follow each other with
+    its offset."""
     out = ChunkOut()
     touched: dict[str, tuple[Experiment, dict[str, set[str]]]] = {}
+    taken = None
     for offset, batch, experiment in messages:
-        if chunk.applied(offset):
-            out.skipped += 1
-            continue
-        chunk.take(offset)
+        if offset != taken:  # the batches of one packed record share its offset
+            if chunk.applied(offset):
+                out.skipped += 1
+                continue
+            chunk.take(offset)
+            taken = offset
         done = step(batch, experiment, chunk.get, chunk.put, horizon_ms=horizon_ms, memory=memory)
         if done.late:
             held = ReadingBatch(batch.experiment_id, batch.device_id, batch.group, batch.received_ms, done.late)

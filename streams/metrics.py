@@ -42,7 +42,10 @@ RECORDS_OUT = Counter(
     ["topic"],
 )
 SEND_ERRORS = Counter("pilotlab_streams_send_errors_total", "Records the broker did not take", ["topic"])
-APPLIED = Counter("pilotlab_streams_applied_messages_total", "pilotlab.readings messages run through the engine")
+APPLIED = Counter(
+    "pilotlab_streams_applied_messages_total",
+    "pilotlab.readings records run through the engine (a record packs one or more MQTT messages' batches)",
+)
 READINGS_IN = Counter("pilotlab_streams_readings_in_total", "Readings in the messages applied")
 SKIPPED = Counter(
     "pilotlab_streams_skipped_messages_total",
@@ -164,9 +167,10 @@ class StreamsObserver:
     # the agent ---------------------------------------------------------------------------------
     def chunk(self, messages: list, out: ChunkOut, compute_s: float, write_s: float) -> None:
         """A partition's chunk, applied and written."""
-        APPLIED.inc(len(messages))
+        records = len({offset for offset, _batch, _exp in messages})  # a packed record holds several batches
+        APPLIED.inc(records)
         READINGS_IN.inc(sum(len(batch.readings) for _offset, batch, _exp in messages))
-        CHUNK_MESSAGES.observe(len(messages))
+        CHUNK_MESSAGES.observe(records)
         CHUNK_SECONDS.labels("compute").observe(compute_s)
         CHUNK_SECONDS.labels("write").observe(write_s)
         for kind, n in Tally(v.kind for values in out.kpis.values() for v in values).items():

@@ -173,6 +173,9 @@ def test_metrics_show_records_lag_and_readiness(stack_state, stack):
         # what was published ...
         assert total(ingest["pilotlab_ingest_messages_total"]) == truth.messages
         assert total(ingest["pilotlab_ingest_forwarded_readings_total"]) == samples
+        # ... packed several messages to a record (ingest.pack) ...
+        assert total(ingest["pilotlab_ingest_pack_messages_count"]) == in_kafka[KafkaTopics.READINGS]
+        assert total(ingest["pilotlab_ingest_pack_messages_sum"]) == truth.messages - sum(truth.rejected.values())
         # ... is what streams took in ...
         assert (
             total(streams["pilotlab_streams_records_in_total"], topic=KafkaTopics.READINGS)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pilotlab.contracts import KafkaTopics, Reading, ReadingBatch, Reason
+from pilotlab.contracts import KafkaTopics, Reading, ReadingBatch, Reason, pack_batches
 from storage.migrate import available
-from storage.sink import TOPICS, UNDECODABLE, Batch, Record, storage_refusal
+from storage.sink import TOPICS, UNDECODABLE, Batch, Record, storage_refusal, unpacked
 from storage.writer import IncomingReadings, NotEncodable, encode_readings_copy, reading_columns
 
 
@@ -142,6 +142,25 @@ def test_the_lean_decode_reads_what_reading_batch_reads(b):
     lean = IncomingReadings.from_json(b.to_json())
     assert lean.batch() == ReadingBatch.from_json(b.to_json())
     assert IncomingReadings.of(b).batch() == b
+
+
+@given(st.lists(reading_batches, min_size=1, max_size=5))
+def test_a_packed_record_decodes_to_its_batches_in_order(bs):
+    raw = pack_batches([b.to_json() for b in bs])
+    assert [lean.batch() for lean in IncomingReadings.all_from_json(raw)] == ReadingBatch.all_from_json(raw) == bs
+    batch = Batch()
+    batch.add_record(Record(KafkaTopics.READINGS, 0, 7, raw))
+    assert [r.batch() for r in batch.readings] == bs and batch.offsets == {(KafkaTopics.READINGS, 0): 8}
+    # the slow path after a refused batch writes (and refuses) each packed batch alone
+    parts = unpacked(Record(KafkaTopics.READINGS, 0, 7, raw))
+    assert [ReadingBatch.from_json(r.value) for r in parts] == bs
+    assert {(r.partition, r.offset) for r in parts} == {(0, 7)}
+
+
+def test_only_a_packed_readings_record_is_unpacked():
+    kpis = Record(KafkaTopics.KPIS, 0, 1, b"[1, 2]")
+    broken = Record(KafkaTopics.READINGS, 0, 1, b"[{not json")
+    assert unpacked(kpis) == [kpis] and unpacked(broken) == [broken]
 
 
 @pytest.mark.parametrize(

@@ -602,3 +602,19 @@ def test_a_gap_the_log_no_longer_holds_is_taken() -> None:
 def test_a_partition_revoked_before_its_seek_is_left_to_its_next_owner() -> None:
     consumer, clock = FakeConsumer(start=0, assigned=False), [0.0]
     assert asyncio.run(rewinder(consumer, clock).take_past_gap(1, 3, 4)) is False
+
+
+def test_a_packed_record_runs_like_its_messages_one_by_one() -> None:
+    """Ingest packs several messages' batches into one record (pilotlab.contracts.pack_batches):
+    they share its offset, run in order, and a redelivered record is skipped whole."""
+    msgs = [batch("t1", [Reading(o, T0 + o * 1000, {"pm25": float(o)})]) for o in range(6)]
+    alone = run_chunk(Chunk({}.get, 0), [(o, b, EXP) for o, b in enumerate(msgs)], horizon_ms=6 * 3600_000)
+    state: dict[str, bytes] = {}
+    packed = run_chunk(Chunk(state.get, 0), [(i // 3, b, EXP) for i, b in enumerate(msgs)], horizon_ms=6 * 3600_000)
+    assert packed.kpis == alone.kpis
+    values = {k: decode_entry(v)[1] for k, v in alone.writes if not k.startswith("a|")}
+    assert {k: decode_entry(v)[1] for k, v in packed.writes if not k.startswith("a|")} == values
+    assert dict(packed.writes)["a|0"] == b"2"  # two records
+    state.update(packed.writes)
+    again = run_chunk(Chunk(state.get, 0), [(1, b, EXP) for b in msgs[3:]], horizon_ms=6 * 3600_000)
+    assert again.skipped == 3 and not again.kpis
