@@ -5,8 +5,9 @@ message 10 readings 1 ms apart × pm25, pm10, no2 = 30 datapoints; the KPIs of
 ``bench/bench_e2e.py``'s ``experiment()``: pm25 count, no2 mean and pm10 p95 over 1 minute,
 no2 impact), as ingest hands it to Kafka (``ReadingBatch.to_json``), in event time at
 ``--rate`` datapoints/s. Ingest keys every record by its experiment, so the worker sees all
-of them on one partition, in chunks of ``--chunk`` messages (default: the worker's
-``streams_chunk_max``). Per chunk, what the agent does between Faust handing it the events and
+of them on one partition, in chunks of ``--chunk`` messages (default 1,000; the worker's
+chunks of ``streams_chunk_max`` records hold more since ingest packs messages into records,
+``ingest.pack``). Per chunk, what the agent does between Faust handing it the events and
 the sends (``streams.app._compute_kpis`` and ``write_chunk``): ``ReadingBatch.from_json``,
 ``run_chunk`` over a ``Chunk`` on a dict of stored entries, the outputs encoded (KPIs, late
 readings, status changes) and the chunk's writes stored back in the dict.
@@ -97,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=20_000, help="timed messages (30 datapoints each)")
     ap.add_argument("--warmup", type=int, default=20_000, help="messages before the timed ones")
-    ap.add_argument("--chunk", type=int, default=DEFAULTS["streams_chunk_max"].default)
+    ap.add_argument("--chunk", type=int, default=1000, help="messages per chunk")
     ap.add_argument("--rate", type=float, default=40_000, help="datapoints/s of event time")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="cProfile one timed run")

@@ -355,5 +355,19 @@ def encode_kpis(values: list[KpiValue]) -> bytes:
     return orjson.dumps([v.to_dict() for v in values])
 
 
+KPI_RECORD_BYTES = 512 * 1024  # Kafka refuses records over 1 MB (the producers' max.request.size)
+
+
+def encode_kpi_records(values: list[KpiValue], limit: int = KPI_RECORD_BYTES) -> list[bytes]:
+    """``encode_kpis`` split into values of at most ``limit`` bytes each (a single value larger
+    than that goes alone): one chunk of the streams worker can revise thousands of windows of
+    one experiment (a replay of days of readings), more than one Kafka record may hold."""
+    raw = encode_kpis(values)
+    if len(raw) <= limit or len(values) == 1:
+        return [raw]
+    half = len(values) // 2
+    return encode_kpi_records(values[:half], limit) + encode_kpi_records(values[half:], limit)
+
+
 def decode_kpis(raw: bytes) -> list[KpiValue]:
     return [KpiValue.from_dict(d) for d in orjson.loads(raw)]

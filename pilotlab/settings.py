@@ -65,11 +65,12 @@ class IngestSettings(KafkaSettings):
     # Kafka's idempotent producer; off by default because tansu does not support it
     ingest_kafka_idempotence: bool = False
     # how long the producer gathers a partition's records into one batch: tansu's CPU follows the
-    # number of produce requests and of stored batches (each fetch that returns records lists the
-    # partition's batches), not their size. make bench at 10,000 dp/s: 5 ms -> tansu 0.57 core
-    # (memory storage; durable fell behind), 100 ms -> 0.14 (memory), 0.16 (durable), p99
-    # publish -> stored 0.42-0.43 s; it adds up to this much latency (docs/performance.md)
-    ingest_kafka_linger_ms: int = Field(default=100, ge=0, le=1000)
+    # number of produce requests and of stored batches, not their size. Before packing (below),
+    # make bench at 10,000 dp/s: 5 ms -> tansu 0.57 core, 100 ms -> 0.14. With packing the
+    # records are few already: 5 ms -> tansu 0.11 core at 10,000 dp/s, and at saturation
+    # Mosquitto holds fewer unacknowledged messages (each of its saves writes them all):
+    # 75,346 dp/s vs 71,400-72,402 at 100 ms (docs/performance.md)
+    ingest_kafka_linger_ms: int = Field(default=5, ge=0, le=1000)
     # packing (ingest.pack): the readings of up to this many MQTT messages of one experiment,
     # taken within ingest_pack_ms, go to Kafka as one record (1: a record per message); every
     # record costs the broker, the streams worker and the sink about as much again as its readings
@@ -101,7 +102,8 @@ class StreamsSettings(KafkaSettings):
         default=512, ge=16, le=100_000, description="instants of each device the duplicate screen remembers"
     )
     # messages per chunk: each state key a chunk changes is written once (streams.checkpoint)
-    streams_chunk_max: int = Field(default=1000, ge=1, le=100_000)
+    # Kafka records per chunk; a record packs up to ingest_pack_messages MQTT messages (ingest.pack)
+    streams_chunk_max: int = Field(default=100, ge=1, le=100_000)
     streams_chunk_wait_ms: int = Field(default=300, ge=1, le=60_000, description="close a chunk after this wait")
 
     @field_validator("streams_metrics_port")

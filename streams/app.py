@@ -26,7 +26,7 @@ import faust
 from aiokafka.errors import IllegalStateError
 from faust.types import TP
 
-from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpis
+from pilotlab.contracts import KafkaTopics, ReadingBatch, encode_kpi_records
 from pilotlab.registry import RegistryFollower
 from pilotlab.settings import StreamsSettings
 from streams import faust_compat
@@ -161,7 +161,8 @@ def create_app(settings: StreamsSettings) -> faust.App:
         broker before the next (``force``: now, not attached to the chunk's last event)."""
         sends = []
         for exp_id, values in out.kpis.items():
-            sends.append(await kpis.send(key=exp_id.encode(), value=encode_kpis(values), force=True))
+            for value in encode_kpi_records(values):
+                sends.append(await kpis.send(key=exp_id.encode(), value=value, force=True))
         for held in out.late:
             log.info("%d late readings of %s routed to %s", len(held.readings), held.device_id, KafkaTopics.LATE)
             sends.append(await late.send(key=held.experiment_id.encode(), value=held.to_json(), force=True))

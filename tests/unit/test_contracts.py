@@ -18,6 +18,7 @@ from pilotlab.contracts import (
     Reason,
     Rejection,
     decode_kpis,
+    encode_kpi_records,
     encode_kpis,
     excerpt,
     feedback_topic,
@@ -392,6 +393,17 @@ def test_kpi_value_round_trip() -> None:
     assert decode_kpis(raw) == values
     assert [KpiValue.from_dict(v.to_dict()) for v in values] == values
     assert decode_kpis(encode_kpis([])) == []
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 300])
+def test_kpi_records_stay_under_their_limit_and_carry_every_value_once(n) -> None:
+    values = [kpi_value(window_start_ms=NOW_MS + i * 60_000, revision=i) for i in range(n)]
+    limit = 2_000
+    records = encode_kpi_records(values, limit)
+    assert [v for r in records for v in decode_kpis(r)] == values
+    assert all(len(r) <= limit for r in records)
+    assert len(records) == (1 if len(encode_kpis(values)) <= limit else len(records))
+    assert encode_kpi_records(values) == [encode_kpis(values)]  # under the default 512 KiB: one record
 
 
 def test_kpi_value_key() -> None:
