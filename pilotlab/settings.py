@@ -65,12 +65,13 @@ class IngestSettings(KafkaSettings):
     # Kafka's idempotent producer; off by default because tansu does not support it
     ingest_kafka_idempotence: bool = False
     # how long the producer gathers a partition's records into one batch: tansu's CPU follows the
-    # number of produce requests and of stored batches, not their size. Before packing (below),
-    # make bench at 10,000 dp/s: 5 ms -> tansu 0.57 core, 100 ms -> 0.14. With packing the
-    # records are few already: 5 ms -> tansu 0.11 core at 10,000 dp/s, and at saturation
-    # Mosquitto holds fewer unacknowledged messages (each of its saves writes them all):
-    # 75,346 dp/s vs 71,400-72,402 at 100 ms (docs/performance.md)
-    ingest_kafka_linger_ms: int = Field(default=5, ge=0, le=1000)
+    # number of produce requests and of stored batches (each fetch that returns records lists the
+    # partition's batches), not their size. make bench at 10,000 dp/s: 5 ms -> tansu 0.57 core
+    # (memory storage; durable fell behind), 100 ms -> 0.14 (memory), 0.16 (durable). With
+    # ingest's packing (below) 5 ms still cost tansu 0.33 core at 60,000-70,000 dp/s against
+    # 0.16 at 100 ms, and 0.23 + 0.11 (object server) durable at 10,000 (e2e-20261202T193810Z).
+    # It adds up to this much latency (docs/performance.md)
+    ingest_kafka_linger_ms: int = Field(default=100, ge=0, le=1000)
     # packing (ingest.pack): the readings of up to this many MQTT messages of one experiment,
     # taken within ingest_pack_ms, go to Kafka as one record (1: a record per message); every
     # record costs the broker, the streams worker and the sink about as much again as its readings
