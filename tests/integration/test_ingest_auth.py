@@ -118,8 +118,8 @@ def connect_when_reloaded(  # noqa: PLR0917 - a test helper
 
 
 def kafka_records(bootstrap: str, topic: str, experiment_ids: set[str], want, timeout: float = 60) -> list[dict]:
-    """Every record of these experiments on ``topic``, read from the beginning, once
-    ``want(records)`` holds and the topic is read to its current end."""
+    """Every record of these experiments on ``topic`` (every batch of a packed readings record),
+    read from the beginning, once ``want(records)`` holds and the topic is read to its current end."""
     consumer = Consumer(
         {"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}", "enable.auto.commit": False}
     )
@@ -132,8 +132,10 @@ def kafka_records(bootstrap: str, topic: str, experiment_ids: set[str], want, ti
             msg = consumer.poll(0.2)
             if msg is not None and not msg.error():
                 doc = orjson.loads(msg.value())
-                if doc.get("experiment_id") in experiment_ids:
-                    records.append(doc)
+                # a pilotlab.readings record packs one or more messages' batches (ingest.pack)
+                for one in doc if isinstance(doc, list) else [doc]:
+                    if one.get("experiment_id") in experiment_ids:
+                        records.append(one)
                 continue
             if want(records):
                 ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts]
