@@ -172,6 +172,19 @@ def port_busy(port: int) -> bool:
     return False
 
 
+def port_free_soon(port: int, wait_s: float = 5.0) -> bool:
+    """Whether ``port`` is free, or frees within ``wait_s``. After a server is killed, its
+    accepted connections wait in FIN_WAIT_2 until each client closes its side, and until then
+    the port cannot be bound again, SO_REUSEADDR or not: a loaded machine's clients take a
+    moment, and a restarted broker came back on another port (test_durable_kafka, 1 run in 3)."""
+    deadline = time.monotonic() + wait_s
+    while port_busy(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def port_answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -609,7 +622,7 @@ class Stack:
                 )
             return pinned
         previous = state.services.get(name)
-        if previous and not port_busy(previous.port):
+        if previous and port_free_soon(previous.port):
             return previous.port  # keep endpoints stable across down/up
         return free_port()
 
