@@ -509,11 +509,14 @@ def test_admit_takes_the_offsets_that_follow_on_from_the_state(expected, offsets
 @given(st.data())
 def test_seeking_back_at_every_gap_applies_each_offset_once_in_order(data) -> None:
     """A partition's log 0..n-1 delivered the way a consumer can get it wrong: a position ahead
-    of the state (a commit past the mark), records fetched before a seek arriving after it,
-    redeliveries. The worker's loop (admit, seek back to the offset expected at a gap, hold
-    the rest back) applies every offset exactly once, in order."""
+    of the state (a commit past the mark; with records left to deliver, else the recovery's own
+    seek catches it up), records fetched before a seek arriving after it, redeliveries. The
+    worker's loop (admit, seek back to the offset expected at a gap, hold the rest back)
+    applies every offset exactly once, in order."""
     n = data.draw(st.integers(1, 60), label="records")
     position = data.draw(st.integers(0, n), label="position the consumer starts at")
+    if position == n:  # ahead of the state with nothing left to deliver: no record shows a gap;
+        position = 0  # the recovery's seek back to the mark does it (faust_compat.rewind_uncommitted)
     applied: list[int] = []
     mark = 0
     for _ in range(8 * n + 20):  # chunks
