@@ -88,11 +88,7 @@ class IncomingReadings(NamedTuple):
     def from_json(cls, raw: bytes) -> IncomingReadings:
         """Decodes what ``ReadingBatch.from_json`` decodes and fails where it fails (the same
         KeyError for a missing field, ValueError or TypeError for a reading that is not a triple)."""
-        d = orjson.loads(raw)
-        readings = d["readings"]
-        for _seq, _ts_ms, _metrics in readings:  # the shape check of ReadingBatch.from_json
-            pass
-        return cls(d["experiment_id"], d["device_id"], d["group"], d["received_ms"], readings)
+        return cls._of(orjson.loads(raw))
 
     @classmethod
     def all_from_json(cls, raw: bytes) -> list[IncomingReadings]:
@@ -100,13 +96,14 @@ class IncomingReadings(NamedTuple):
         (``ReadingBatch.all_from_json``, which it decodes the same way)."""
         if raw[:1] != b"[":
             return [cls.from_json(raw)]
-        out = []
-        for d in orjson.loads(raw):
-            readings = d["readings"]
-            for _seq, _ts_ms, _metrics in readings:
-                pass
-            out.append(cls(d["experiment_id"], d["device_id"], d["group"], d["received_ms"], readings))
-        return out
+        return [cls._of(d) for d in orjson.loads(raw)]
+
+    @classmethod
+    def _of(cls, d: dict) -> IncomingReadings:
+        readings = d["readings"]
+        for _seq, _ts_ms, _metrics in readings:  # the shape check of ReadingBatch.from_json
+            pass
+        return cls(d["experiment_id"], d["device_id"], d["group"], d["received_ms"], readings)
 
     @classmethod
     def of(cls, b: ReadingBatch | IncomingReadings) -> IncomingReadings:
