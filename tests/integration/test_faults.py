@@ -99,6 +99,33 @@ def publish_acknowledged(
     return truth
 
 
+class GatedPublisher:
+    """``publish_acknowledged`` in a thread that waits halfway until ``resume()``: a fault
+    injected in between lands mid-stream however slow the machine."""
+
+    def __init__(self, mqtt_url: str, exp, seed: int, duration_s: float) -> None:
+        self.halfway, self._resume = threading.Event(), threading.Event()
+        self._result: dict = {}
+        gate = (self.halfway, self._resume)
+        self._thread = threading.Thread(
+            target=lambda: self._result.setdefault(
+                "truth", publish_acknowledged(mqtt_url, exp, seed=seed, duration_s=duration_s, gate=gate)
+            )
+        )
+        self._thread.start()
+
+    def wait_halfway(self) -> None:
+        assert self.halfway.wait(120), "the publisher did not get halfway"
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def finish(self) -> GroundTruth:
+        self._thread.join(timeout=180)
+        assert not self._thread.is_alive(), "the publisher did not finish"
+        return self._result["truth"]
+
+
 @pytest.fixture
 def durable_stack(tmp_path):
     """A fresh durable stack per fault: each starts from clean brokers and consumer groups."""
@@ -165,38 +192,29 @@ def test_kill_minus_nine_mid_stream(durable_stack, victim):
     stack, state = durable_stack
     exp = make_experiment(f"fault-{victim}", f"f{victim[:3]}", minutes=300)
     registry.publish(state.kafka_bootstrap, [exp])
-    result: dict = {}
 
     with Services(state, stack.logs / f"services-{victim}").start() as services:
         services.wait_ingest_ready()
-        halfway, resume = threading.Event(), threading.Event()
-        publisher = threading.Thread(
-            target=lambda: result.setdefault(
-                "truth", publish_acknowledged(state.mqtt_url, exp, seed=5, duration_s=10, gate=(halfway, resume))
-            )
-        )
-        publisher.start()
+        publisher = GatedPublisher(state.mqtt_url, exp, seed=5, duration_s=10)
         try:
-            assert halfway.wait(120), "the publisher did not get halfway"
+            publisher.wait_halfway()
             busy(state.database_url, "streams", exp.id)  # KPIs stored: every service is at work
             busy(state.database_url, "sink", exp.id)
         except BaseException:
-            resume.set()
+            publisher.resume()
             raise
         killed = time.monotonic()
         if victim in BROKERS:
             assert stack.stop_service(BROKERS[victim], kill=True)
-            resume.set()  # the devices carry on publishing through the outage
+            publisher.resume()  # the devices carry on publishing through the outage
             time.sleep(2.0)
             stack.up()  # what an operator runs: restarts exactly what is not running
         else:
             services.kill(victim)
-            resume.set()
+            publisher.resume()
             time.sleep(1.0)
             services.start(victim)
-        publisher.join(timeout=180)
-        assert not publisher.is_alive(), "the publisher did not finish"
-        truth = result["truth"]
+        truth = publisher.finish()
         published = time.monotonic()
         services.wait_drained(len(truth.accepted), sum(truth.rejected.values()), experiment_ids=[exp.id], timeout=180)
         recovered, after_last = time.monotonic() - killed, time.monotonic() - published
@@ -260,25 +278,16 @@ def test_a_commit_ahead_of_the_streams_state_is_sought_back_and_nothing_goes_unc
     exp = make_experiment("fault-ahead", "fahe", minutes=300)
     registry.publish(state.kafka_bootstrap, [exp])
     logs = stack.logs / "services-ahead"
-    result: dict = {}
     with Services(state, logs).start() as services:
         services.wait_ingest_ready()
-        halfway, resume = threading.Event(), threading.Event()
-        publisher = threading.Thread(
-            target=lambda: result.setdefault(
-                "truth", publish_acknowledged(state.mqtt_url, exp, seed=6, duration_s=6, gate=(halfway, resume))
-            )
-        )
-        publisher.start()
+        publisher = GatedPublisher(state.mqtt_url, exp, seed=6, duration_s=6)
         try:
-            assert halfway.wait(120), "the publisher did not get halfway"
+            publisher.wait_halfway()
             busy(state.database_url, "streams", exp.id)
         finally:
             services.kill("streams")
-            resume.set()
-        publisher.join(timeout=180)
-        assert not publisher.is_alive(), "the publisher did not finish"
-        truth = result["truth"]
+            publisher.resume()
+        truth = publisher.finish()
         deadline = time.monotonic() + 120
         with psycopg.connect(state.database_url, autocommit=True) as conn:
             while conn.execute("SELECT count(*) FROM readings WHERE experiment_id = %s", (exp.id,)).fetchone()[0] < len(
