@@ -1009,6 +1009,41 @@ def cpu_per_datapoint_table(runs: list[dict], names: list[str]) -> list[str]:
     return L
 
 
+def disk_writes_table(runs: list[dict], names: list[str], message_bytes: int, per_message: int) -> list[str]:
+    """Bytes written to storage per published datapoint per process (bench.e2e.cpu's
+    ``written_bytes``), for the runs that published any and measured it."""
+    rows = [r for r in runs if r.get("published_datapoints") and r["cpu"].get("written_bytes") is not None]
+    if not rows:
+        return []
+    cols = [k for k in names if any(r["cpu"]["written_bytes"].get(k) for r in rows)]
+    if not cols:
+        return []
+    L = [
+        "## Disk writes per datapoint (bytes written to storage per published datapoint)",
+        "",
+        "| run | " + " | ".join(cols) + " | MB in all |",
+        "| --- |" + " ---: |" * (len(cols) + 1),
+    ]
+    for r in rows:
+        w, n = r["cpu"]["written_bytes"], r["published_datapoints"]
+        L.append(
+            f"| {r['name']} | "
+            + " | ".join(_n(w.get(k, 0) / n, ",.0f") for k in cols)
+            + f" | {sum(w.values()) / 1e6:,.0f} |"
+        )
+    L += [
+        "",
+        "From /proc/<pid>/io `write_bytes` of each process tree's live processes (page cache included; a "
+        "process that exited during the run takes its share with it). A message is "
+        f"{message_bytes:,} bytes, {message_bytes / per_message:.0f} per datapoint. Mosquitto writes when it "
+        "saves its persistence file: after every 100 messages queued for ingest's session, the whole file each "
+        'time (docs/operations.md, "The MQTT broker\'s acknowledgement window"), so a backlog in Mosquitto '
+        "costs writes in proportion to its size.",
+        "",
+    ]
+    return L
+
+
 REQUEST_COLUMNS = ("Fetch", "Produce", "OffsetCommit", "Heartbeat", "Metadata", "ListOffsets", "OffsetFetch")
 
 
@@ -1260,6 +1295,8 @@ def markdown(res: dict) -> str:
             )
         L.append("")
         L += cpu_per_datapoint_table(runs, names)
+        message_bytes = len(payload(10**9, 1_800_000_000_000, cfg["readings"]))  # a run's seqs and times
+        L += disk_writes_table(runs, names, message_bytes, cfg["per_message"])
         L += kafka_requests_table(runs)
     if step:
         L += [

@@ -1,9 +1,15 @@
-"""CPU seconds per process tree, read from Linux's /proc (no dependency).
+"""CPU seconds and disk writes per process tree, read from Linux's /proc (no dependency).
 
 A tree's CPU is the user + system time of the root and of every live descendant, plus the
 time of descendants already reaped (``cutime``/``cstime`` of their parents): the difference
 of two snapshots is the CPU the tree used in between, also when a child (a PostgreSQL
 backend) started or exited in between.
+
+A tree's disk writes are the ``write_bytes`` of /proc/<pid>/io (what the process caused to
+be written to storage, page cache included) of the root and its live descendants. Linux
+keeps no such total for reaped children: a process that exits between two snapshots takes
+its share with it (PostgreSQL's WAL writer, checkpointer and the services' sessions live
+through a run; a short-lived backend does not count).
 """
 
 from __future__ import annotations
@@ -56,6 +62,34 @@ def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def _written(pid: int) -> int:
+    """Bytes a live process caused to be written to storage so far (0 if gone or unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
+def tree_written(roots: dict[str, int]) -> dict[str, int]:
+    """Bytes written to storage so far by each named process tree's live processes."""
+    procs = _all()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {}
+    for name, root in roots.items():
+        total, todo = 0, [root] if root in procs else []
+        while todo:
+            pid = todo.pop()
+            total += _written(pid)
+            todo.extend(children.get(pid, ()))
+        out[name] = total
+    return out
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy CPU seconds, total CPU seconds) of the whole machine, all cores, from /proc/stat."""
     parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -76,10 +110,12 @@ class CpuMeter:
     _cpu0: dict[str, float] | None = None
     _machine0: tuple[float, float] = (0.0, 0.0)
     _self0: float = 0.0
+    _written0: dict[str, int] | None = None
 
     def start(self) -> CpuMeter:
         self._t0 = time.monotonic()
         self._cpu0 = tree_cpu(self.roots)
+        self._written0 = tree_written(self.roots)
         self._machine0 = machine_busy()
         self._self0 = time.process_time()
         return self
@@ -91,6 +127,9 @@ class CpuMeter:
         cpu1 = tree_cpu(self.roots)
         busy1, total1 = machine_busy()
         used = {k: max(0.0, cpu1[k] - (self._cpu0 or {}).get(k, 0.0)) for k in self.roots}
+        written1 = tree_written(self.roots)
+        # a tree that lost a writer meanwhile can show less than at the start: 0, not negative
+        written = {k: max(0, written1[k] - (self._written0 or {}).get(k, 0)) for k in self.roots}
         for k, v in (exited or {}).items():
             used[k] = max(used.get(k, 0.0), v)
         used["harness"] = time.process_time() - self._self0
@@ -100,6 +139,7 @@ class CpuMeter:
             "wall_s": round(wall, 2),
             "cores_busy": {k: round(v / wall, 3) for k, v in used.items()} if wall > 0 else {},
             "cpu_s": {k: round(v, 2) for k, v in used.items()},
+            "written_bytes": written,
             "machine_cores_busy": round(busy / wall, 3) if wall > 0 else 0.0,
             "machine_cores": round(cores),
             "untracked_cores_busy": round(max(0.0, busy - sum(used.values())) / wall, 3) if wall > 0 else 0.0,
