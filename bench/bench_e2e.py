@@ -1095,9 +1095,9 @@ def disk_writes_table(runs: list[dict], names: list[str], message_bytes: int, pe
         "From /proc/<pid>/io `write_bytes` of each process tree's live processes (page cache included; a "
         "process that exited during the run takes its share with it). A message is "
         f"{message_bytes:,} bytes, {message_bytes / per_message:.0f} per datapoint. Mosquitto writes when it "
-        "saves its persistence file: after every 100 messages queued for ingest's session, the whole file each "
-        'time (docs/operations.md, "The MQTT broker\'s acknowledgement window"), so a backlog in Mosquitto '
-        "costs writes in proportion to its size.",
+        "saves its persistence file: after every 100 messages queued for a subscriber's session (ingest's, a "
+        "peer's), the whole file each time (docs/operations.md, \"The MQTT broker's acknowledgement window\"), so "
+        "a backlog in Mosquitto costs writes in proportion to its size.",
         "",
     ]
     return L
