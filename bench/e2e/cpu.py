@@ -45,21 +45,28 @@ def _all() -> dict[int, tuple[int, float]]:
     return out
 
 
-def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
-    """CPU seconds so far of each named process tree (0.0 for a root that is gone)."""
+def _trees(roots: dict[str, int]) -> tuple[dict[str, list[int]], dict[int, tuple[int, float]]]:
+    """The live pids of each named process tree (none for a root that is gone), and /proc's
+    (parent, CPU seconds) of every live process."""
     procs = _all()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
     out = {}
     for name, root in roots.items():
-        total, todo = 0.0, [root] if root in procs else []
+        pids, todo = [], [root] if root in procs else []
         while todo:
             pid = todo.pop()
-            total += procs[pid][1]
+            pids.append(pid)
             todo.extend(children.get(pid, ()))
-        out[name] = total
-    return out
+        out[name] = pids
+    return out, procs
+
+
+def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process tree (0.0 for a root that is gone)."""
+    trees, procs = _trees(roots)
+    return {name: sum(procs[pid][1] for pid in pids) for name, pids in trees.items()}
 
 
 def _written(pid: int) -> int:
@@ -75,19 +82,8 @@ def _written(pid: int) -> int:
 
 def tree_written(roots: dict[str, int]) -> dict[str, int]:
     """Bytes written to storage so far by each named process tree's live processes."""
-    procs = _all()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    out = {}
-    for name, root in roots.items():
-        total, todo = 0, [root] if root in procs else []
-        while todo:
-            pid = todo.pop()
-            total += _written(pid)
-            todo.extend(children.get(pid, ()))
-        out[name] = total
-    return out
+    trees, _ = _trees(roots)
+    return {name: sum(_written(pid) for pid in pids) for name, pids in trees.items()}
 
 
 def machine_busy() -> tuple[float, float]:
