@@ -1,9 +1,10 @@
 """``pilotlab demo``: three simulated pilots through the whole real pipeline, in accelerated time.
 
 Steps: stack up → schema and topics → manifests applied (periods moved so the intervention
-ends now) → ingest, streams, sink started → four weeks of sensor traffic published over MQTT
-in about ``duration_s`` seconds → wait until everything is stored → KPIs per period read
-back from the database → everything this command started is stopped.
+ends now) → ingest, streams, sink and alerts started → four weeks of sensor traffic published
+over MQTT in about ``duration_s`` seconds → wait until everything is stored and judged by the
+alert rules → KPIs per period and the alerts read back from the database → everything this
+command started is stopped.
 """
 
 from __future__ import annotations
@@ -23,19 +24,28 @@ from rich.markup import escape
 from rich.table import Table
 
 from control.portal import portal_beside
-from control.services import Services
+from control.services import SERVICE_NAMES, Services
 from control.stack import Stack
 from dashboards import impact_text as it
 from dashboards.report import load as load_report
 from dashboards.report import render as render_report
 from pilotlab import registry
 from pilotlab.contracts import utcnow
-from pilotlab.kafka_admin import ensure_topics
+from pilotlab.kafka_admin import ensure_topics, lag_or_reason
 from pilotlab.manifest import Experiment, load_manifests
 from pilotlab.metrics import METRICS
 from simulators.publisher import publish
 from storage.migrate import migrate
-from storage.queries import PeriodValue, kpi_period_summary, rejections_by_reason, streams_impact, table_counts
+from storage.queries import (
+    AlertEpisode,
+    PeriodValue,
+    alert_history,
+    kpi_period_summary,
+    rejections_by_reason,
+    streams_impact,
+    table_counts,
+)
+from streams.alerting import TOPICS as ALERT_TOPICS
 
 log = logging.getLogger("pilotlab.demo")
 
@@ -106,12 +116,42 @@ def impacts(conn: psycopg.Connection, experiment_id: str) -> dict[str, ImpactRow
     }
 
 
+def alert_summary(experiment: Experiment, episodes: list[AlertEpisode]) -> dict:
+    """An experiment's alerts for the demo's output: the rules judged (the manifest's enabled
+    ones), how many alerts fired and how many still fire, per rule (with its severity), and
+    the newest few in the service's own words."""
+    by_rule: dict[str, dict] = {}
+    for a in episodes:
+        r = by_rule.setdefault(a.rule, {"severity": a.severity, "fired": 0, "firing": 0})
+        r["fired"] += 1
+        r["firing"] += a.status == "firing"
+    return {
+        "rules": [r.name for r in experiment.alerts if r.enabled],
+        "fired": len(episodes),
+        "firing": sum(a.status == "firing" for a in episodes),
+        "by_rule": dict(sorted(by_rule.items())),
+        "newest": [
+            {
+                "rule": a.rule,
+                "severity": a.severity,
+                "subject": a.subject,
+                "status": a.status,
+                "fired_at": a.fired_at.isoformat(),
+                "summary": a.summary,
+            }
+            for a in episodes[:3]
+        ],
+    }
+
+
 def summarise(
     experiment: Experiment,
     values: list[PeriodValue],
     impact_rows: dict[str, ImpactRow],
     rejections: dict[str, int],
     stored_readings: int,
+    *,
+    alerts: list[AlertEpisode] | None = None,
 ) -> dict:
     """Per KPI: baseline and intervention values per group; for impact KPIs, what the streams
     engine computed (read back from ``kpi_values``): the estimate and 95% CI in their scale
@@ -173,6 +213,7 @@ def summarise(
         "devices": len(experiment.devices),
         "readings_stored": stored_readings,
         "rejections": rejections,
+        "alerts": alert_summary(experiment, alerts or []),
         "kpis": kpis,
     }
 
@@ -203,7 +244,7 @@ def run_demo(  # noqa: PLR0917
             if on_portal is not None:
                 on_portal(portal)
         env = {"PILOTLAB_INGEST_MAX_AGE_S": str(int((span + timedelta(days=2)).total_seconds()))}
-        with Services(state, stack.logs / "services", env).start() as services:
+        with Services(state, stack.logs / "services", env).start(*SERVICE_NAMES, "alerts") as services:
             t1 = time.monotonic()
             services.wait_ingest_ready()
             log.info(
@@ -214,6 +255,7 @@ def run_demo(  # noqa: PLR0917
             timings["publish_s"] = time.monotonic() - t2
             log.info("published %d messages; waiting for the pipeline to drain", truth.messages)
             timings["drain_s"] = services.wait_drained(len(truth.accepted), sum(truth.rejected.values()))
+            timings["alerts_s"] = wait_alerts_judged(state.kafka_bootstrap, services)
         with psycopg.connect(state.database_url) as conn:
             results = []
             for exp in experiments:
@@ -227,6 +269,7 @@ def run_demo(  # noqa: PLR0917
                         impacts(conn, exp.id),
                         rejections_by_reason(conn, exp.id),
                         stored,
+                        alerts=alert_history(conn, exp.id),
                     )
                 )
             counts = table_counts(conn)
@@ -256,6 +299,19 @@ def run_demo(  # noqa: PLR0917
         keep.close()
         if not was_up:
             stack.down()
+
+
+def wait_alerts_judged(bootstrap: str, services: Services, timeout: float = 120.0) -> float:
+    """Until the alerts service has read everything stored (its consumer group's lag is 0);
+    returns the seconds waited. A service that stopped, or a lag still there after
+    ``timeout``, is an error: the demo would report alerts it had not judged yet."""
+    start = time.monotonic()
+    while (lag := lag_or_reason(bootstrap, "pilotlab-alerts", ALERT_TOPICS)) != 0:
+        services.check_alive()
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"the alerts service still lags after {timeout:.0f} s: {lag}")
+        time.sleep(0.5)
+    return time.monotonic() - start
 
 
 def _fmt(v: float | None, pct: bool = False) -> str:
@@ -310,7 +366,20 @@ def render(result: dict) -> None:
                     console.print(f"      [yellow]! {escape(w)}[/]", highlight=False)
                 console.print(f"      [dim]method: {escape(k['impact']['method'])}[/]", highlight=False)
         rej = ", ".join(f"{r}: {n}" for r, n in exp["rejections"].items()) or "none"
-        console.print(f"  readings stored: {exp['readings_stored']}; rejections: {rej}\n")
+        console.print(f"  readings stored: {exp['readings_stored']}; rejections: {rej}")
+        al = exp["alerts"]
+        rules = ", ".join(
+            f"{rule} ({r['severity']}) ×{r['fired']}" + (f", {r['firing']} still firing" if r["firing"] else "")
+            for rule, r in al["by_rule"].items()
+        )
+        judged = ", ".join(al["rules"]) or "no rules"
+        console.print(
+            f"  alerts: {escape(rules) if rules else 'none fired'} [dim](rules judged: {escape(judged)})[/]",
+            highlight=False,
+        )
+        for a in al["newest"]:
+            console.print(f"      [dim]{escape(a['fired_at'][:16])} {escape(a['summary'])}[/]", highlight=False)
+        console.print()
     for path in result.get("reports", []):
         console.print(f"report: {path}")
     t = result["timings"]

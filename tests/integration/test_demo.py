@@ -65,6 +65,11 @@ def test_demo_json_recovers_true_effects_and_stops_everything(tmp_path: Path):
     assert sum(i["design"] == "difference-in-differences" for i in impacts.values()) == 3
     for exp in doc["experiments"]:
         assert exp["rejections"], f"{exp['id']}: the demo injects broken payloads"
+        # the alerts service ran beside the pipeline and judged everything: only the manifest's rules
+        alerts = exp["alerts"]
+        assert alerts["rules"] == [r.name for r in manifests[exp["id"]].alerts if r.enabled]
+        assert set(alerts["by_rule"]) <= set(alerts["rules"]), alerts
+        assert alerts["fired"] == sum(r["fired"] for r in alerts["by_rule"].values()) >= alerts["firing"]
         mean_kpi = next(k for k in exp["kpis"] if k["kind"] == "mean")
         for periods in mean_kpi["groups"].values():
             assert periods["baseline"] is not None and periods["intervention"] is not None

@@ -91,3 +91,56 @@ def test_terminal_render_prints_verdict_and_warning_sentences(capsys):
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "inconclusive · 8 devices, no control group" in out
     assert f"! {WARNINGS['no_control_group']}" in out and "method: device-level" in out
+
+
+def _episode(rule: str, status: str, minute: int, severity: str = "warning", subject: str = "aq-01"):
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from storage.queries import AlertEpisode  # noqa: PLC0415
+
+    at = datetime(2026, 11, 20, 8, minute, tzinfo=UTC)
+    return AlertEpisode(
+        alert_id=f"{rule}-{minute}", experiment_id="lez-san-salvario", rule=rule, kind="device_offline",
+        severity=severity, subject=subject, device_id=subject, status=status, fired_at=at,
+        resolved_at=None if status == "firing" else at, threshold=None, value=None,
+        summary=f"{subject}: {rule} at 08:{minute:02d}", resolved_summary=None,
+        deliveries=0, delivered=0, failed=0, pending=0,
+    )  # fmt: skip
+
+
+def test_alerts_are_counted_per_rule_with_what_still_fires_and_the_newest_three():
+    episodes = [  # newest first, as alert_history returns them
+        _episode("device-offline", "firing", 40),
+        _episode("firmware-broken", "resolved", 30, severity="critical", subject="aq-02"),
+        _episode("device-offline", "resolved", 20),
+        _episode("device-offline", "resolved", 10),
+    ]
+    out = summarise(_experiment("lez-san-salvario"), [], {}, {}, 0, alerts=episodes)["alerts"]
+    assert (out["fired"], out["firing"]) == (4, 1)
+    assert out["by_rule"] == {
+        "device-offline": {"severity": "warning", "fired": 3, "firing": 1},
+        "firmware-broken": {"severity": "critical", "fired": 1, "firing": 0},
+    }
+    assert [a["fired_at"][11:16] for a in out["newest"]] == ["08:40", "08:30", "08:20"]
+    assert summarise(_experiment("lez-san-salvario"), [], {}, {}, 0)["alerts"] == {
+        "rules": ["device-offline", "sensor-incomplete", "no2-hourly-limit", "firmware-broken"],
+        "fired": 0, "firing": 0, "by_rule": {}, "newest": [],
+    }
+
+
+def test_terminal_render_lists_the_alerts(capsys):
+    exp = summarise(_experiment("lez-san-salvario"), [], {}, {}, 0,
+                    alerts=[_episode("device-offline", "firing", 40), _episode("device-offline", "resolved", 5)])
+    result = {
+        "experiments": [exp], "reports": [], "messages_published": 1, "datapoints_accepted_expected": 1,
+        "simulated_span_days": 28, "timings": {"stack_up_s": 1, "publish_s": 1, "drain_s": 1, "total_s": 3},
+    }  # fmt: skip
+    demo.render(result)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "alerts: device-offline (warning) ×2, 1 still firing" in out
+    assert "2026-11-20T08:40 aq-01: device-offline at 08:40" in out
+    exp["alerts"] = summarise(_experiment("lez-san-salvario"), [], {}, {}, 0)["alerts"]
+    demo.render(result)
+    out = " ".join(capsys.readouterr().out.split())
+    judged = "device-offline, sensor-incomplete, no2-hourly-limit, firmware-broken"
+    assert f"alerts: none fired (rules judged: {judged})" in out
