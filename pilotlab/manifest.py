@@ -156,6 +156,15 @@ class Kpi(_Model):
         return {name: getattr(self, name) for name in kpi_kinds.PARAMS}
 
 
+class SimulatedOutage(_Model):
+    """A device of a simulated pilot silent for a while (power cut, vandalism, lost network):
+    it sends nothing from ``start`` after the baseline start for ``duration``."""
+
+    device: Identifier
+    start: Seconds = Field(description="from the baseline start, e.g. 18d or 435h")
+    duration: Seconds = Field(description="how long nothing arrives, e.g. 5h")
+
+
 class Simulation(_Model):
     """For simulated pilots only: the truth the pipeline should recover, and how realistic
     (hard to analyse) the simulated readings are (see :mod:`simulators.models`).
@@ -175,6 +184,9 @@ class Simulation(_Model):
         ),
     )
     bad_message_rate: float = Field(default=0.0, ge=0, le=1)
+    outages: tuple[SimulatedOutage, ...] = Field(
+        default=(), description="devices that send nothing for a while (what the device_offline alert catches)"
+    )
     device_noise_sd: float = Field(
         default=0.08,
         ge=0,
@@ -394,6 +406,15 @@ class Experiment(_Model):
         problems = alert_rule_problems(self, self.alerts)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _outages_of_its_devices(self) -> Experiment:
+        unknown = sorted(
+            {o.device for o in (self.simulation.outages if self.simulation else ()) if self.device(o.device) is None}
+        )
+        if unknown:
+            raise ValueError(f"simulation.outages: not devices of this experiment: {', '.join(unknown)}")
         return self
 
     def device(self, device_id: str) -> Device | None:

@@ -798,4 +798,14 @@ def simulate_experiment(
     sequence. Lazy: samples are generated as the iterator is consumed."""
     start_ms = _as_ms(exp.periods.baseline.start if start is None else start, "start")
     end_ms = _as_ms(exp.periods.intervention.end if end is None else end, "end")
-    return _merged(build_models(exp, seed), start_ms, end_ms)
+    merged = _merged(build_models(exp, seed), start_ms, end_ms)
+    outages = exp.simulation.outages if exp.simulation else ()
+    if not outages:
+        return merged
+    # a device in an outage sends nothing: its readings of the window are never taken out of
+    # the street (the models still run through it, so what comes after is unchanged)
+    base_ms = _as_ms(exp.periods.baseline.start, "baseline start")
+    silent: dict[str, list[tuple[int, int]]] = {}
+    for o in outages:
+        silent.setdefault(o.device, []).append((base_ms + o.start * 1000, base_ms + (o.start + o.duration) * 1000))
+    return (s for s in merged if not any(a <= s.ts_ms < b for a, b in silent.get(s.device_id, ())))

@@ -279,6 +279,11 @@ def _resolve(spec: ExperimentSpec, index: int, base: Path, path: Path | str) -> 
     if spec.true_effects is not None:
         sim = exp.simulation or Simulation()
         update["simulation"] = sim.model_copy(update={"true_effects": dict(spec.true_effects)})
+    if exp.simulation is not None and exp.simulation.outages:
+        # a scenario's outages are its faults (faults.dropout.outages), timed on its own span:
+        # the manifest's, timed on the manifest's periods and naming its devices, are dropped
+        sim = update.get("simulation", exp.simulation)
+        update["simulation"] = sim.model_copy(update={"outages": ()})
     if update:
         try:  # re-validate the whole experiment (unique ids, metric names...)
             exp = Experiment.model_validate({**exp.model_dump(), **{k: v for k, v in update.items()}})

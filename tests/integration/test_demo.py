@@ -73,3 +73,11 @@ def test_demo_json_recovers_true_effects_and_stops_everything(tmp_path: Path):
         mean_kpi = next(k for k in exp["kpis"] if k["kind"] == "mean")
         for periods in mean_kpi["groups"].values():
             assert periods["baseline"] is not None and periods["intervention"] is not None
+    # the LEZ sensor simulated without power for five hours (its manifest's simulation.outages):
+    # silent past the rule's 2 h and incomplete in a 6 h window, then back — both alerts resolved
+    lez = next(e["alerts"] for e in doc["experiments"] if e["id"] == "lez-san-salvario")
+    assert {r: (v["fired"], v["firing"]) for r, v in lez["by_rule"].items()} == {
+        "device-offline": (1, 0), "sensor-incomplete": (1, 0),
+    }, lez
+    assert {a["subject"] for a in lez["newest"]} == {"aq-lez-03"}
+    assert sum(e["alerts"]["fired"] for e in doc["experiments"]) == 2  # nothing else went wrong in the street

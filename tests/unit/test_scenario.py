@@ -117,3 +117,13 @@ def test_negative_clock_skew_and_not_a_mapping(tmp_path):
     assert s.faults.clock_skew.offset == -7200
     with pytest.raises(ScenarioError, match="a scenario is a YAML mapping"):
         load_scenario(write(tmp_path, [1, 2]))  # type: ignore[arg-type]
+
+
+def test_a_manifests_simulated_outages_are_left_to_the_scenarios_faults(tmp_path):
+    manifest = REPO / "control" / "examples" / "experiments" / "lez-san-salvario.yaml"
+    assert yaml.safe_load(manifest.read_text())["simulation"]["outages"]  # the demo's outage
+    for extra in ({}, {"devices": {"treatment": 3, "control": 3}, "interval": "5m"}):  # generated devices too
+        doc = {"name": "lez", "seed": 1, "duration": "2d", "experiments": [{"manifest": str(manifest), **extra}]}
+        (exp,) = load_scenario(write(tmp_path, doc)).resolved
+        assert exp.simulation.outages == ()
+        assert exp.simulation.true_effects == {"no2": -0.25, "pm25": -0.10}

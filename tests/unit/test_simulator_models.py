@@ -533,3 +533,27 @@ def test_simulation_defaults_and_interval_scale_effects():
     sim = make_experiment(lights(1, 1), true_effects={"noise": -3.0, "lat": 0.01}).simulation
     assert sim is not None and sim.true_effects == {"noise": -3.0, "lat": 0.01}  # not relative: no -1 bound
     assert (sim.device_noise_sd, sim.device_noise_correlation, sim.trend, sim.weather_sd) == (0.08, 7200, 0.0, 0.3)
+
+
+def test_an_outage_silences_its_device_for_its_window_and_nothing_else():
+    devices = [{"id": d, "kind": "air_quality", "interval": "15m"} for d in ("a", "b")]
+    plain = make_experiment(devices, baseline_days=1, intervention_days=1)
+    cut = make_experiment(
+        devices, baseline_days=1, intervention_days=1,
+        simulation={"outages": [{"device": "a", "start": "27h", "duration": "5h"}]},
+    )  # fmt: skip
+    everything = list(simulate_experiment(plain, seed=7))
+    kept = list(simulate_experiment(cut, seed=7))
+    begin = int((T0 + timedelta(days=1, hours=3)).timestamp() * 1000)
+    end = begin + 5 * 3600 * 1000
+    lost = [s for s in everything if s.device_id == "a" and begin <= s.ts_ms < end]
+    assert len(lost) == 5 * 4  # four readings an hour
+    assert kept == [s for s in everything if s not in lost]  # the rest identical: the models ran through it
+
+
+def test_an_outage_of_a_device_the_experiment_does_not_have_is_refused():
+    with pytest.raises(ValueError, match=r"simulation\.outages: not devices of this experiment: ghost"):
+        make_experiment(
+            [{"id": "a", "kind": "air_quality", "interval": "15m"}],
+            simulation={"outages": [{"device": "ghost", "start": "1d", "duration": "1h"}]},
+        )
