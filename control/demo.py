@@ -34,6 +34,7 @@ from pilotlab.contracts import utcnow
 from pilotlab.kafka_admin import ensure_topics, lag_or_reason
 from pilotlab.manifest import Experiment, load_manifests
 from pilotlab.metrics import METRICS
+from pilotlab.settings import AlertsSettings
 from simulators.publisher import publish
 from storage.migrate import migrate
 from storage.queries import (
@@ -306,7 +307,8 @@ def wait_alerts_judged(bootstrap: str, services: Services, timeout: float = 120.
     returns the seconds waited. A service that stopped, or a lag still there after
     ``timeout``, is an error: the demo would report alerts it had not judged yet."""
     start = time.monotonic()
-    while (lag := lag_or_reason(bootstrap, "pilotlab-alerts", ALERT_TOPICS)) != 0:
+    group = AlertsSettings.model_fields["alerts_group"].default  # the demo runs it with its defaults
+    while (lag := lag_or_reason(bootstrap, group, ALERT_TOPICS)) != 0:
         services.check_alive()
         if time.monotonic() - start > timeout:
             raise TimeoutError(f"the alerts service still lags after {timeout:.0f} s: {lag}")
