@@ -798,17 +798,24 @@ def phase_step(b: Bench, reserve_s: float) -> dict:
     }
 
 
+def saturation_run(b: Bench, name: str, drain_timeout: float, **kw) -> dict:
+    """One saturation burst of any system (pilotlab's or a peer's), from the same start: a
+    checkpointed database, then ``saturation_datapoints`` as fast as the broker takes them."""
+    checkpoint(b)
+    r = saturation_figures(
+        run_load(b, name, rate=0, datapoints=b.cfg.saturation_datapoints, drain_timeout=drain_timeout, **kw)
+    )
+    print_run(r)
+    return r
+
+
 def phase_saturation(b: Bench) -> dict:
     runs = []
     for _ in range(b.cfg.saturation_repeats):
         before = wait_pipeline_idle(b, timeout=240)
-        checkpoint(b)
-        r = pipeline_run(
-            b, "saturation", rate=0, datapoints=b.cfg.saturation_datapoints, drain_timeout=b.cfg.saturation_timeout_s
-        )
+        r = saturation_run(b, "saturation", b.cfg.saturation_timeout_s, services_check=b.services.check_alive)
         r["idle_before"] = before
-        print_run(r)
-        runs.append(saturation_figures(r))
+        runs.append(r)
     return median_saturation(runs)
 
 
@@ -827,8 +834,8 @@ def median_saturation(runs: list[dict]) -> dict:
     out["repeats"] = [{k: r.get(k) for k in REPEAT_FIGURES} for r in runs]
     out["all_stored"] = all(r["all_stored"] for r in runs)
     out["readings_rate_partial"] = any(r["readings_rate_partial"] for r in runs)
-    kpis = sorted(r.get("kpis_datapoints_per_s") or 0.0 for r in runs)
     if "kpis_datapoints_per_s" in out:
+        kpis = sorted(r.get("kpis_datapoints_per_s") or 0.0 for r in runs)
         out["kpis_datapoints_per_s"] = kpis[(len(kpis) - 1) // 2] or None
         out["kpis_complete"] = all(r.get("kpis_complete") for r in runs)
     return out
@@ -906,12 +913,7 @@ def phase_peers(b: Bench, pilot: dict, only: list[str] | None = None) -> dict:
                             drain_timeout=cfg.drain_timeout_s, **common,
                         )  # fmt: skip
                         print_run(entry["fixed"])
-                    checkpoint(b)
-                    sat_runs.append(saturation_figures(
-                        run_load(b, f"{name}-saturation", rate=0, datapoints=cfg.saturation_datapoints,
-                                 drain_timeout=cfg.peer_saturation_timeout_s, **common)
-                    ))  # fmt: skip
-                    print_run(sat_runs[-1])
+                    sat_runs.append(saturation_run(b, f"{name}-saturation", cfg.peer_saturation_timeout_s, **common))
             entry["saturation"] = median_saturation(sat_runs)
         except peers.PeerError as exc:
             entry["error"] = str(exc)

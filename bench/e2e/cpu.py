@@ -65,8 +65,14 @@ def _trees(roots: dict[str, int]) -> tuple[dict[str, list[int]], dict[int, tuple
 
 def tree_cpu(roots: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far of each named process tree (0.0 for a root that is gone)."""
+    return tree_usage(roots)[0]
+
+
+def tree_usage(roots: dict[str, int]) -> tuple[dict[str, float], dict[str, int]]:
+    """CPU seconds and bytes written so far of each named process tree, from one walk of /proc."""
     trees, procs = _trees(roots)
-    return {name: sum(procs[pid][1] for pid in pids) for name, pids in trees.items()}
+    cpu = {name: sum(procs[pid][1] for pid in pids) for name, pids in trees.items()}
+    return cpu, {name: sum(_written(pid) for pid in pids) for name, pids in trees.items()}
 
 
 def _written(pid: int) -> int:
@@ -78,12 +84,6 @@ def _written(pid: int) -> int:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
     return 0
-
-
-def tree_written(roots: dict[str, int]) -> dict[str, int]:
-    """Bytes written to storage so far by each named process tree's live processes."""
-    trees, _ = _trees(roots)
-    return {name: sum(_written(pid) for pid in pids) for name, pids in trees.items()}
 
 
 def machine_busy() -> tuple[float, float]:
@@ -110,8 +110,7 @@ class CpuMeter:
 
     def start(self) -> CpuMeter:
         self._t0 = time.monotonic()
-        self._cpu0 = tree_cpu(self.roots)
-        self._written0 = tree_written(self.roots)
+        self._cpu0, self._written0 = tree_usage(self.roots)
         self._machine0 = machine_busy()
         self._self0 = time.process_time()
         return self
@@ -120,10 +119,9 @@ class CpuMeter:
         """``exited``: the CPU seconds that tracked processes which exited (and were reaped)
         meanwhile reported themselves; /proc no longer knows them."""
         wall = time.monotonic() - self._t0
-        cpu1 = tree_cpu(self.roots)
+        cpu1, written1 = tree_usage(self.roots)
         busy1, total1 = machine_busy()
         used = {k: max(0.0, cpu1[k] - (self._cpu0 or {}).get(k, 0.0)) for k in self.roots}
-        written1 = tree_written(self.roots)
         # a tree that lost a writer meanwhile can show less than at the start: 0, not negative
         written = {k: max(0, written1[k] - (self._written0 or {}).get(k, 0)) for k in self.roots}
         for k, v in (exited or {}).items():

@@ -1,4 +1,4 @@
-"""The benchmark's disk-write accounting (bench.e2e.cpu.tree_written, CpuMeter) and its table:
+"""The benchmark's disk-write accounting (bench.e2e.cpu.tree_usage, CpuMeter) and its table:
 bytes a process tree caused to be written, per published datapoint."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from bench import bench_e2e
-from bench.e2e.cpu import CpuMeter, tree_written
+from bench.e2e.cpu import CpuMeter, tree_usage
 
 
 def test_a_child_that_writes_and_fsyncs_is_counted_in_its_root_tree(tmp_path):
@@ -35,7 +35,7 @@ def test_a_child_that_writes_and_fsyncs_is_counted_in_its_root_tree(tmp_path):
 
 
 def test_a_gone_root_writes_nothing():
-    assert tree_written({"gone": 2**22 + 12345}) == {"gone": 0}
+    assert tree_usage({"gone": 2**22 + 12345}) == ({"gone": 0.0}, {"gone": 0})
 
 
 def run(name: str, written: dict[str, int], datapoints: int = 1000) -> dict:
