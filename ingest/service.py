@@ -393,11 +393,9 @@ class IngestService:
             serve(self.settings.ingest_metrics_port, self.health, setting="PILOTLAB_INGEST_METRICS_PORT")
         self.registry.start()
         self.health.beat()
-        while not self.registry.ready.wait(30):  # Kafka down at start: wait for it, saying so
-            self.health.beat()  # alive, not ready
-            if self.stopping.is_set():
-                return 0
-            log.error("registry topic not read yet at %s; still waiting", self.settings.kafka_bootstrap)
+        # Kafka down at start: wait for it, saying so (alive, not ready); a SIGTERM ends the wait
+        if not self.registry.wait_ready(self.stopping, beat=self.health.beat):
+            return 0  # the follower is a daemon thread, maybe inside a 10 s metadata call
         log.info("registry loaded: %d experiments", len(self.registry.registry.experiments))
         # what start-up made (modules, clients, the registry) lives as long as the process:
         # move it out of the cycle collector's view, so the full collections that the

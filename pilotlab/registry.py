@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -115,6 +116,23 @@ class RegistryFollower:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def wait_ready(
+        self, stopping: threading.Event, *, beat: Callable[[], None] = lambda: None, say_every_s: float = 30.0
+    ) -> bool:
+        """Until the registry is read (True) or ``stopping`` is set (False): a service told to
+        stop while Kafka is down stops at once (it waited out a 30 s wait before). ``beat``
+        runs every half second (a health beat: alive, not ready); every ``say_every_s`` the
+        log says what it is waiting for."""
+        said = time.monotonic()
+        while not self.ready.wait(0.5):
+            beat()
+            if stopping.is_set():
+                return False
+            if time.monotonic() - said >= say_every_s:
+                said = time.monotonic()
+                log.error("registry topic not read yet at %s; still waiting", self._bootstrap)
+        return True
 
     def _run(self) -> None:
         consumer = Consumer(

@@ -198,10 +198,8 @@ class AlertService:
     def run(self) -> int:
         s = self.settings
         self.registry.start()
-        while not self.registry.ready.wait(30):
-            if self.stopping.is_set():
-                return 0
-            log.error("registry topic not read yet at %s; still waiting", s.kafka_bootstrap)
+        if not self.registry.wait_ready(self.stopping):  # Kafka down at start; a SIGTERM ends the wait
+            return 0  # the follower is a daemon thread, maybe inside a 10 s metadata call
         conn = self._connect()
         if not self._lead(conn):
             conn.close()

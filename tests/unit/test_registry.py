@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import pytest
 
 from pilotlab.contracts import Reason
 from pilotlab.manifest import Device, Experiment, load_manifests
-from pilotlab.registry import Refusal, Registry, conflicting_devices
+from pilotlab.registry import Refusal, Registry, RegistryFollower, conflicting_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = {e.id: e for e in load_manifests(ROOT / "control" / "examples" / "experiments")}
@@ -146,3 +148,42 @@ def test_of_with_a_device_in_two_experiments_keeps_one_owner() -> None:
 def test_registry_survives_json_round_trip_of_its_experiments() -> None:
     reg = Registry.of(Experiment.from_json(e.to_json()) for e in EXPERIMENTS.values())
     assert reg == REGISTRY
+
+
+# --- RegistryFollower.wait_ready: a service told to stop while Kafka is down stops at once ---
+
+
+def test_wait_ready_returns_true_once_the_registry_is_read() -> None:
+    follower = RegistryFollower("127.0.0.1:1")  # never started: no Kafka needed
+    follower.ready.set()
+    assert follower.wait_ready(threading.Event()) is True
+
+
+def test_wait_ready_returns_false_when_told_to_stop_beating_meanwhile() -> None:
+    follower = RegistryFollower("127.0.0.1:1")
+    stopping = threading.Event()
+    beats: list[int] = []
+
+    def beat() -> None:  # the health beat; the second one comes with a SIGTERM
+        beats.append(1)
+        if len(beats) == 2:
+            stopping.set()
+
+    assert follower.wait_ready(stopping, beat=beat) is False
+    assert len(beats) == 2  # it noticed on the very next half-second slice, not after 30 s
+
+
+def test_wait_ready_says_what_it_waits_for(caplog: pytest.LogCaptureFixture) -> None:
+    follower = RegistryFollower("127.0.0.1:1")
+    stopping = threading.Event()
+    beats: list[int] = []
+
+    def beat() -> None:
+        beats.append(1)
+        if len(beats) == 3:
+            stopping.set()
+
+    with caplog.at_level(logging.ERROR, logger="pilotlab.registry"):
+        assert follower.wait_ready(stopping, beat=beat, say_every_s=0.0) is False
+    said = [r.getMessage() for r in caplog.records]
+    assert said and all("registry topic not read yet at 127.0.0.1:1" in m for m in said)
