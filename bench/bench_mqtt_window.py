@@ -55,7 +55,7 @@ SETTINGS = [
 
 
 class Broker:
-    def __init__(self, root: Path, lines: list[str]) -> None:
+    def __init__(self, root: Path, lines: list[str], inflight: int = 1000) -> None:
         self.root, self.port = root, free_port()
         self.conf = root / "mosquitto.conf"
         user = os.environ.get("USER") or "root"
@@ -70,7 +70,7 @@ class Broker:
                     *lines,
                     "max_queued_messages 0",
                     "max_queued_bytes 0",
-                    "max_inflight_messages 1000",
+                    f"max_inflight_messages {inflight}",
                     "",
                 ]
             )

@@ -1,0 +1,30 @@
+"""bench/bench_mqtt_inflight.py on the real Mosquitto: the probe counts what a holding
+subscriber received, and the claim docs/broker-behaviours.md makes about the installed
+Mosquitto holds — before 2.0.13 (eclipse/mosquitto#2306) it sends a subscriber more
+unacknowledged QoS 1 messages than ``max_inflight_messages``; from 2.0.13 it keeps to it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench.bench_mqtt_inflight import mosquitto_version, probe
+
+pytestmark = pytest.mark.needs_mosquitto("the probe starts Mosquitto itself")
+
+
+def _version() -> tuple[int, ...]:
+    found = re.search(r"(\d+)\.(\d+)\.(\d+)", mosquitto_version())
+    assert found, mosquitto_version()
+    return tuple(int(x) for x in found.groups())
+
+
+def test_the_probe_sees_every_message_and_the_window_the_docs_describe() -> None:
+    p = probe(window=10, messages=300, hold_ms=50)
+    assert p.received == 300
+    assert p.max_unacked >= 10  # the window filled: the subscriber really held messages
+    if _version() < (2, 0, 13):
+        assert p.max_unacked > 10, "this Mosquitto keeps to its window: docs/broker-behaviours.md is out of date"
+    else:
+        assert p.max_unacked <= 10
