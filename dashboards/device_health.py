@@ -27,7 +27,7 @@ def build() -> dict:
         .with_target(
             SqlTarget("""
                 SELECT h.device_id, h.device_group, h.kind, h.interval_s,
-                       h.last_seen, coalesce(h.status, 'no status yet') AS status, h.status_since,
+                       h.last_seen, coalesce(h.status, 'never reported') AS status, h.status_since,
                        h.samples, h.expected, 100 * h.completeness AS "completeness %",
                        coalesce(r.rejections, 0) AS rejections
                   FROM device_health('$experiment', $__timeFrom(), $__timeTo()) h

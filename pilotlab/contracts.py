@@ -324,8 +324,9 @@ class KpiValue:
 
 @dataclass(frozen=True, slots=True)
 class DeviceStatus:
-    """A device going offline (silent for N expected intervals) or coming back online.
-    ``ts_ms`` is the event time of the transition; keyed by experiment on Kafka."""
+    """A device reporting for the first time (online, detail ``first report``), going offline
+    (silent for N expected intervals) or coming back online. ``ts_ms`` is the event time of
+    the transition; keyed by experiment on Kafka."""
 
     experiment_id: str
     device_id: str

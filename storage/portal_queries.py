@@ -21,8 +21,8 @@ from storage.queries import AlertEpisode, DeviceHealth, alert_history
 
 @dataclass(frozen=True)
 class ExperimentSummary:
-    """One pilot as the overview lists it. ``devices_online``: devices online by
-    :func:`device_health`'s rule; ``completeness``: distinct
+    """One pilot as the overview lists it. ``devices_online``: devices whose last status
+    (``device_status``, as everywhere) is online; ``completeness``: distinct
     sample instants received / expected from each device's interval, all devices pooled, over
     the baseline start until now or the intervention end (SQL ``device_health``); ``samples``:
     the instants received over that span (a message or batch item of a device, whatever number
@@ -61,8 +61,7 @@ SELECT e.experiment_id, e.title, e.startup, e.district,
   FROM experiments e
  CROSS JOIN LATERAL (
        SELECT count(*) AS devices_total,
-              count(*) FILTER (WHERE coalesce(dh.status, CASE WHEN dh.last_seen IS NOT NULL THEN 'online' END)
-                               = 'online') AS devices_online,
+              count(*) FILTER (WHERE dh.status = 'online') AS devices_online,
               sum(dh.samples)::float8 / nullif(sum(dh.expected), 0) AS completeness,
               sum(dh.samples)::bigint AS samples,
               max(dh.last_seen) AS last_seen
@@ -88,15 +87,12 @@ def experiment_summary(conn: psycopg.Connection, experiment_id: str) -> Experime
 
 
 def device_health(conn: psycopg.Connection, experiment_id: str) -> list[DeviceHealth]:
-    """Each device's health over the experiment so far (SQL ``device_health``), with the
-    portal's status rule: the streams worker stores transitions only (``device_status``:
-    offline when silent, online when it reports again, in event time), so a device with
-    readings and no transition is online since its first one (``status_since`` None); a
-    device never seen has no status (None)."""
+    """Each device's health over the experiment so far (SQL ``device_health``). Its status is
+    the streams worker's, in event time (``device_status``: online at its first reading,
+    offline when silent, online when it reports again); a device never seen has none (None)."""
     with conn.cursor(row_factory=class_row(DeviceHealth)) as cur:
         return cur.execute(
-            """SELECT device_id, device_group, kind, interval_s, last_seen,
-                      coalesce(status, CASE WHEN last_seen IS NOT NULL THEN 'online' END) AS status,
+            """SELECT device_id, device_group, kind, interval_s, last_seen, status,
                       status_since, samples, expected, completeness
                  FROM device_health(%s)""",
             (experiment_id,),

@@ -263,6 +263,9 @@ def split_late(
     return kept, tuple(late)
 
 
+FIRST_REPORT = "first report"  # the detail of a device's first "online" (not a return)
+
+
 def advance(
     state: dict | None, batch: ReadingBatch, experiment: Experiment
 ) -> tuple[dict, list[DeviceStatus]]:
@@ -270,11 +273,14 @@ def advance(
     in place and returns it with the transitions.
 
     State: ``{"wm": newest ts seen, "dev": {device: [last ts seen, "online"|"offline"]},
-    "due": a lower bound of the time the next online device falls silent}``. A device seen
-    again after being offline is reported online at that reading's ``ts``; any online device
+    "due": a lower bound of the time the next online device falls silent}``. A registered
+    device's first batch reports it online at that batch's oldest ``ts`` ("first report"), so
+    every device that ever reported has a status and "online" has one definition, here; a
+    device seen again after being offline is reported online at that reading's ``ts``; any online device
     whose last reading is ``offline_after`` of its intervals behind the watermark is reported
     offline at ``last + offline_after · interval``. Liveness runs in event time, so replays and
-    out-of-order delivery give the same transitions. The devices are only scanned when the
+    out-of-order delivery give the same going offline and coming back (a first report's ``ts``
+    is that of the first batch taken: a replay takes the same one). The devices are only scanned when the
     watermark passes ``due``."""
     st = state if state is not None else {"wm": None, "dev": {}, "due": None}
     devices = st["dev"]
@@ -289,6 +295,11 @@ def advance(
             status = None
         if status is None:  # new or back: it may fall silent before the current bound
             device = experiment.device(batch.device_id)
+            if device is not None and last is None:
+                first = min(r.ts_ms for r in batch.readings)
+                events.append(
+                    DeviceStatus(batch.experiment_id, batch.device_id, "online", first, newest, FIRST_REPORT)
+                )
             if device is not None:
                 silent_at = newest + experiment.offline_after * device.interval * 1000
                 st["due"] = silent_at if st.get("due") is None else min(st["due"], silent_at)

@@ -63,11 +63,12 @@ def seed(conn: psycopg.Connection, exp: Experiment, verdict: str, estimate: floa
         "   FROM generate_series(1, 30) i",
         (now, exp.id, t1),
     )
-    # t1 has readings and no transition (online since its first), c1 went silent
+    # t1 online since its first reading (the streams worker's first report), c1 went silent
     conn.execute(
-        "INSERT INTO device_status (experiment_id, device_id, status, ts, last_seen)"
-        " VALUES (%s, %s, 'offline', %s, NULL)",
-        (exp.id, c1, now),
+        "INSERT INTO device_status (experiment_id, device_id, status, ts, last_seen, detail)"
+        " VALUES (%s, %s, 'online', %s - interval '30 minutes', %s - interval '30 minutes', 'first report'),"
+        "        (%s, %s, 'offline', %s, NULL, '')",
+        (exp.id, t1, now, now, exp.id, c1, now),
     )
     write_rejections(conn, [Rejection(
         Reason.WRONG_TYPE, f"metrics.no2: not a number ({exp.id})", telemetry_topic(exp.id, t1), to_ms(now),

@@ -95,3 +95,28 @@ def test_a_refused_record_becomes_a_rejection_and_the_rest_of_the_batch_is_store
             (good.device_id, ds.t0),
         ).fetchone()[0]
         assert stored == 2 * len(good.readings)
+
+
+def test_0043_gives_each_reporting_device_without_a_status_its_first_report(stack_state):
+    """Migration 0043 on a database that already holds readings: t2 and c1 reported and had
+    no status row (the overview counted them as "no status yet"), so each gets "online" at
+    its oldest reading; t1 keeps its own two rows; running it again adds nothing."""
+    ds = build("pg43")
+    sql = next(m for m in available("postgresql") if m.version == "0043").sql
+    with psycopg.connect(stack_state.database_url, autocommit=True) as conn:
+        load(conn, ds)
+        rows = "SELECT device_id, status, ts, detail FROM device_status WHERE experiment_id = %s ORDER BY device_id, ts"
+        before = conn.execute(rows, (ds.experiment.id,)).fetchall()
+        conn.execute(sql)
+        after = conn.execute(rows, (ds.experiment.id,)).fetchall()
+        t1, t2, c1 = (d.id for d in ds.experiment.devices)
+        added = sorted(set(after) - set(before))
+        assert added == [(c1, "online", ds.t0, "first report"), (t2, "online", ds.t0, "first report")]
+        assert [r for r in after if r[0] == t1] == [r for r in before if r[0] == t1]
+        conn.execute(sql)
+        assert conn.execute(rows, (ds.experiment.id,)).fetchall() == after
+        # every device of the experiment now has a status, so the overview counts it
+        status = conn.execute(
+            "SELECT device_id, status FROM device_last_status(%s) ORDER BY device_id", (ds.experiment.id,)
+        ).fetchall()
+        assert status == [(c1, "online"), (t1, "offline"), (t2, "online")]

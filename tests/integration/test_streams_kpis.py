@@ -319,7 +319,12 @@ def test_late_out_of_order_and_liveness(stack_state, stack):
                 )
                 want = (
                     [(t1, "no2", base + 30_000, 99.0)],
-                    [(t1, "offline", base + 120_000 + 3 * 60_000), (t1, "online", base + 21 * 60_000)],
+                    [
+                        (t1, "online", base),  # first reports
+                        (c1, "online", base + 60_000),
+                        (t1, "offline", base + 120_000 + 3 * 60_000),
+                        (t1, "online", base + 21 * 60_000),
+                    ],
                 )
                 return True if got == want else f"{got}"
 
@@ -329,10 +334,12 @@ def test_late_out_of_order_and_liveness(stack_state, stack):
     assert [(b.device_id, [(r.ts_ms, r.metrics) for r in b.readings]) for b in late] == [
         (t1, [(base + 30_000, {"no2": 99.0})])
     ]
-    events = read_topic(stack_state.kafka_bootstrap, KafkaTopics.DEVICE_STATUS, exp.id, DeviceStatus.from_json, want=2)
-    assert [(e.device_id, e.status, e.ts_ms) for e in events] == [
-        (t1, "offline", base + 120_000 + 3 * 60_000),
-        (t1, "online", base + 21 * 60_000),
+    events = read_topic(stack_state.kafka_bootstrap, KafkaTopics.DEVICE_STATUS, exp.id, DeviceStatus.from_json, want=4)
+    assert [(e.device_id, e.status, e.ts_ms, e.detail) for e in events] == [
+        (t1, "online", base, "first report"),
+        (c1, "online", base + 60_000, "first report"),
+        (t1, "offline", base + 120_000 + 3 * 60_000, "silent for 3 expected intervals of 60 s"),
+        (t1, "online", base + 21 * 60_000, "reporting again"),
     ]
 
 

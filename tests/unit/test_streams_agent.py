@@ -118,6 +118,8 @@ def test_silence_and_return_emit_device_status(tmp_path: Path) -> None:
     )
     events = [DeviceStatus.from_json(v) for _, v in on(sent, KafkaTopics.DEVICE_STATUS)]
     assert [(e.device_id, e.status, e.ts_ms) for e in events] == [
+        ("t1", "online", T0),  # first reports
+        ("t2", "online", T0 + 4 * MIN),
         ("t1", "offline", T0 + 3 * MIN),
         ("t1", "online", T0 + 5 * MIN),
     ]

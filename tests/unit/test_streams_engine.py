@@ -21,6 +21,7 @@ from streams import kpis
 from streams.app import Rewinder
 from streams.checkpoint import Chunk, Rewinds, admit, collector_paused, decode_entry, run_chunk
 from streams.engine import (
+    FIRST_REPORT,
     IMPACT_GROUP,
     advance,
     apply_batch,
@@ -237,17 +238,24 @@ def test_impact_window_spans_the_experiment_and_equals_estimate_impact() -> None
 def test_device_goes_offline_after_n_intervals_and_online_on_return() -> None:
     p = Pipeline()
     p.feed(batch("t1", [Reading(1, T0, {"pm25": 1.0})]))
-    p.feed(batch("t2", [Reading(1, T0, {"pm25": 1.0})]))
-    p.feed(batch("t2", [Reading(2, T0 + 2 * MIN, {"pm25": 1.0})]))
-    assert p.status == []  # t1 silent 2 intervals: not yet
-    p.feed(batch("t2", [Reading(3, T0 + 3 * MIN, {"pm25": 1.0})]))
-    assert [(s.device_id, s.status, s.ts_ms, s.last_seen_ms) for s in p.status] == [
+    p.feed(batch("t2", [Reading(1, T0 + 30_000, {"pm25": 1.0}), Reading(2, T0, {"pm25": 1.0})]))
+    # each device's first batch reports it online at the batch's oldest reading
+    assert [(s.device_id, s.status, s.ts_ms, s.last_seen_ms, s.detail) for s in p.status] == [
+        ("t1", "online", T0, T0, FIRST_REPORT),
+        ("t2", "online", T0, T0 + 30_000, FIRST_REPORT),
+    ]
+    p.feed(batch("t2", [Reading(3, T0 + 2 * MIN, {"pm25": 1.0})]))
+    assert len(p.status) == 2  # t1 silent 2 intervals: not yet
+    p.feed(batch("t2", [Reading(4, T0 + 3 * MIN, {"pm25": 1.0})]))
+    assert [(s.device_id, s.status, s.ts_ms, s.last_seen_ms) for s in p.status[2:]] == [
         ("t1", "offline", T0 + 3 * MIN, T0)
     ]
-    p.feed(batch("t2", [Reading(4, T0 + 4 * MIN, {"pm25": 1.0})]))
-    assert len(p.status) == 1  # reported once
+    p.feed(batch("t2", [Reading(5, T0 + 4 * MIN, {"pm25": 1.0})]))
+    assert len(p.status) == 3  # reported once
     p.feed(batch("t1", [Reading(2, T0 + 5 * MIN, {"pm25": 1.0})]))
-    assert [(s.device_id, s.status, s.ts_ms) for s in p.status[1:]] == [("t1", "online", T0 + 5 * MIN)]
+    assert [(s.device_id, s.status, s.ts_ms, s.detail) for s in p.status[3:]] == [
+        ("t1", "online", T0 + 5 * MIN, "reporting again")
+    ]
 
 
 def reference_liveness(stream: list[ReadingBatch]) -> list[tuple]:
@@ -257,6 +265,8 @@ def reference_liveness(stream: list[ReadingBatch]) -> list[tuple]:
         if b.readings:
             newest = max(r.ts_ms for r in b.readings)
             last, status = devices.get(b.device_id, (None, None))
+            if last is None:  # its first batch: a first report
+                out.append((b.device_id, "online", min(r.ts_ms for r in b.readings)))
             if status == "offline" and newest > last:
                 out.append((b.device_id, "online", newest))
                 status = "online"
@@ -289,7 +299,12 @@ def test_an_offline_device_sending_an_older_reading_stays_offline() -> None:
     p.feed(batch("t2", [Reading(1, T0 + 20 * MIN, {"pm25": 1.0})]))  # t1 offline
     p.feed(batch("t1", [Reading(2, T0 + MIN, {"pm25": 1.0})]))  # older than its last: not a return
     p.feed(batch("t1", [Reading(3, T0 + 21 * MIN, {"pm25": 1.0})]))  # back
-    assert [(s.device_id, s.status) for s in p.status] == [("t1", "offline"), ("t1", "online")]
+    assert [(s.device_id, s.status) for s in p.status] == [
+        ("t1", "online"),  # first reports
+        ("t2", "online"),
+        ("t1", "offline"),
+        ("t1", "online"),
+    ]
 
 
 def test_liveness_state_is_json_and_replays_identically() -> None:
