@@ -7,7 +7,8 @@ Mosquitto's queue. Mosquitto 2.0.11 (Debian 12's) does not keep to the window: w
 frees a slot, ``db__message_delete_outgoing`` moves queued messages into flight up to the
 window counted from the acknowledged message's position, not from the number in flight, so
 acknowledging the oldest message releases up to a whole window more (eclipse/mosquitto#2306,
-"various fixes around inflight quota management", fixed in 2.0.13). What bounds the messages
+"various fixes around inflight quota management", fixed in 2.0.13; 2.0.16 ignored the
+setting again, #2876, fixed in 2.0.17). What bounds the messages
 ingest holds is therefore its own window, ``PILOTLAB_INGEST_MAX_INFLIGHT`` (its paho thread
 stops reading when it is full), not the broker's (docs/broker-behaviours.md).
 

@@ -21,13 +21,17 @@ def build() -> dict:
         .title("Devices")
         .description(
             "Completeness = distinct sample instants / instants expected from the device's interval over the "
-            "time range. Status: the last online/offline transition the streams worker reported."
+            "time range. Status: the last the streams worker reported (online from the first reading, offline when "
+            "silent, online when back); never reported: no reading yet."
         )
         .datasource(DATASOURCE)
         .with_target(
             SqlTarget("""
                 SELECT h.device_id, h.device_group, h.kind, h.interval_s,
-                       h.last_seen, coalesce(h.status, 'never reported') AS status, h.status_since,
+                       h.last_seen,
+                       coalesce(h.status, CASE WHEN h.last_seen IS NULL THEN 'never reported' ELSE 'no status yet' END)
+                         AS status,
+                       h.status_since,
                        h.samples, h.expected, 100 * h.completeness AS "completeness %",
                        coalesce(r.rejections, 0) AS rejections
                   FROM device_health('$experiment', $__timeFrom(), $__timeTo()) h

@@ -186,7 +186,9 @@ def build() -> dict:
         .with_target(
             SqlTarget("""
                 SELECT d.device_id, d.device_group, d.kind, d.latitude, d.longitude,
-                       coalesce(h.status, 'never reported') AS status, 100 * h.completeness AS "completeness %"
+                       coalesce(h.status, CASE WHEN h.last_seen IS NULL THEN 'never reported' ELSE 'no status yet' END)
+                         AS status,
+                       100 * h.completeness AS "completeness %"
                   FROM device_last_status('$experiment') d
                   JOIN device_health('$experiment', $__timeFrom(), $__timeTo()) h USING (device_id)
                  WHERE d.latitude IS NOT NULL

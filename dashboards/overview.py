@@ -53,7 +53,7 @@ def build() -> dict:
             SqlTarget("""
                 SELECT count(*) FILTER (WHERE s.status = 'online') AS online,
                        count(*) FILTER (WHERE s.status = 'offline') AS offline,
-                       count(*) FILTER (WHERE s.status IS NULL) AS "never reported"
+                       count(*) FILTER (WHERE s.status IS NULL) AS "no status yet"
                   FROM device_last_status(NULL) s
             """)
         )

@@ -656,8 +656,8 @@ def _completeness_section(data: ReportData) -> str:
         f'<p>Samples received / samples expected from each device\'s interval, baseline start to '
         f"{'now' if data.generated_at < data.intervention[1] else 'intervention end'}. {escape(summary)}.</p>"
         + hbars(items, lambda v: f"{v:.1f}%", width=860, max_value=100)
-        + '<p class="muted">Status: the last online/offline transition the streams worker reported for the device '
-        "(— : none reported).</p>"
+        + '<p class="muted">Status: the last the streams worker reported for the device (online from its first '
+        "reading, offline when silent, online when back; — : none reported).</p>"
         + '<table><tr><th>device</th><th class="l">group</th><th class="l">kind</th><th>last seen (UTC)</th>'
         f'<th class="l">status</th><th>samples</th><th>expected</th><th>completeness</th></tr>{rows}</table>'
     )

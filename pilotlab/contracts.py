@@ -41,7 +41,7 @@ class KafkaTopics:
     REJECTIONS = "pilotlab.rejections"
     REGISTRY = "pilotlab.registry"
     LATE = "pilotlab.late"  # readings too late to count in their KPI windows
-    DEVICE_STATUS = "pilotlab.device-status"  # online/offline transitions per device
+    DEVICE_STATUS = "pilotlab.device-status"  # first report, then online/offline transitions per device
 
     ALL = (READINGS, KPIS, REJECTIONS, REGISTRY, LATE, DEVICE_STATUS)
     COMPACTED = (REGISTRY,)

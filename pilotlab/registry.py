@@ -102,6 +102,8 @@ class RegistryFollower:
     """Follows ``pilotlab.registry`` in a thread; ``registry`` is always a complete snapshot.
     ``ready`` is set once the topic has been read up to the end it had at start."""
 
+    WAIT_SLICE_S = 0.5  # wait_ready looks at its stop flag at least this often
+
     def __init__(self, bootstrap: str) -> None:
         self._bootstrap = bootstrap
         self.registry = Registry()
@@ -122,17 +124,17 @@ class RegistryFollower:
     ) -> bool:
         """Until the registry is read (True) or ``stopping`` is set (False): a service told to
         stop while Kafka is down stops at once (it waited out a 30 s wait before). ``beat``
-        runs every half second (a health beat: alive, not ready); every ``say_every_s`` the
+        runs every ``WAIT_SLICE_S`` (a health beat: alive, not ready); every ``say_every_s`` the
         log says what it is waiting for."""
         said = time.monotonic()
-        while not self.ready.wait(0.5):
+        while not stopping.is_set():
+            if self.ready.wait(self.WAIT_SLICE_S):
+                return not stopping.is_set()  # told to stop meanwhile: do not start up
             beat()
-            if stopping.is_set():
-                return False
             if time.monotonic() - said >= say_every_s:
                 said = time.monotonic()
                 log.error("registry topic not read yet at %s; still waiting", self._bootstrap)
-        return True
+        return False
 
     def _run(self) -> None:
         consumer = Consumer(

@@ -274,14 +274,16 @@ def advance(
 
     State: ``{"wm": newest ts seen, "dev": {device: [last ts seen, "online"|"offline"]},
     "due": a lower bound of the time the next online device falls silent}``. A registered
-    device's first batch reports it online at that batch's oldest ``ts`` ("first report"), so
-    every device that ever reported has a status and "online" has one definition, here; a
+    device's first batch reports it online at that batch's oldest ``ts`` ("first report", also
+    when this copy of the registry does not list the device yet), so a device that reported has
+    a status and "online" has one definition, here; a
     device seen again after being offline is reported online at that reading's ``ts``; any online device
     whose last reading is ``offline_after`` of its intervals behind the watermark is reported
     offline at ``last + offline_after · interval``. Liveness runs in event time, so replays and
     out-of-order delivery give the same going offline and coming back (a first report's ``ts``
-    is that of the first batch taken: a replay takes the same one). The devices are only scanned when the
-    watermark passes ``due``."""
+    is that of the first batch taken: a replay of the same log takes the same one; a worker
+    whose state was lost and that starts past deleted offsets reports it again, later). The
+    devices are only scanned when the watermark passes ``due``."""
     st = state if state is not None else {"wm": None, "dev": {}, "due": None}
     devices = st["dev"]
     events: list[DeviceStatus] = []
@@ -293,13 +295,11 @@ def advance(
                 DeviceStatus(batch.experiment_id, batch.device_id, "online", newest, last, "reporting again")
             )
             status = None
+        if last is None:  # its first batch (ingest authorised it, whatever this registry copy lists yet)
+            first = min(r.ts_ms for r in batch.readings)
+            events.append(DeviceStatus(batch.experiment_id, batch.device_id, "online", first, newest, FIRST_REPORT))
         if status is None:  # new or back: it may fall silent before the current bound
             device = experiment.device(batch.device_id)
-            if device is not None and last is None:
-                first = min(r.ts_ms for r in batch.readings)
-                events.append(
-                    DeviceStatus(batch.experiment_id, batch.device_id, "online", first, newest, FIRST_REPORT)
-                )
             if device is not None:
                 silent_at = newest + experiment.offline_after * device.interval * 1000
                 st["due"] = silent_at if st.get("due") is None else min(st["due"], silent_at)

@@ -59,7 +59,9 @@ def value_of(device: str, group: str, i: int, *, treated: bool, metric: str) -> 
 def build(suffix: str) -> Dataset:
     """Experiment ``st-{suffix}``: two treatment devices and one control device sampling no2
     and pm25 every 20 s for 4 hours (baseline 2 h, intervention 2 h); device t2 misses every
-    fourth sample; hourly mean KPIs; two status transitions; three rejections."""
+    fourth sample; hourly mean KPIs; two status transitions; three rejections. Only t1 has
+    status rows: t2 and c1 are in the state a streams worker before first reports left (or one
+    that has not taken their first batch yet), which migration 0043's test needs."""
     t0 = utcnow().replace(minute=0, second=0, microsecond=0) - timedelta(hours=HOURS + 2)
     mid, end = t0 + timedelta(hours=HOURS // 2), t0 + timedelta(hours=HOURS)
     prefix = f"st{suffix}"

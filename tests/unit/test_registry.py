@@ -159,8 +159,20 @@ def test_wait_ready_returns_true_once_the_registry_is_read() -> None:
     assert follower.wait_ready(threading.Event()) is True
 
 
+class _NeverReady:
+    """A ``ready`` event that is never set and records how long each wait was allowed."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        return False
+
+
 def test_wait_ready_returns_false_when_told_to_stop_beating_meanwhile() -> None:
     follower = RegistryFollower("127.0.0.1:1")
+    follower.ready = _NeverReady()  # no real waiting: the slices are recorded
     stopping = threading.Event()
     beats: list[int] = []
 
@@ -170,11 +182,23 @@ def test_wait_ready_returns_false_when_told_to_stop_beating_meanwhile() -> None:
             stopping.set()
 
     assert follower.wait_ready(stopping, beat=beat) is False
-    assert len(beats) == 2  # it noticed on the very next half-second slice, not after 30 s
+    assert len(beats) == 2  # it noticed right after the slice in which the stop came
+    # ... and a slice is short: a stop waits at most one (the old loop waited 30 s)
+    assert follower.ready.waits == [RegistryFollower.WAIT_SLICE_S] * 2
+    assert RegistryFollower.WAIT_SLICE_S <= 0.5
+
+
+def test_wait_ready_does_not_start_up_when_told_to_stop_as_the_registry_arrives() -> None:
+    follower = RegistryFollower("127.0.0.1:1")
+    follower.ready.set()
+    stopping = threading.Event()
+    stopping.set()
+    assert follower.wait_ready(stopping) is False
 
 
 def test_wait_ready_says_what_it_waits_for(caplog: pytest.LogCaptureFixture) -> None:
     follower = RegistryFollower("127.0.0.1:1")
+    follower.ready = _NeverReady()
     stopping = threading.Event()
     beats: list[int] = []
 

@@ -258,6 +258,19 @@ def test_device_goes_offline_after_n_intervals_and_online_on_return() -> None:
     ]
 
 
+def test_a_device_this_registry_copy_does_not_list_yet_still_gets_its_first_report() -> None:
+    """Ingest authorised the device (its registry copy is ahead of the worker's, just after a
+    manifest change): the first batch reports it online all the same, and once the manifest
+    lists it, it is judged like any other device (no second first report)."""
+    without = EXP.model_copy(update={"devices": [d for d in EXP.devices if d.id != "t1"]})
+    clock, events = advance(None, batch("t1", [Reading(1, T0, {"pm25": 1.0})]), without)
+    assert [(e.device_id, e.status, e.ts_ms, e.detail) for e in events] == [("t1", "online", T0, FIRST_REPORT)]
+    clock, events = advance(clock, batch("t1", [Reading(2, T0 + MIN, {"pm25": 1.0})]), EXP)
+    assert events == []
+    clock, events = advance(clock, batch("t2", [Reading(1, T0 + 10 * MIN, {"pm25": 1.0})]), EXP)
+    assert [(e.device_id, e.status) for e in events] == [("t2", "online"), ("t1", "offline")]
+
+
 def reference_liveness(stream: list[ReadingBatch]) -> list[tuple]:
     """Liveness by the definition, scanning every device after every batch (no due time)."""
     wm, devices, out = None, {}, []
