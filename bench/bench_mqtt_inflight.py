@@ -32,7 +32,6 @@ import json
 import select
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +43,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_mqtt_window import TOPIC, Broker
-from bench.e2e.mqtt_wire import CONNACK, WirePool, _remaining_length, _utf8, read_packets
+from bench.e2e.cpu import _written
+from bench.e2e.mqtt_wire import CONNACK, WirePool, _remaining_length, _utf8, connect_packet, read_packets
+from control.stack import find_mosquitto, mosquitto_version
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PUBLISH, SUBACK = 0x30, 0x90
@@ -73,9 +74,7 @@ class HoldingSubscriber(threading.Thread):
         self.error: Exception | None = None
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        variable = _utf8("MQTT") + bytes([4, 0x00]) + struct.pack("!H", 60)  # 3.1.1, persistent session
-        rest = variable + _utf8("inflight-probe")
-        self.sock.sendall(bytes([0x10]) + _remaining_length(len(rest)) + rest)
+        self.sock.sendall(connect_packet("inflight-probe", None, None, clean=False))
         sub = struct.pack("!H", 1) + _utf8(TOPIC) + bytes([1])
         self.sock.sendall(bytes([0x82]) + _remaining_length(len(sub)) + sub)
         self.buf = bytearray()
@@ -119,13 +118,6 @@ class HoldingSubscriber(threading.Thread):
         self.sock.close()
 
 
-def written(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("write_bytes"):
-            return int(line.split()[1])
-    return 0
-
-
 def probe(window: int, messages: int, hold_ms: float) -> Probe:
     with tempfile.TemporaryDirectory(prefix="pilotlab-inflight-") as root:
         broker = Broker(Path(root), ["autosave_on_changes true", "autosave_interval 100"], inflight=window)
@@ -136,7 +128,7 @@ def probe(window: int, messages: int, hold_ms: float) -> Probe:
             if not sub.subscribed.wait(10):
                 raise RuntimeError(f"no SUBACK within 10 s: {sub.error}")
             assert broker.proc is not None
-            before = written(broker.proc.pid)
+            before = _written(broker.proc.pid)
             t0 = time.time()
             with WirePool(f"mqtt://127.0.0.1:{broker.port}", connections=2, client_id="inflight-probe-pub") as pool:
                 for _ in range(messages):
@@ -152,17 +144,10 @@ def probe(window: int, messages: int, hold_ms: float) -> Probe:
                 received=sub.received,
                 max_unacked=sub.max_unacked,
                 seconds=round(sub.last_at - t0, 3),
-                mosquitto_written_mb=round((written(broker.proc.pid) - before) / 1e6, 1),
+                mosquitto_written_mb=round((_written(broker.proc.pid) - before) / 1e6, 1),
             )
         finally:
             broker.stop()
-
-
-def mosquitto_version() -> str:
-    from control.stack import find_mosquitto  # noqa: PLC0415
-
-    out = subprocess.run([find_mosquitto(), "-h"], capture_output=True, text=True, check=False).stdout
-    return out.splitlines()[0] if out else "unknown"
 
 
 def render(version: str, probes: list[Probe]) -> str:
@@ -200,7 +185,8 @@ def main() -> None:
             p = probe(w, a.messages, hold)
             print(json.dumps(asdict(p)), flush=True)
             probes.append(p)
-    version = mosquitto_version()
+    found = mosquitto_version(find_mosquitto() or "mosquitto")
+    version = "Mosquitto " + (".".join(map(str, found)) if found else "(version unknown)")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / f"mqtt-inflight-{stamp}.json").write_text(

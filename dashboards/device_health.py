@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from grafana_foundation_sdk.builders import barchart, table, timeseries
 
-from dashboards.sdk import DATASOURCE, TIME_SERIES, SqlTarget, dashboard, experiment_variable, grid, to_model
+from dashboards.sdk import (
+    DATASOURCE,
+    DEVICE_STATUS_SQL,
+    TIME_SERIES,
+    SqlTarget,
+    dashboard,
+    experiment_variable,
+    grid,
+    to_model,
+)
 
 UID = "pilotlab-device-health"
 TITLE = "PilotLab · Startup device health"
@@ -26,11 +35,10 @@ def build() -> dict:
         )
         .datasource(DATASOURCE)
         .with_target(
-            SqlTarget("""
+            SqlTarget(f"""
                 SELECT h.device_id, h.device_group, h.kind, h.interval_s,
                        h.last_seen,
-                       coalesce(h.status, CASE WHEN h.last_seen IS NULL THEN 'never reported' ELSE 'no status yet' END)
-                         AS status,
+                       {DEVICE_STATUS_SQL} AS status,
                        h.status_since,
                        h.samples, h.expected, 100 * h.completeness AS "completeness %",
                        coalesce(r.rejections, 0) AS rejections

@@ -15,6 +15,7 @@ from grafana_foundation_sdk.models import geomap as gmodel
 from dashboards import impact_sql
 from dashboards.sdk import (
     DATASOURCE,
+    DEVICE_STATUS_SQL,
     EVENT_COLOURS,
     SEVERITY_COLOURS,
     TIME_SERIES,
@@ -184,10 +185,9 @@ def build() -> dict:
         .description("Treatment and control devices with their status and completeness.")
         .datasource(DATASOURCE)
         .with_target(
-            SqlTarget("""
+            SqlTarget(f"""
                 SELECT d.device_id, d.device_group, d.kind, d.latitude, d.longitude,
-                       coalesce(h.status, CASE WHEN h.last_seen IS NULL THEN 'never reported' ELSE 'no status yet' END)
-                         AS status,
+                       {DEVICE_STATUS_SQL} AS status,
                        100 * h.completeness AS "completeness %"
                   FROM device_last_status('$experiment') d
                   JOIN device_health('$experiment', $__timeFrom(), $__timeTo()) h USING (device_id)

@@ -177,6 +177,9 @@ def dashboard(title: str, uid: str, doc: str, time_from: str, refresh: str = "1m
     )
 
 
+# a device's status in a panel over ``device_health(...) h``: the streams worker's, else why not
+DEVICE_STATUS_SQL = "coalesce(h.status, CASE WHEN h.last_seen IS NULL THEN 'never reported' ELSE 'no status yet' END)"
+
 SEVERITY_COLOURS = {"critical": "red", "warning": "orange", "info": "blue"}
 EVENT_COLOURS = {"firing": "red", "resolved": "green"}
 

@@ -273,11 +273,11 @@ def advance(
     in place and returns it with the transitions.
 
     State: ``{"wm": newest ts seen, "dev": {device: [last ts seen, "online"|"offline"]},
-    "due": a lower bound of the time the next online device falls silent}``. A registered
-    device's first batch reports it online at that batch's oldest ``ts`` ("first report", also
-    when this copy of the registry does not list the device yet), so a device that reported has
-    a status and "online" has one definition, here; a
-    device seen again after being offline is reported online at that reading's ``ts``; any online device
+    "due": a lower bound of the time the next online device falls silent}``. A device's first
+    batch reports it online at that batch's oldest ``ts`` ("first report", also when this copy
+    of the registry does not list the device yet), so a device that reported has a status and
+    "online" has one definition, here; a device seen again after being offline is reported
+    online at that reading's ``ts``; any online device
     whose last reading is ``offline_after`` of its intervals behind the watermark is reported
     offline at ``last + offline_after · interval``. Liveness runs in event time, so replays and
     out-of-order delivery give the same going offline and coming back (a first report's ``ts``

@@ -45,8 +45,9 @@ def _utf8(s: str) -> bytes:
     return struct.pack("!H", len(b)) + b
 
 
-def connect_packet(client_id: str, username: str | None, password: str | None) -> bytes:
-    flags = 0x02  # clean session
+def connect_packet(client_id: str, username: str | None, password: str | None, *, clean: bool = True) -> bytes:
+    """CONNECT, MQTT 3.1.1, keep-alive off; ``clean=False`` asks for a persistent session."""
+    flags = 0x02 if clean else 0x00
     body = _utf8(client_id)
     if username is not None:
         flags |= 0x80
