@@ -25,7 +25,11 @@ Phases (each on the same stack, one after the other):
   or latency growing > 1 s from the first to the last quarter of the step, or not drained);
   sustained throughput = the highest step kept up, to ``readings`` and to ``kpi_values``;
 - peers: the same saturation workload and the 1,000 datapoints/s latency run against each
-  peer of bench/peers (Node-RED per message and batched, paho → per-message INSERT).
+  peer of bench/peers (Node-RED per message and batched, paho → per-message INSERT). With
+  both saturation and peers asked for, the bursts alternate by round (pilotlab's k-th burst,
+  then each peer's k-th, pilotlab's services stopped meanwhile and restarted after), so that
+  load from other programs on a shared box falls on both sides of each ratio alike; the step
+  load then runs after pilotlab's last burst.
 
 Kafka storage (``--kafka-storage``, default ``both``): every phase runs on the broker's memory
 storage, then a second stack with durable storage (tansu's s3:// engine on the local object
@@ -809,14 +813,15 @@ def saturation_run(b: Bench, name: str, drain_timeout: float, **kw) -> dict:
     return r
 
 
-def phase_saturation(b: Bench) -> dict:
+def phase_saturation(b: Bench, n: int) -> list[dict]:
+    """``n`` of pilotlab's saturation bursts, each from an idle pipeline."""
     runs = []
-    for _ in range(b.cfg.saturation_repeats):
+    for _ in range(n):
         before = wait_pipeline_idle(b, timeout=240)
         r = saturation_run(b, "saturation", b.cfg.saturation_timeout_s, services_check=b.services.check_alive)
         r["idle_before"] = before
         runs.append(r)
-    return median_saturation(runs)
+    return runs
 
 
 REPEAT_FIGURES = ("readings_datapoints_per_s", "kpis_datapoints_per_s", "all_stored", "readings_rate_partial")
@@ -878,10 +883,66 @@ def discard_ingest_session(state: StackState) -> None:
         c.loop_stop()
 
 
-def phase_peers(b: Bench, pilot: dict, only: list[str] | None = None) -> dict:
+def peer_names(only: list[str] | None) -> list[str]:
+    from bench import peers  # noqa: PLC0415
+
+    return [n for n in peers.PEERS if only is None or n in only]
+
+
+def peer_saturation_run(b: Bench, name: str) -> dict:
+    """One saturation burst of peer ``name`` in a peer process of its own: Node-RED's MQTT
+    session, kept between bursts, left Mosquitto holding thousands of its messages (the
+    persistence file grew by megabytes with every burst) and each burst ran slower than the one
+    before (Node-RED batched 139,000 → 105,000 → 74,000 dp/s offered)."""
+    from bench import peers  # noqa: PLC0415
+
+    with peers.peer(name, b.state, b.tmp / "peers") as p:
+        return saturation_run(b, f"{name}-saturation", b.cfg.peer_saturation_timeout_s, **_peer_load(p))
+
+
+def _peer_load(p) -> dict:
+    return {
+        "with_kpis": False,
+        "table": "peer_readings",
+        "services_check": p.check_alive,
+        "extra_roots": {"peer": p.pid},
+    }
+
+
+def peer_saturation_round(b: Bench, only: list[str] | None, runs: dict[str, list[dict]]) -> None:
+    """One saturation burst of each peer (pilotlab's services stopped), appended to ``runs``
+    under its name; a peer that cannot run gets its reason instead, and no further bursts."""
+    from bench import peers  # noqa: PLC0415
+
+    try:
+        names = peer_names(only)
+    except ImportError as exc:
+        print(f"  peers not run: bench/peers cannot be imported ({exc})", flush=True)
+        return
+    for name in names:
+        mine = runs.setdefault(name, [])
+        if mine and "error" in mine[-1]:
+            continue
+        try:
+            mine.append(peer_saturation_run(b, name))
+        except peers.PeerError as exc:
+            mine.append({"error": str(exc)})
+            print(f"  {name}: {exc}", flush=True)
+
+
+def phase_peers(
+    b: Bench,
+    pilot: dict,
+    only: list[str] | None = None,
+    *,
+    saturation: dict[str, list[dict]] | None = None,
+    pilot_runs: list[dict] | None = None,
+) -> dict:
     """Each peer of bench/peers on the same stack (pilotlab's services stopped): the 1,000 dp/s
-    latency run and the saturation run, measured by the same code as pilotlab's (rows of
-    ``peer_readings``), and the ratios pilotlab / peer."""
+    latency run and the saturation runs, measured by the same code as pilotlab's (rows of
+    ``peer_readings``), and the ratios pilotlab / peer. ``saturation``: the peers' bursts
+    already run, round by round between pilotlab's (``pilot_runs``, in the same order); else
+    each peer's bursts run here, one after the other."""
     try:
         from bench import peers  # noqa: PLC0415
     except ImportError as exc:
@@ -889,40 +950,44 @@ def phase_peers(b: Bench, pilot: dict, only: list[str] | None = None) -> dict:
     cfg = b.cfg
     rate = cfg.fixed_rates[0]  # the peers' latency run: pilotlab's first fixed load (1,000 dp/s)
     runs = []
-    for name in [n for n in peers.PEERS if only is None or n in only]:
+    for name in peer_names(only):
         t = time.monotonic()
         entry: dict = {"peer": name}
+        sat_runs = list((saturation or {}).get(name) or [])
         try:
-            sat_runs = []
-            # each saturation run in a peer process of its own: Node-RED's MQTT session, kept
-            # between bursts, left Mosquitto holding thousands of its messages (the persistence
-            # file grew by megabytes with every burst) and each burst ran slower than the one
-            # before (Node-RED batched 139,000 → 105,000 → 74,000 dp/s offered); pilotlab's
-            # ingest, kept between its bursts, leaves Mosquitto nothing
-            for i in range(cfg.saturation_repeats):
-                with peers.peer(name, b.state, b.tmp / "peers") as p:
-                    common = {
-                        "with_kpis": False,
-                        "table": "peer_readings",
-                        "services_check": p.check_alive,
-                        "extra_roots": {"peer": p.pid},
-                    }
-                    if i == 0:
-                        entry["fixed"] = run_load(
-                            b, f"{name}-fixed-{rate}", rate=rate, duration=cfg.fixed_s,
-                            drain_timeout=cfg.drain_timeout_s, **common,
-                        )  # fmt: skip
-                        print_run(entry["fixed"])
-                    sat_runs.append(saturation_run(b, f"{name}-saturation", cfg.peer_saturation_timeout_s, **common))
+            if sat_runs and "error" in sat_runs[-1]:
+                raise peers.PeerError(sat_runs[-1]["error"])
+            with peers.peer(name, b.state, b.tmp / "peers") as p:
+                entry["fixed"] = run_load(
+                    b, f"{name}-fixed-{rate}", rate=rate, duration=cfg.fixed_s,
+                    drain_timeout=cfg.drain_timeout_s, **_peer_load(p),
+                )  # fmt: skip
+                print_run(entry["fixed"])
+            if saturation is None:
+                sat_runs = [peer_saturation_run(b, name) for _ in range(cfg.saturation_repeats)]
+            if not sat_runs:
+                raise peers.PeerError("no saturation run")
             entry["saturation"] = median_saturation(sat_runs)
         except peers.PeerError as exc:
             entry["error"] = str(exc)
             print(f"  {name}: {exc}", flush=True)
         entry["wall_s"] = round(time.monotonic() - t, 1)
         entry.update(peer_ratios(entry, pilot))
+        if saturation is not None and "saturation" in entry:
+            entry["ratio_throughput_by_round"] = round_ratios(pilot_runs or [], sat_runs)
         runs.append(entry)
     versions = peers.versions()
-    return {"status": "run", "versions": versions, "runs": runs}
+    return {"status": "run", "versions": versions, "interleaved": saturation is not None, "runs": runs}
+
+
+def round_ratios(pilot_runs: list[dict], peer_runs: list[dict]) -> list[float | None]:
+    """pilotlab / peer throughput to stored rows, burst by burst (round k: pilotlab's k-th
+    burst and the peer's k-th, run minutes apart at most)."""
+    out: list[float | None] = []
+    for a, c in zip(pilot_runs, peer_runs, strict=False):
+        x, y = a.get("readings_datapoints_per_s"), c.get("readings_datapoints_per_s")
+        out.append(x / y if x and y else None)
+    return out
 
 
 def peer_ratios(entry: dict, pilot: dict) -> dict:
@@ -1423,7 +1488,14 @@ def markdown(res: dict) -> str:
                 f"Latency at {cfg['fixed_rates'][0]:,} dp/s; saturation = the same {cfg['saturation_datapoints']:,} "
                 "datapoints as pilotlab's, first publish → last row stored; each system's saturation is the median of "
                 f"{cfg.get('saturation_repeats', 1)} runs (its CPU, in the tables above, that of the median run), and "
-                "the ratios are of the medians.",
+                "the ratios are of the medians."
+                + (
+                    " The bursts alternate: round k is pilotlab's k-th burst, then each peer's k-th (pilotlab's "
+                    'services restarted and warmed up between rounds); "by round" is pilotlab ÷ peer within each '
+                    "round."
+                    if peers.get("interleaved")
+                    else ""
+                ),
                 "",
                 "| peer | saturation dp/s | runs | all stored | latency p50 / p95 / p99 (ms) | "
                 "pilotlab / peer throughput | peer / pilotlab latency p50 / p99 |",
@@ -1444,8 +1516,10 @@ def markdown(res: dict) -> str:
                 s, f = p.get("saturation") or {}, p.get("fixed") or {}
                 lat = f.get("latency_s") or {}
                 partial = " (partial: timed out)" if s.get("readings_rate_partial") else ""
+                by_round = p.get("ratio_throughput_by_round")
+                rounds = "; by round: " + " / ".join(_n(x, ".2f") for x in by_round) if by_round else ""
                 L.append(
-                    f"| {p['peer']} | {_n(s.get('readings_datapoints_per_s'))}{partial} | {repeats_note(s)} | "
+                    f"| {p['peer']} | {_n(s.get('readings_datapoints_per_s'))}{partial} | {repeats_note(s)}{rounds} | "
                     f"{s.get('all_stored')} | "
                     f"{_ms(lat.get('p50'))} / {_ms(lat.get('p95'))} / {_ms(lat.get('p99'))} | "
                     f"{_n(p.get('ratio_throughput_pilotlab_to_peer'), '.2f')} | "
@@ -1490,7 +1564,37 @@ def latest_pointer(j: Path, md: Path) -> str:
 # --- main ------------------------------------------------------------------------------------
 
 DURABLE_PHASES = ("fixed", "saturation")
+PEERS_RESERVE_S = 360.0  # what the peers' runs after the step load take, kept from it
 DURABLE_RESERVE_S = 150.0  # what the durable broker's fixed load and saturation take, kept from the step load
+
+
+@contextlib.contextmanager
+def pipeline_window(b: Bench):
+    """pilotlab's services up, warmed up (a short load stored and counted) and idle, as
+    ``b.services``; yields the warm-up run. On leaving, the services stop and ingest's
+    persistent MQTT session is discarded (the peers' runs must not queue messages for it)."""
+    with Services(b.state, b.tmp / "services").start("ingest", "streams", "sink") as services:
+        b.services = services
+        try:
+            services.wait_ingest_ready()
+            warm = pipeline_run(b, "warm-up", rate=1000, duration=3, drain_timeout=120)
+            if not (warm["all_stored"] and warm["kpis_complete"]):
+                raise RuntimeError(
+                    f"warm-up not stored/counted: {warm['stored_datapoints']} rows, "
+                    f"{warm['kpi']['counted']} counted; see {b.tmp / 'services'}"
+                )
+            wait_pipeline_idle(b)
+            yield warm
+        finally:
+            b.services = None
+    discard_ingest_session(b.state)
+
+
+def run_step(b: Bench, phases: list[str], reserve_s: float) -> dict:
+    """The step load, keeping time for what follows it (the peers' runs, the durable broker)."""
+    reserve = reserve_s + (PEERS_RESERVE_S if "peers" in phases else 0)
+    with b.timed("step", "step load"):
+        return phase_step(b, reserve_s=0 if b.cfg.quick else reserve)
 
 
 def run_on_stack(
@@ -1522,18 +1626,17 @@ def run_on_stack(
         if "ceilings" in phases:
             with b.timed("ceilings", "ceilings: raw Mosquitto, raw Kafka, PostgreSQL COPY"):
                 res["ceilings"] = phase_ceilings(b)
+        only = [x.strip() for x in peers_only.split(",")] if peers_only else None
+        # pilotlab's saturation bursts alternate with the peers' (round k: pilotlab's k-th burst,
+        # then each peer's k-th), so that each ratio compares bursts minutes apart at most, not
+        # pilotlab's early in the run against the peers' ten minutes later on a shared box
+        interleave = "saturation" in phases and "peers" in phases
+        repeats = cfg.saturation_repeats
+        pilot_sat: list[dict] = []
+        peer_sat: dict[str, list[dict]] = {}
         if {"fixed", "step", "saturation"} & set(phases):
             t = time.monotonic()
-            with Services(state, tmp / "services").start("ingest", "streams", "sink") as services:
-                b.services = services
-                services.wait_ingest_ready()
-                warm = pipeline_run(b, "warm-up", rate=1000, duration=3, drain_timeout=120)
-                if not (warm["all_stored"] and warm["kpis_complete"]):
-                    raise RuntimeError(
-                        f"warm-up not stored/counted: {warm['stored_datapoints']} rows, "
-                        f"{warm['kpi']['counted']} counted; see {tmp / 'services'}"
-                    )
-                wait_pipeline_idle(b)
+            with pipeline_window(b):
                 b.timings["services_up_and_warm_up"] = time.monotonic() - t
                 res["idle"] = measure_idle(b, 3 if cfg.quick else 10)
                 if "fixed" in phases:
@@ -1545,17 +1648,28 @@ def run_on_stack(
                 # tansu's fetches list a partition's whole history, docs/performance.md)
                 if "saturation" in phases:
                     with b.timed("saturation", "saturation"):
-                        res["saturation"] = phase_saturation(b)
-                if "step" in phases:
-                    reserve = reserve_s + (360 if "peers" in phases else 0)
-                    with b.timed("step", "step load"):
-                        res["step"] = phase_step(b, reserve_s=0 if cfg.quick else reserve)
-                b.services = None
-            discard_ingest_session(state)
+                        pilot_sat += phase_saturation(b, 1 if interleave else repeats)
+                if "step" in phases and not (interleave and repeats > 1):
+                    res["step"] = run_step(b, phases, reserve_s)
+        if interleave:
+            for k in range(repeats):
+                with b.timed(f"peers_saturation_{k + 1}", f"peers: saturation round {k + 1} of {repeats}"):
+                    peer_saturation_round(b, only, peer_sat)
+                if k + 1 < repeats:
+                    t = time.monotonic()
+                    with pipeline_window(b):
+                        print(f"saturation round {k + 2} of {repeats}", flush=True)
+                        pilot_sat += phase_saturation(b, 1)
+                        b.timings["saturation"] += time.monotonic() - t
+                        if k + 2 == repeats and "step" in phases:
+                            res["step"] = run_step(b, phases, reserve_s)
+        if pilot_sat:
+            res["saturation"] = median_saturation(pilot_sat)
         if "peers" in phases:
-            only = [x.strip() for x in peers_only.split(",")] if peers_only else None
             with b.timed("peers", "peers"):
-                res["peers"] = phase_peers(b, res, only)
+                res["peers"] = phase_peers(
+                    b, res, only, saturation=peer_sat if interleave else None, pilot_runs=pilot_sat
+                )
     finally:
         t = time.monotonic()
         stack.down(purge=True)
@@ -1573,6 +1687,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fixed-rates", help="datapoints/s, comma-separated")
     ap.add_argument("--steps", help="datapoints/s, comma-separated")
     ap.add_argument("--saturation-datapoints", type=int)
+    ap.add_argument("--saturation-repeats", type=int, help="saturation bursts per system (the median reported)")
     ap.add_argument("--peers", help="comma-separated subset of bench/peers' PEERS (default: all)")
     ap.add_argument(
         "--kafka-storage",
@@ -1594,6 +1709,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.steps = tuple(int(x) for x in a.steps.split(","))
     if a.saturation_datapoints:
         cfg.saturation_datapoints = a.saturation_datapoints
+    if a.saturation_repeats:
+        cfg.saturation_repeats = a.saturation_repeats
 
     started = datetime.now(UTC).replace(microsecond=0)
     res: dict = {

@@ -77,6 +77,11 @@ def test_quick_run_measures_everything_and_loses_nothing(tmp_path: Path):
     for r in (peer["fixed"], peer["saturation"]):
         assert r["stored_datapoints"] == r["published_datapoints"] > 0, f"{r['name']}: rows lost"
     assert _figure(peer["ratio_throughput_pilotlab_to_peer"]) and _figure(peer["ratio_latency_p50_peer_to_pilotlab"])
+    # the bursts alternated (one round here): the round's ratio is pilotlab's burst over the peer's
+    assert res["peers"]["interleaved"] is True
+    assert peer["ratio_throughput_by_round"] == [
+        pytest.approx(res["saturation"]["readings_datapoints_per_s"] / peer["saturation"]["readings_datapoints_per_s"])
+    ]
     assert set(res["timings"]) >= {"stack_up", "ceilings", "fixed", "step", "saturation", "peers", "total"}
 
     # the default storage "both": the last fixed load and the saturation again on the durable broker

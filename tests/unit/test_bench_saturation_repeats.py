@@ -40,3 +40,15 @@ def test_one_run_that_did_not_store_everything_marks_the_whole():
     m = bench_e2e.median_saturation([run(90_000, 1, stored=False), run(80_000, 1), run(85_000, 1)])
     assert m["readings_datapoints_per_s"] == 85_000
     assert m["all_stored"] is False and m["readings_rate_partial"] is True
+
+
+def test_round_ratios_pair_the_bursts_of_each_round():
+    pilot = [run(80_000, 1), run(60_000, 1), run(90_000, 1)]
+    peer = [run(100_000, None), run(100_000, None), run(120_000, None)]
+    assert bench_e2e.round_ratios(pilot, peer) == [0.8, 0.6, 0.75]
+    # a missing figure or a round one side did not run gives no ratio for it, not a shifted pair
+    assert bench_e2e.round_ratios([run(80_000, 1), run(None, 1)], [run(100_000, None), run(50_000, None)]) == [
+        0.8,
+        None,
+    ]
+    assert bench_e2e.round_ratios(pilot, peer[:2]) == [0.8, 0.6]
