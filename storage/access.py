@@ -1,4 +1,4 @@
-"""Per-startup access, enforced by the database (docs/access.md; migrations 0030/0031).
+"""Per-startup access, enforced by the database (docs/access.md; migrations 0030/0031/0044).
 
 The interface (what the portal and the CLI call)::
 
@@ -17,8 +17,9 @@ The interface (what the portal and the CLI call)::
         in constant time). ``conn``: grafana_reader's (PILOTLAB_DATABASE_READER_URL) or the owner's.
     scoped(conn, principal: Principal) -> ContextManager[psycopg.Connection]
         A transaction in which every query runs as the principal: for a startup, SET LOCAL ROLE
-        to its role, so the database's row-level security returns its rows only (whatever the
-        SQL says); for the lab, no switch. ``conn`` must be idle (not inside a transaction; a
+        to its role and its search_path, so the database's row-level security (TimescaleDB
+        mode: the views of migration 0044 for the time series) returns its rows only (whatever
+        the SQL says); for the lab, no switch. ``conn`` must be idle (not inside a transaction; a
         SET LOCAL in a savepoint would outlive the block) and connected as grafana_reader (a
         member of every startup role) or the owner for the lab.
     sql_url(database_url, role, password) -> str          the startup's own postgresql:// URL
@@ -55,6 +56,9 @@ TOKEN_PREFIX = "plt"
 GROUP_ROLE = "pilotlab_startups"
 ROLE_PREFIX = "startup_"
 _ROLE_RE = re.compile(r"^startup_[a-z0-9_]{1,55}$")  # what roles.sql's functions accept
+# a startup role's search_path (roles.sql sets the same on its login): in TimescaleDB mode,
+# schema pilotlab_startup holds views of the time series with its own rows (migration 0044)
+STARTUP_SEARCH_PATH = "SET LOCAL search_path = pilotlab_startup, public"
 _TOKEN_RE = re.compile(r"^plt_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 _SLUG_MAX = 40  # startup_ + 40 + _ + 6 hex = 55 characters, under PostgreSQL's 63
 SCRAM_ITERATIONS = 4096  # PostgreSQL's default (scram_iterations)
@@ -306,6 +310,9 @@ def scoped(conn: psycopg.Connection, principal: Principal) -> Iterator[psycopg.C
             if principal.role is None or not _ROLE_RE.fullmatch(principal.role):
                 raise AccessError(f"not a startup role: {principal.role!r}")
             conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(principal.role)))
+            # a role's own settings apply at login, not on SET ROLE: its search_path too, which
+            # reads the time series through the per-startup views in TimescaleDB mode (0044)
+            conn.execute(STARTUP_SEARCH_PATH)
             acting = conn.execute("SELECT pilotlab_current_startup()").fetchone()[0]
             if acting != principal.startup:
                 raise AccessError(f"role {principal.role} acts for {acting!r}, not {principal.startup!r}")

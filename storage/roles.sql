@@ -230,6 +230,8 @@ BEGIN
     EXECUTE format('ALTER ROLE %I SET default_transaction_read_only = on', p_role);
     EXECUTE format('ALTER ROLE %I SET statement_timeout = %L', p_role, '30s');
     EXECUTE format('ALTER ROLE %I SET temp_file_limit = %L', p_role, '256MB');
+    -- its time series in TimescaleDB mode: the per-startup views of migration 0044 first
+    EXECUTE format('ALTER ROLE %I SET search_path = pilotlab_startup, public', p_role);
     -- the portal (connected as grafana_reader) takes the role with SET LOCAL ROLE
     EXECUTE format('GRANT %I TO grafana_reader', p_role);
 END
@@ -252,6 +254,21 @@ BEGIN
     ELSE
         RAISE EXCEPTION 'a SCRAM-SHA-256 verifier is required' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+END
+$$;
+
+-- startup roles made before the search_path setting above (migration 0044) get it here
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOR r IN SELECT m.rolname FROM pg_roles m
+              WHERE m.rolname ~ '^startup_[a-z0-9_]{1,55}$'
+                AND pg_has_role(m.oid, 'pilotlab_startups', 'MEMBER') LOOP
+        IF pilotlab_admin.check_startup_role(r) THEN
+            EXECUTE format('ALTER ROLE %I SET search_path = pilotlab_startup, public', r);
+        END IF;
+    END LOOP;
 END
 $$;
 

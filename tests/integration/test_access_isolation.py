@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 
 from control.stack import StackState, postgres_admin_connect
 from pilotlab.contracts import Reason, Rejection, to_ms
-from storage import access, writer
+from storage import access, roles, writer
 from tests.timescale.data import build, load
 
 pytestmark = pytest.mark.integration
@@ -412,10 +412,25 @@ def test_every_query_function_returns_only_the_callers_rows(world: World):
             a.execute("SELECT apply_retention()")
 
 
+def test_roles_sql_gives_startup_roles_made_before_it_their_search_path(world: World):
+    """A deployment whose startup roles predate migration 0044 gets their search path by
+    running storage/roles.sql again (as the embedded stack does at every start)."""
+    role = world.a.grant.role
+    with postgres_admin_connect(world.state) as su:
+        su.execute(sql.SQL("ALTER ROLE {} RESET search_path").format(sql.Identifier(role)))
+        with _connect(world.a.url_of(world.state.owner_url)) as a:
+            assert a.execute("SHOW search_path").fetchone()[0] == '"$user", public'
+        roles.bootstrap(su)
+    with _connect(world.a.url_of(world.state.owner_url)) as a:
+        assert a.execute("SHOW search_path").fetchone()[0] == "pilotlab_startup, public"
+
+
 def test_a_writes_nothing_and_cannot_become_anyone_else(world: World):
     a_url = world.a.url_of(world.state.owner_url)
     with _connect(a_url) as a:
         assert a.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"
+        # the per-startup views of TimescaleDB mode first (migration 0044; an empty schema here)
+        assert a.execute("SHOW search_path").fetchone()[0] == "pilotlab_startup, public"
         a.execute("SET default_transaction_read_only = off")  # its own default to lift: buys nothing
         for stmt in (
             "INSERT INTO experiments (experiment_id) VALUES ('mine')",

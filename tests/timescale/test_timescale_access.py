@@ -2,8 +2,9 @@
 refuses row-level security on compressed hypertables, gives chunks their hypertable's grants but
 not its policies, and has no row-level security on continuous aggregates. So a startup role gets
 no privilege on readings, late_readings, kpi_values, their chunks or the rollups (closed, never a
-leak), and still reads its own experiments, devices, status, rejections and alerts through the
-policies of migration 0030. PGlite is one session: the roles are taken with SET ROLE."""
+leak), and reads its own experiments, devices, status, rejections and alerts through the
+policies of migration 0030 — and its own time series, with its search_path, through the views of
+migration 0044. PGlite is one session: the roles are taken with SET ROLE."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from tests.timescale.test_timescale_pglite import _connect, timescale_url  # noq
 
 pytestmark = pytest.mark.timeout(600)
 
+TIME_SERIES = ("readings", "late_readings", "kpi_values", "readings_1m", "readings_1h")
 
-def test_startups_in_timescaledb_mode_read_their_rows_and_never_the_time_series(timescale_url):  # noqa: F811
+
+def test_startups_in_timescaledb_mode_read_their_own_rows_and_never_the_hypertables(timescale_url):  # noqa: F811
     migrate(timescale_url)
     with _connect(timescale_url) as conn:
         roles.bootstrap(conn, {OWNER: "o", WRITER: "w", READER: "r"})  # the admin functions, as a superuser
@@ -62,6 +65,38 @@ def test_startups_in_timescaledb_mode_read_their_rows_and_never_the_time_series(
                     conn.execute(stmt)
         finally:
             conn.execute("RESET ROLE")
+        # with its own search_path (its login's, set by roles.sql; the portal's, set by
+        # access.scoped), the same names read the views of migration 0044: its rows only
+        alpha, beta = ids["ts alpha"][0], ids["ts beta"][0]
+        own = {
+            rel: conn.execute(
+                psycopg.sql.SQL("SELECT count(*) FROM {} WHERE experiment_id = %s").format(psycopg.sql.Identifier(rel)),
+                (alpha,),
+            ).fetchone()[0]
+            for rel in TIME_SERIES
+        }
+        assert own["readings"] > 0 and own["kpi_values"] > 0 and own["readings_1h"] > 0, own
+        series = conn.execute("SELECT count(*) FROM kpi_series(%s, 'no2_mean_1h')", (alpha,)).fetchone()[0]
+        health = conn.execute("SELECT * FROM device_health(%s)", (alpha,)).fetchall()
+        assert series > 0 and health
+        principal = access.Principal("0" * 16, "ts alpha", g.role, "test")
+        with access.scoped(conn, principal):
+            for rel in TIME_SERIES:
+                q = psycopg.sql.SQL("SELECT count(*), count(*) FILTER (WHERE experiment_id <> %s) FROM {}")
+                n, foreign = conn.execute(q.format(psycopg.sql.Identifier(rel)), (alpha,)).fetchone()
+                assert (n, foreign) == (own[rel], 0), rel
+            assert conn.execute("SELECT count(*) FROM readings WHERE experiment_id = %s", (beta,)).fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM kpi_series(%s, 'no2_mean_1h')", (alpha,)).fetchone()[0] == series
+            assert conn.execute("SELECT count(*) FROM kpi_series(%s, 'no2_mean_1h')", (beta,)).fetchone()[0] == 0
+            assert conn.execute("SELECT * FROM device_health(%s)", (alpha,)).fetchall() == health
+            assert conn.execute("SELECT * FROM device_health(%s)", (beta,)).fetchall() == []
+        for stmt in ("SELECT count(*) FROM public.readings", f"SELECT count(*) FROM {chunk}"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), access.scoped(conn, principal):
+                conn.execute(stmt)  # the hypertable and its chunks themselves stay refused
+        # a role that is no startup's reads no row through the views, whatever its privileges
+        for rel in TIME_SERIES:  # (here the superuser, who may read anything)
+            q = psycopg.sql.SQL("SELECT count(*) FROM pilotlab_startup.{}").format(psycopg.sql.Identifier(rel))
+            assert conn.execute(q).fetchone()[0] == 0, rel
         # the lab's reader still reads all of it
         try:
             conn.execute("SET ROLE grafana_reader")

@@ -1,0 +1,33 @@
+-- A startup's own time series in TimescaleDB mode (0031 refused them: TimescaleDB has no
+-- row-level security on compressed hypertables, their chunks or continuous aggregates).
+--
+-- Schema pilotlab_startup holds one view per time-series relation, under the same name, with
+-- the rows of the current role's startup only: a view reads its tables with its owner's rights
+-- (the owner of the hypertables), while pilotlab_current_startup() inside it runs as the
+-- caller and maps current_user to its startup (NULL, so no row, for any other role). The
+-- views are security_barrier, so a caller's function cannot see a row before the filter.
+--
+-- A startup role's search_path starts with pilotlab_startup (its SQL login: ALTER ROLE in
+-- storage/roles.sql; the portal: SET LOCAL in storage.access.scoped), so `readings` and the
+-- query functions that read it (plain SQL, names resolved at each call) take its rows from
+-- these views. public.readings and the chunks stay refused to it (0031). docs/access.md.
+CREATE SCHEMA IF NOT EXISTS pilotlab_startup;
+REVOKE ALL ON SCHEMA pilotlab_startup FROM PUBLIC;
+GRANT USAGE ON SCHEMA pilotlab_startup TO pilotlab_startups;
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['readings', 'late_readings', 'kpi_values', 'readings_1m', 'readings_1h'] LOOP
+        EXECUTE format(
+            'CREATE VIEW pilotlab_startup.%1$I WITH (security_barrier) AS SELECT * FROM public.%1$I'
+            ' WHERE experiment_id IN (SELECT e.experiment_id FROM public.experiments e'
+            '                          WHERE e.startup = public.pilotlab_current_startup())', t);
+        EXECUTE format('COMMENT ON VIEW pilotlab_startup.%1$I IS %2$L', t,
+                       'public.' || t || ', the rows of the current startup role''s experiments only (migration 0044)');
+        EXECUTE format('REVOKE ALL ON pilotlab_startup.%I FROM PUBLIC', t);
+        EXECUTE format('GRANT SELECT ON pilotlab_startup.%I TO pilotlab_startups', t);
+    END LOOP;
+END
+$$;
