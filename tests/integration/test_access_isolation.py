@@ -415,14 +415,17 @@ def test_every_query_function_returns_only_the_callers_rows(world: World):
 def test_roles_sql_gives_startup_roles_made_before_it_their_search_path(world: World):
     """A deployment whose startup roles predate migration 0044 gets their search path by
     running storage/roles.sql again (as the embedded stack does at every start)."""
-    role = world.a.grant.role
+    role = sql.Identifier(world.a.grant.role)
     with postgres_admin_connect(world.state) as su:
-        su.execute(sql.SQL("ALTER ROLE {} RESET search_path").format(sql.Identifier(role)))
-        with _connect(world.a.url_of(world.state.owner_url)) as a:
-            assert a.execute("SHOW search_path").fetchone()[0] == '"$user", public'
-        roles.bootstrap(su)
-    with _connect(world.a.url_of(world.state.owner_url)) as a:
-        assert a.execute("SHOW search_path").fetchone()[0] == "pilotlab_startup, public"
+        su.execute(sql.SQL("ALTER ROLE {} RESET search_path").format(role))
+        try:
+            with _connect(world.a.url_of(world.state.owner_url)) as a:
+                assert a.execute("SHOW search_path").fetchone()[0] == '"$user", public'
+            roles.bootstrap(su)
+            with _connect(world.a.url_of(world.state.owner_url)) as a:
+                assert a.execute("SHOW search_path").fetchone()[0] == "pilotlab_startup, public"
+        finally:  # for the tests after this one, whatever happened
+            su.execute(sql.SQL("ALTER ROLE {} SET search_path = pilotlab_startup, public").format(role))
 
 
 def test_a_writes_nothing_and_cannot_become_anyone_else(world: World):
