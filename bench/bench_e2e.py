@@ -912,11 +912,11 @@ def _peer_load(p) -> dict:
 def peer_saturation_round(b: Bench, only: list[str] | None, runs: dict[str, list[dict]]) -> None:
     """One saturation burst of each peer (pilotlab's services stopped), appended to ``runs``
     under its name; a peer that cannot run gets its reason instead, and no further bursts."""
-    from bench import peers  # noqa: PLC0415
-
     try:
+        from bench import peers  # noqa: PLC0415
+
         names = peer_names(only)
-    except ImportError as exc:
+    except ImportError as exc:  # phase_peers reports it too
         print(f"  peers not run: bench/peers cannot be imported ({exc})", flush=True)
         return
     for name in names:
