@@ -767,9 +767,11 @@ def phase_fixed(b: Bench) -> list[dict]:
 def phase_step(b: Bench, reserve_s: float) -> dict:
     steps = []
     first_fail: dict[str, int | None] = {"stored": None, "kpi": None}
+    stopped_for_budget = None
     for rate in b.cfg.steps:
         if b.elapsed() + b.cfg.step_s + 30 > b.cfg.budget_s - reserve_s:
             print(f"  step load: stopping before {rate} dp/s to stay within the time budget")
+            stopped_for_budget = rate
             break
         r = pipeline_run(b, f"step-{rate}", rate=rate, duration=b.cfg.step_s, drain_timeout=b.cfg.drain_timeout_s)
         r["kept_up_readings"] = kept_up(r, "stored")
@@ -799,6 +801,8 @@ def phase_step(b: Bench, reserve_s: float) -> dict:
         "sustained_kpis_datapoints_per_s": sustained("kpi", "kept_up_kpis"),
         "first_step_behind_readings": first_fail["stored"],
         "first_step_behind_kpis": first_fail["kpi"],
+        # the first step not run for want of time (None: every step ran or one fell behind)
+        "stopped_for_budget": stopped_for_budget,
     }
 
 
@@ -1353,9 +1357,11 @@ def markdown(res: dict) -> str:
     L += targets_table(res)
     L += ["## Throughput (datapoints/s)", "", "| figure | datapoints/s | note |", "| --- | ---: | --- |"]
     if step:
+        cut = step.get("stopped_for_budget")
+        cut = f"; stopped before {cut:,} dp/s to stay within the time budget" if cut else ""
         L.append(
             f"| sustained, to `readings` (step load) | {_n(step['sustained_readings_datapoints_per_s'])} | "
-            f"highest step kept up; first step behind: {_n(step['first_step_behind_readings'])} |"
+            f"highest step kept up; first step behind: {_n(step['first_step_behind_readings'])}{cut} |"
         )
         L.append(
             f"| sustained, to `kpi_values` (step load) | {_n(step['sustained_kpis_datapoints_per_s'])} | "
@@ -1517,7 +1523,8 @@ def markdown(res: dict) -> str:
                 lat = f.get("latency_s") or {}
                 partial = " (partial: timed out)" if s.get("readings_rate_partial") else ""
                 by_round = p.get("ratio_throughput_by_round")
-                rounds = "; by round: " + " / ".join(_n(x, ".2f") for x in by_round) if by_round else ""
+                rounds = "by round: " + " / ".join(_n(x, ".2f") for x in by_round) if by_round else ""
+                rounds = f"; {rounds}" if rounds and repeats_note(s) else rounds
                 L.append(
                     f"| {p['peer']} | {_n(s.get('readings_datapoints_per_s'))}{partial} | {repeats_note(s)}{rounds} | "
                     f"{s.get('all_stored')} | "
@@ -1564,7 +1571,10 @@ def latest_pointer(j: Path, md: Path) -> str:
 # --- main ------------------------------------------------------------------------------------
 
 DURABLE_PHASES = ("fixed", "saturation")
-PEERS_RESERVE_S = 360.0  # what the peers' runs after the step load take, kept from it
+# what the peers' runs after the step load take, kept from it: all of them (360 s), or with
+# the saturation rounds alternating (run before the step) only their fixed loads (about 125 s)
+PEERS_RESERVE_S = 360.0
+PEERS_FIXED_RESERVE_S = 150.0
 DURABLE_RESERVE_S = 150.0  # what the durable broker's fixed load and saturation take, kept from the step load
 
 
@@ -1590,11 +1600,61 @@ def pipeline_window(b: Bench):
     discard_ingest_session(b.state)
 
 
-def run_step(b: Bench, phases: list[str], reserve_s: float) -> dict:
+def run_step(b: Bench, phases: list[str], reserve_s: float, *, peers_rounds_done: bool = False) -> dict:
     """The step load, keeping time for what follows it (the peers' runs, the durable broker)."""
-    reserve = reserve_s + (PEERS_RESERVE_S if "peers" in phases else 0)
+    peers = PEERS_FIXED_RESERVE_S if peers_rounds_done else PEERS_RESERVE_S
+    reserve = reserve_s + (peers if "peers" in phases else 0)
     with b.timed("step", "step load"):
         return phase_step(b, reserve_s=0 if b.cfg.quick else reserve)
+
+
+def pipeline_phases(b: Bench, res: dict, phases: list[str], only: list[str] | None, reserve_s: float) -> None:
+    """The phases that run pilotlab's services or the peers, in their order, into ``res``."""
+    cfg = b.cfg
+    # pilotlab's saturation bursts alternate with the peers' (round k: pilotlab's k-th burst,
+    # then each peer's k-th), so that each ratio compares bursts minutes apart at most, not
+    # pilotlab's early in the run against the peers' ten minutes later on a shared box
+    interleave = "saturation" in phases and "peers" in phases
+    repeats = cfg.saturation_repeats
+    pilot_sat: list[dict] = []
+    peer_sat: dict[str, list[dict]] = {}
+    if {"fixed", "step", "saturation"} & set(phases):
+        t = time.monotonic()
+        with pipeline_window(b):
+            b.timings["services_up_and_warm_up"] = time.monotonic() - t
+            res["idle"] = measure_idle(b, 3 if cfg.quick else 10)
+            if "fixed" in phases:
+                with b.timed("fixed", "fixed loads"):
+                    res["fixed"] = phase_fixed(b)
+            # saturation before the step load: each peer's saturation run starts from an
+            # empty table, and pilotlab's then from a comparable state (a broker and a table
+            # holding the fixed loads and earlier bursts only, not the step load's ten million
+            # datapoints: tansu's fetches list a partition's whole history, docs/performance.md)
+            if "saturation" in phases:
+                with b.timed("saturation", "saturation"):
+                    pilot_sat += phase_saturation(b, 1 if interleave else repeats)
+            if "step" in phases and not interleave:
+                res["step"] = run_step(b, phases, reserve_s)
+    if interleave:
+        for k in range(repeats):
+            with b.timed(f"peers_saturation_{k + 1}", f"peers: saturation round {k + 1} of {repeats}"):
+                peer_saturation_round(b, only, peer_sat)
+            if k + 1 < repeats:
+                t = time.monotonic()
+                with pipeline_window(b):
+                    print(f"saturation round {k + 2} of {repeats}", flush=True)
+                    pilot_sat += phase_saturation(b, 1)
+                b.timings["saturation"] += time.monotonic() - t
+        if "step" in phases:  # after the last round: its ten million datapoints weigh on no burst
+            t = time.monotonic()
+            with pipeline_window(b):
+                b.timings["services_up_and_warm_up"] += time.monotonic() - t
+                res["step"] = run_step(b, phases, reserve_s, peers_rounds_done=True)
+    if pilot_sat:
+        res["saturation"] = median_saturation(pilot_sat)
+    if "peers" in phases:
+        with b.timed("peers", "peers"):
+            res["peers"] = phase_peers(b, res, only, saturation=peer_sat if interleave else None, pilot_runs=pilot_sat)
 
 
 def run_on_stack(
@@ -1627,52 +1687,7 @@ def run_on_stack(
             with b.timed("ceilings", "ceilings: raw Mosquitto, raw Kafka, PostgreSQL COPY"):
                 res["ceilings"] = phase_ceilings(b)
         only = [x.strip() for x in peers_only.split(",")] if peers_only else None
-        # pilotlab's saturation bursts alternate with the peers' (round k: pilotlab's k-th burst,
-        # then each peer's k-th), so that each ratio compares bursts minutes apart at most, not
-        # pilotlab's early in the run against the peers' ten minutes later on a shared box
-        interleave = "saturation" in phases and "peers" in phases
-        repeats = cfg.saturation_repeats
-        pilot_sat: list[dict] = []
-        peer_sat: dict[str, list[dict]] = {}
-        if {"fixed", "step", "saturation"} & set(phases):
-            t = time.monotonic()
-            with pipeline_window(b):
-                b.timings["services_up_and_warm_up"] = time.monotonic() - t
-                res["idle"] = measure_idle(b, 3 if cfg.quick else 10)
-                if "fixed" in phases:
-                    with b.timed("fixed", "fixed loads"):
-                        res["fixed"] = phase_fixed(b)
-                # saturation before the step load: the peers' saturation runs start from an empty
-                # table, and pilotlab's then starts from a comparable state (a broker and a table
-                # holding the fixed loads only, not the step load's ten million datapoints:
-                # tansu's fetches list a partition's whole history, docs/performance.md)
-                if "saturation" in phases:
-                    with b.timed("saturation", "saturation"):
-                        pilot_sat += phase_saturation(b, 1 if interleave else repeats)
-                if "step" in phases and not interleave:
-                    res["step"] = run_step(b, phases, reserve_s)
-        if interleave:
-            for k in range(repeats):
-                with b.timed(f"peers_saturation_{k + 1}", f"peers: saturation round {k + 1} of {repeats}"):
-                    peer_saturation_round(b, only, peer_sat)
-                if k + 1 < repeats:
-                    t = time.monotonic()
-                    with pipeline_window(b):
-                        print(f"saturation round {k + 2} of {repeats}", flush=True)
-                        pilot_sat += phase_saturation(b, 1)
-                    b.timings["saturation"] += time.monotonic() - t
-            if "step" in phases:  # after the last round: its ten million datapoints weigh on no burst
-                t = time.monotonic()
-                with pipeline_window(b):
-                    b.timings["services_up_and_warm_up"] += time.monotonic() - t
-                    res["step"] = run_step(b, phases, reserve_s)
-        if pilot_sat:
-            res["saturation"] = median_saturation(pilot_sat)
-        if "peers" in phases:
-            with b.timed("peers", "peers"):
-                res["peers"] = phase_peers(
-                    b, res, only, saturation=peer_sat if interleave else None, pilot_runs=pilot_sat
-                )
+        pipeline_phases(b, res, phases, only, reserve_s)
     finally:
         t = time.monotonic()
         stack.down(purge=True)
@@ -1712,7 +1727,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.steps = tuple(int(x) for x in a.steps.split(","))
     if a.saturation_datapoints:
         cfg.saturation_datapoints = a.saturation_datapoints
-    if a.saturation_repeats:
+    if a.saturation_repeats is not None:
+        if a.saturation_repeats < 1:
+            ap.error("--saturation-repeats must be at least 1")
         cfg.saturation_repeats = a.saturation_repeats
 
     started = datetime.now(UTC).replace(microsecond=0)
