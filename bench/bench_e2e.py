@@ -987,19 +987,20 @@ def phase_peers(
 def round_ratios(pilot_runs: list[dict], peer_runs: list[dict]) -> list[float | None]:
     """pilotlab / peer throughput to stored rows, burst by burst (round k: pilotlab's k-th
     burst and the peer's k-th, run minutes apart at most)."""
-    out: list[float | None] = []
-    for a, c in zip(pilot_runs, peer_runs, strict=False):
-        x, y = a.get("readings_datapoints_per_s"), c.get("readings_datapoints_per_s")
-        out.append(x / y if x and y else None)
-    return out
+    return [throughput_ratio(a, c) for a, c in zip(pilot_runs, peer_runs, strict=False)]
+
+
+def throughput_ratio(pilot: dict, peer: dict) -> float | None:
+    """pilotlab / peer throughput to stored rows of two saturation runs (or their medians)."""
+    a, c = pilot.get("readings_datapoints_per_s"), peer.get("readings_datapoints_per_s")
+    return a / c if a and c else None
 
 
 def peer_ratios(entry: dict, pilot: dict) -> dict:
     """pilotlab / peer throughput (saturation, to stored rows) and peer / pilotlab latency."""
     out: dict = {}
     sat, psat = pilot.get("saturation") or {}, entry.get("saturation") or {}
-    a, c = sat.get("readings_datapoints_per_s"), psat.get("readings_datapoints_per_s")
-    out["ratio_throughput_pilotlab_to_peer"] = a / c if a and c else None
+    out["ratio_throughput_pilotlab_to_peer"] = throughput_ratio(sat, psat)
     pf = entry.get("fixed")
     rate = pf["load"]["target_datapoints_per_s"] if pf else None
     fixed = next((r for r in pilot.get("fixed") or [] if r["load"]["target_datapoints_per_s"] == rate), None)
@@ -1581,7 +1582,7 @@ DURABLE_RESERVE_S = 150.0  # what the durable broker's fixed load and saturation
 @contextlib.contextmanager
 def pipeline_window(b: Bench):
     """pilotlab's services up, warmed up (a short load stored and counted) and idle, as
-    ``b.services``; yields the warm-up run. On leaving, the services stop and ingest's
+    ``b.services``. On leaving, the services stop and ingest's
     persistent MQTT session is discarded (the peers' runs must not queue messages for it)."""
     with Services(b.state, b.tmp / "services").start("ingest", "streams", "sink") as services:
         b.services = services
@@ -1594,7 +1595,7 @@ def pipeline_window(b: Bench):
                     f"{warm['kpi']['counted']} counted; see {b.tmp / 'services'}"
                 )
             wait_pipeline_idle(b)
-            yield warm
+            yield
         finally:
             b.services = None
     discard_ingest_session(b.state)

@@ -257,9 +257,9 @@ BEGIN
 END
 $$;
 
--- startup roles made before the search_path setting above (migration 0044) get it here; a
--- role that check_startup_role refuses is left alone, said in a warning (not an abort of this
--- whole file)
+-- startup roles made before a setting of ensure_startup_role (the search_path of migration
+-- 0044) get it here, through the same function; a role that check_startup_role refuses is left
+-- alone, said in a warning (not an abort of this whole file)
 DO $$
 DECLARE
     r text;
@@ -267,9 +267,7 @@ BEGIN
     FOR r IN SELECT x.rolname FROM pg_roles x JOIN pg_auth_members m ON m.member = x.oid
               WHERE m.roleid = 'pilotlab_startups'::regrole AND x.rolname ~ '^startup_[a-z0-9_]{1,55}$' LOOP
         BEGIN
-            IF pilotlab_admin.check_startup_role(r) THEN
-                EXECUTE format('ALTER ROLE %I SET search_path = pilotlab_startup, public', r);
-            END IF;
+            PERFORM pilotlab_admin.ensure_startup_role(r);
         EXCEPTION WHEN insufficient_privilege THEN
             RAISE WARNING 'role % left as it is: %', r, SQLERRM;
         END;
